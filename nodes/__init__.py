@@ -1,0 +1,28 @@
+"""Klein LoRA Studio's ComfyUI nodes: thin V3 glue over `trainer/`."""
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import ComfyExtension, io
+from typing_extensions import override
+
+from .dataset_loader import KleinDatasetLoader
+from .lora_trainer import KleinLoRATrainer
+from .target_selector import KleinBlockTargetSelector
+
+DEV_NODES_ENV = "KLEIN_LORA_DEV_NODES"
+
+
+class KleinLoRAExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        found: list[type[io.ComfyNode]] = [KleinDatasetLoader, KleinBlockTargetSelector, KleinLoRATrainer]
+        if os.environ.get(DEV_NODES_ENV) == "1":
+            from ..devtools.nodes import DEV_NODES
+
+            found += DEV_NODES
+        return found
+
+
+async def comfy_entrypoint() -> KleinLoRAExtension:
+    return KleinLoRAExtension()

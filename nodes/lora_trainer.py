@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io
+
+from ..trainer import loop, paths, recipes
+from ..trainer.lora import SAVE_DTYPES
+from .types import CATEGORY, KleinDataset, KleinTargets
+
+EVENT = "klein_lora.progress"
+
+
+def _send(event: str, data: dict) -> None:
+    """Push a websocket event to the page when a server is running (not in library use)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    if getattr(PromptServer, "instance", None) is not None:
+        PromptServer.instance.send_sync(event, data)
+
+
+def _progress_text(text: str, node_id) -> None:
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    if getattr(PromptServer, "instance", None) is not None and node_id is not None:
+        PromptServer.instance.send_progress_text(text, node_id)
+
+
+class KleinLoRATrainer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinLoRATrainer",
+            display_name="Klein LoRA Trainer",
+            category=CATEGORY,
+            is_output_node=True,
+            description="Trains a LoRA for FLUX.2 [klein] Base (rectified flow, velocity MSE) and saves it to models/loras.",
+            inputs=[
+                io.Model.Input("model", tooltip="FLUX.2 [klein] Base diffusion model (UNETLoader). It is left unchanged."),
+                KleinDataset.Input("dataset", tooltip="The encoded dataset from Klein Dataset Loader."),
+                KleinTargets.Input("targets", tooltip="Which layers carry LoRA, from Klein Block Target Selector."),
+                io.Combo.Input("recipe", options=list(recipes.RECIPE_CHOICES), default="style",
+                               tooltip="Seed recipe (style r16 lr3e-4 600 steps; character r32 lr2e-4 1000; object r24 "
+                                       "lr2e-4 800; image-to-image r32 lr1e-4 400). 'custom' uses the values below."),
+                io.Int.Input("rank", default=16, min=1, max=512, tooltip="LoRA rank (capacity). Used with recipe 'custom'."),
+                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.01,
+                               tooltip="LoRA alpha; alpha/rank is the strength (1.0 = alpha equal to rank)."),
+                io.Float.Input("learning_rate", default=3e-4, min=1e-7, max=1.0, step=1e-6,
+                               tooltip="AdamW learning rate. Used with recipe 'custom'."),
+                io.Int.Input("steps", default=600, min=1, max=100000, tooltip="Optimizer steps. Used with recipe 'custom'."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per step."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seeds the LoRA init, data order, noise and timesteps: same seed, same run."),
+                io.Combo.Input("optimizer", options=list(loop.OPTIMIZERS), default="AdamW",
+                               tooltip="AdamW (the recipes') or Adafactor (less optimizer memory)."),
+                io.Int.Input("save_every", default=100, min=0, max=100000,
+                             tooltip="Save a checkpoint every N steps (0: only the final LoRA)."),
+                io.Boolean.Input("gradient_checkpointing", default=False,
+                                 tooltip="Recompute block activations in backward: much less memory, ~30% slower."),
+                io.String.Input("output_name", default="klein_lora",
+                                tooltip="File name in models/loras (no folders); an existing name gets _2, _3..."),
+                io.Combo.Input("save_dtype", options=list(SAVE_DTYPES), default="bf16",
+                               tooltip="Precision of the saved LoRA tensors."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1)."),
+                io.LoraModel.Output(display_name="lora", tooltip="The LoRA tensors (core Load LoRA Model / Save LoRA)."),
+                io.String.Output(display_name="lora_path"),
+                io.LossMap.Output(display_name="loss", tooltip="Loss per step (core Plot Loss Graph)."),
+                io.String.Output(display_name="checkpoints", tooltip="Checkpoint files, one per line, oldest first."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, dataset, targets, recipe: str, rank: int, alpha: float, learning_rate: float,
+                steps: int, batch_size: int, seed: int, optimizer: str, save_every: int,
+                gradient_checkpointing: bool, output_name: str, save_dtype: str) -> io.NodeOutput:
+        rank, alpha, learning_rate, steps = recipes.apply_recipe(recipe, rank, alpha, learning_rate, steps)
+        cfg = loop.TrainConfig(rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps,
+                               batch_size=batch_size, seed=seed, optimizer=optimizer, save_every=save_every,
+                               gradient_checkpointing=gradient_checkpointing,
+                               output_name=paths.safe_name(output_name), save_dtype=save_dtype, recipe=recipe)
+        logging.info("Klein LoRA: recipe %s -> rank %d, alpha %g, lr %g, %d steps", recipe, rank, alpha,
+                     learning_rate, steps)
+        node_id = cls.hidden.unique_id
+        pbar = comfy.utils.ProgressBar(steps)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            pbar.update_absolute(step, total)
+            _progress_text(f"step {step}/{total}  loss {loss:.4f}", node_id)
+            _send(EVENT, {"node": node_id, "step": step, "total": total, "loss": loss})
+
+        def on_checkpoint(step: int, path: Path) -> None:
+            _send("klein_lora.checkpoint", {"node": node_id, "step": step, "path": str(path)})
+
+        hooks = loop.TrainHooks(on_step=on_step, on_checkpoint=on_checkpoint,
+                                check_cancel=comfy.model_management.throw_exception_if_processing_interrupted)
+        out_dir = Path(folder_paths.get_folder_paths("loras")[0])
+        result = loop.train_lora(model, dataset, targets, cfg, out_dir, hooks)
+        trained, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
+        checkpoints = "\n".join(str(p) for p in result.checkpoints)
+        return io.NodeOutput(trained, result.lora, str(result.lora_path), {"loss": result.losses}, checkpoints)

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..trainer import targets as tg
+from .types import CATEGORY, KleinTargets
+
+CUSTOM = "custom"
+
+
+class KleinBlockTargetSelector(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinBlockTargetSelector",
+            display_name="Klein Block Target Selector",
+            category=CATEGORY,
+            description="Chooses which klein blocks and layers carry LoRA, resolved against the connected model.",
+            inputs=[
+                io.Model.Input("model", tooltip="The klein diffusion model; its real block counts (4B 5+20, 9B 8+24) "
+                                                "decide the exact layer names."),
+                io.Combo.Input("preset", options=[CUSTOM, *tg.PRESETS], default="all blocks, attention (seed default)",
+                               tooltip="A recipe's groups and layers; 'custom' uses the switches below."),
+                io.Boolean.Input("double_blocks", default=True,
+                                 tooltip="Double-stream blocks (4B 0-4): text <-> image binding, trigger <-> concept."),
+                io.Boolean.Input("single_early", default=True,
+                                 tooltip="Single blocks 5-10 (4B numbering): texture, colour, low-level style."),
+                io.Boolean.Input("single_mid", default=True,
+                                 tooltip="Single blocks 11-18 (4B numbering): parts, identity, structure."),
+                io.Boolean.Input("single_late", default=True,
+                                 tooltip="Single blocks 19-24 (4B numbering): composition, layout."),
+                io.Combo.Input("layers", options=list(tg.LAYER_KINDS), default="attention",
+                               tooltip="attention: qkv + proj (single blocks' fused linear1/linear2 whole); "
+                                       "attention_mlp: + double-block MLPs; all_linears: every linear in the blocks."),
+                io.Combo.Input("streams", options=list(tg.STREAMS), default="both",
+                               tooltip="Which stream of the double blocks to train: image, text or both."),
+            ],
+            outputs=[
+                KleinTargets.Output(display_name="targets"),
+                io.String.Output(display_name="description"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, preset: str, double_blocks: bool, single_early: bool, single_mid: bool,
+                single_late: bool, layers: str, streams: str) -> io.NodeOutput:
+        dm = model.model.diffusion_model
+        if not hasattr(dm, "double_blocks") or not hasattr(dm, "single_blocks"):
+            raise ValueError(f"the MODEL is a {type(model.model).__name__}, not FLUX.2 [klein]: connect a klein "
+                             "diffusion model (UNETLoader).")
+        if preset != CUSTOM:
+            p = tg.PRESETS[preset]
+            groups, layers, streams = p.groups, p.layers, p.streams
+        else:
+            switches = zip(tg.GROUPS, (double_blocks, single_early, single_mid, single_late), strict=True)
+            groups = tuple(g for g, on in switches if on)
+        t = tg.resolve_targets(groups, layers, tg.BlockCounts.of_model(dm), streams, tg.linear_layer_names(dm))
+        return io.NodeOutput(t, t.describe())

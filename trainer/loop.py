@@ -1,0 +1,218 @@
+"""The training run: one LoRA on a ComfyUI klein MODEL from an encoded dataset.
+
+Reads in the order of the work: check the model, place it, inject the layers, then step
+(batch -> sigma -> noisy input -> velocity loss -> update), saving checkpoints as it goes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import objective
+from .checkpointing import checkpointing_options, inplace_safe_norms
+from .dataset import KleinDataset
+from .lora import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
+from .paths import atomic_save_safetensors, unique_run_name
+from .targets import KleinTargets
+
+OPTIMIZERS = ("AdamW", "Adafactor")
+KNOWN_SIZES = {(5, 20, 3072): "flux2-klein-4b", (8, 24, 4096): "flux2-klein-9b"}
+
+
+@dataclass
+class TrainConfig:
+    rank: int
+    alpha: float
+    learning_rate: float
+    steps: int
+    batch_size: int = 1
+    seed: int = 0
+    optimizer: str = "AdamW"
+    save_every: int = 0
+    gradient_checkpointing: bool = False
+    output_name: str = "klein_lora"
+    save_dtype: str = "bf16"
+    max_grad_norm: float = 1.0
+    recipe: str = "custom"
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps is {self.steps}: train for at least 1 step (the recipes use 250-1200).")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate is {self.learning_rate}: it must be above 0 (the recipes use 1e-4 to 3e-4).")
+        if self.learning_rate > 1e-2:
+            logging.warning("Klein LoRA: learning_rate %g is far above the recipes' 1e-4..3e-4; expect divergence.",
+                            self.learning_rate)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size is {self.batch_size}: use 1 or more.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer '{self.optimizer}' is not one of {list(OPTIMIZERS)}.")
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"save_dtype '{self.save_dtype}' is not one of {list(SAVE_DTYPES)}.")
+
+
+@dataclass
+class TrainHooks:
+    """How the run reports: the node wires these to ComfyUI's progress bar and Cancel."""
+
+    on_step: Callable[[int, int, float], None] = lambda step, total, loss: None
+    check_cancel: Callable[[], None] = lambda: None
+    on_checkpoint: Callable[[int, Path], None] = lambda step, path: None
+
+
+@dataclass
+class TrainResult:
+    lora: dict[str, torch.Tensor]
+    losses: list[float]
+    lora_path: Path
+    checkpoints: list[Path] = field(default_factory=list)
+    run_name: str = ""
+    seconds: float = 0.0
+
+
+def klein_size(diffusion_model) -> str:
+    key = (len(diffusion_model.double_blocks), len(diffusion_model.single_blocks), diffusion_model.hidden_size)
+    return KNOWN_SIZES.get(key, f"flux2-{key[0]}x{key[1]}-h{key[2]}")
+
+
+def check_klein(patcher) -> None:
+    """A clear error for a MODEL the trainer cannot train (SD1.5, FLUX.1, ...)."""
+    import comfy.model_base
+
+    model = getattr(patcher, "model", None)
+    if not isinstance(model, comfy.model_base.Flux2):
+        kind = type(model).__name__ if model is not None else type(patcher).__name__
+        raise ValueError(f"the MODEL input is a {kind} model, not FLUX.2 [klein]: load a klein Base diffusion model "
+                         "(e.g. flux-2-klein-base-4b) with Load Diffusion Model (UNETLoader).")
+
+
+def base_model_file(patcher) -> str:
+    init = getattr(patcher, "cached_patcher_init", None)
+    if init and init[1] and isinstance(init[1][0], str):
+        return Path(init[1][0]).name
+    return "unknown"
+
+
+def _training_model(patcher):
+    """A patcher whose weights are plain tensors on the compute device (not dynamic VRAM views)."""
+    import comfy.model_management as mm
+
+    work = patcher
+    if patcher.is_dynamic():
+        logging.info("Klein LoRA: the MODEL uses dynamic VRAM; training on a non-dynamic copy of its weights.")
+        work = patcher.clone(disable_dynamic=True)
+    mm.load_models_gpu([work], force_full_load=True)
+    return work
+
+
+@contextmanager
+def comfy_training_mode():
+    """ComfyUI's switch to differentiable kernels (e.g. RoPE without comfy_kitchen), reset afterwards."""
+    import comfy.model_management as mm
+
+    before = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = before
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    """Endless shuffled index batches; every image once per epoch."""
+    order: list[int] = []
+    while True:
+        while len(order) < batch_size:
+            order += torch.randperm(n, generator=generator).tolist()
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+    if name == "Adafactor":
+        return torch.optim.Adafactor(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+def train_step(dm, work, batch_x0, batch_ctx, generator, device, dtype, options, autocast) -> torch.Tensor:
+    """One forward/backward on a batch; returns the (detached) loss."""
+    tokens = batch_x0.shape[-1] * batch_x0.shape[-2]
+    sigma = objective.sample_sigmas(batch_x0.shape[0], tokens, generator, device)
+    noise = torch.randn(batch_x0.shape, generator=generator).to(device)
+    x0 = batch_x0.to(device)
+    xt, target = objective.noisy_input(x0, noise, sigma)
+    timestep = work.model.model_sampling.timestep(sigma).float()
+    with autocast:
+        pred = dm(xt.to(dtype), timestep, batch_ctx.to(device, dtype), transformer_options=options)
+    loss = objective.flow_loss(pred, target)
+    loss.backward()
+    return loss.detach()
+
+
+def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: TrainConfig, out_dir: Path,
+               hooks: TrainHooks | None = None) -> TrainResult:
+    """Train, save checkpoints every `cfg.save_every` steps and the final LoRA; leave `patcher` as it was."""
+    hooks = hooks or TrainHooks()
+    cfg.validate()
+    check_klein(patcher)
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: connect a Klein Dataset Loader with at least one image.")
+    run = unique_run_name(out_dir, cfg.output_name)
+    ckpt_dir = out_dir / f"{run}_checkpoints"
+    start = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        work = _training_model(patcher)
+        dm = work.model.diffusion_model
+        device, dtype = work.load_device, work.model.get_dtype()
+        autocast = (torch.autocast(device.type, dtype=dtype)
+                    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else nullcontext())
+        options = checkpointing_options(dm) if cfg.gradient_checkpointing else {}
+        meta = lora_metadata(
+            format="comfyui-bfl-lora", base_model=klein_size(dm), base_model_file=base_model_file(patcher),
+            rank=cfg.rank, alpha=cfg.alpha, learning_rate=cfg.learning_rate, steps=cfg.steps,
+            batch_size=cfg.batch_size, seed=cfg.seed, optimizer=cfg.optimizer, recipe=cfg.recipe,
+            trigger=dataset.trigger, dataset_size=len(dataset), resolution=dataset.resolution,
+            target_groups=list(targets.groups), target_layers=targets.layers, targets=targets.modules,
+            gradient_checkpointing=cfg.gradient_checkpointing, software="klein-lora-studio")
+        save_dtype = SAVE_DTYPES[cfg.save_dtype]
+        generator = torch.Generator().manual_seed(cfg.seed)
+        batches = _batches(len(dataset), cfg.batch_size, generator)
+        losses: list[float] = []
+        checkpoints: list[Path] = []
+        with lora_layers(dm, targets.modules, cfg.rank, cfg.alpha, seed=cfg.seed) as lora, inplace_safe_norms(dm), \
+                comfy_training_mode():
+            params = lora.parameters()
+            opt = _make_optimizer(cfg.optimizer, params, cfg.learning_rate)
+            for step in range(1, cfg.steps + 1):
+                hooks.check_cancel()
+                idx = next(batches)
+                x0 = torch.stack([dataset.latents[i] for i in idx])
+                ctx = torch.stack([dataset.contexts[i] for i in idx])
+                loss = train_step(dm, work, x0, ctx, generator, device, dtype, options, autocast)
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss))
+                hooks.on_step(step, cfg.steps, losses[-1])
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    path = _save(lora, ckpt_dir / f"{run}_step{step:05d}.safetensors", save_dtype,
+                                 {**meta, "steps": str(step)})
+                    checkpoints.append(path)
+                    hooks.on_checkpoint(step, path)
+            final = lora.state_dict(save_dtype)
+            lora_path = atomic_save_safetensors(final, out_dir / f"{run}.safetensors", meta)
+    hooks.on_checkpoint(cfg.steps, lora_path)
+    logging.info("Klein LoRA: %d steps in %.1fs, final loss %.4f, saved %s", cfg.steps,
+                 time.perf_counter() - start, losses[-1], lora_path)
+    return TrainResult(final, losses, lora_path, checkpoints, run, time.perf_counter() - start)
+
+
+def _save(lora: LoraHandle, path: Path, dtype: torch.dtype, meta: dict[str, str]) -> Path:
+    return atomic_save_safetensors(lora.state_dict(dtype), path, meta)

@@ -1,0 +1,118 @@
+"""Where the pack may read and write, and how it writes without ever leaving half a file.
+
+Datasets are read only from ComfyUI's input directory or from folders the user listed (the
+`dataset_roots` list in `<ComfyUI user dir>/klein_lora_studio.json`, or the
+KLEIN_LORA_DATASET_ROOTS environment variable, os.pathsep-separated). Outputs go only under
+ComfyUI's models/ and output/ folders, under names that cannot climb out of them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+CONFIG_NAME = "klein_lora_studio.json"
+ROOTS_ENV = "KLEIN_LORA_DATASET_ROOTS"
+_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    try:
+        return os.path.commonpath([str(path), str(root)]) == str(root)
+    except ValueError:  # different drives on Windows
+        return False
+
+
+def configured_dataset_roots(user_dir: str | None) -> list[Path]:
+    roots: list[str] = [p for p in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if p]
+    if user_dir:
+        cfg = Path(user_dir) / CONFIG_NAME
+        if cfg.is_file():
+            try:
+                roots += list(json.loads(cfg.read_text(encoding="utf-8")).get("dataset_roots", []))
+            except (ValueError, AttributeError) as e:
+                raise ValueError(f"{cfg} is not valid JSON with a 'dataset_roots' list: {e}. Fix or remove it.") from e
+    return [Path(os.path.realpath(os.path.expanduser(r))) for r in roots]
+
+
+def resolve_dataset_folder(folder: str, input_dir: str, extra_roots: list[Path]) -> Path:
+    """An existing folder inside an allowed root, symlinks resolved (a link cannot smuggle a path out)."""
+    if not folder or not folder.strip():
+        raise ValueError("dataset folder is empty: give a folder inside ComfyUI's input directory "
+                         f"({input_dir}) or one listed in {CONFIG_NAME}.")
+    raw = Path(os.path.expanduser(folder.strip()))
+    candidate = raw if raw.is_absolute() else Path(input_dir) / raw
+    real = Path(os.path.realpath(candidate))
+    roots = [Path(os.path.realpath(input_dir)), *extra_roots]
+    if not any(_is_within(real, r) for r in roots):
+        raise ValueError(f"dataset folder '{folder}' resolves to {real}, outside the allowed roots "
+                         f"{[str(r) for r in roots]}. Move the images under ComfyUI's input directory, or add "
+                         f"the folder to 'dataset_roots' in {CONFIG_NAME} in ComfyUI's user directory "
+                         f"(or to ${ROOTS_ENV}).")
+    if not real.is_dir():
+        raise ValueError(f"dataset folder '{folder}' ({real}) does not exist or is not a folder.")
+    return real
+
+
+def safe_name(name: str, field: str = "output_name") -> str:
+    """A bare file stem: no separators, no '..', no reserved characters or device names."""
+    stripped = (name or "").strip()
+    if stripped.lower().endswith(".safetensors"):
+        stripped = stripped[: -len(".safetensors")]
+    bad = ("/" in stripped or "\\" in stripped or ".." in stripped or os.path.isabs(stripped)
+           or not _NAME_OK.match(stripped) or stripped.split(".")[0].upper() in _RESERVED)
+    if bad:
+        raise ValueError(f"{field} '{name}' is not a plain file name: use 1-100 letters, digits, spaces, '.', '-' "
+                         "or '_', starting with a letter or digit, with no path separators or '..'.")
+    return stripped
+
+
+def unique_run_name(folder: Path, name: str) -> str:
+    """`name`, or `name_2`, `name_3`... so that an earlier run's LoRA and checkpoints are never overwritten."""
+    def taken(n: str) -> bool:
+        return (folder / f"{n}.safetensors").exists() or (folder / f"{n}_checkpoints").exists()
+
+    if not taken(name):
+        return name
+    i = 2
+    while taken(f"{name}_{i}"):
+        i += 1
+    logging.info("Klein LoRA: '%s' exists in %s; this run is saved as '%s_%d'", name, folder, name, i)
+    return f"{name}_{i}"
+
+
+def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write to a temp file in the same folder, fsync, then rename over the target in one step."""
+    import safetensors.torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_text(text: str, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
