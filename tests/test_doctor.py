@@ -161,6 +161,9 @@ def test_reused_framing_quiet_on_varied_compositions():
 def test_corner_text_is_found_in_its_corner(corner):
     found = dr.corner_text_score(with_watermark(smooth(0), corner))
     assert found is not None and found[0] == corner
+    faint = Image.blend(smooth(0), with_watermark(smooth(0), corner), 0.5)  # a 50%-opaque watermark
+    found = dr.corner_text_score(faint)
+    assert found is not None and found[0] == corner
 
 
 def test_corner_text_quiet_on_clean_textured_and_centred_images():
@@ -168,7 +171,7 @@ def test_corner_text_quiet_on_clean_textured_and_centred_images():
     noise = Image.fromarray(rng.integers(0, 256, (192, 192, 3), dtype=np.uint8))  # texture everywhere, no corner stands out
     centred = smooth(1)
     ImageDraw.Draw(centred).text((70, 90), "centre", fill=(255, 255, 255), font=ImageFont.load_default(size=14))
-    for im in (smooth(0), noise, centred, *(varied(i) for i in range(10))):
+    for im in (smooth(0), noise, centred, *(varied(i, (256, 192)) for i in range(40))):
         assert dr.corner_text_score(im) is None
 
 

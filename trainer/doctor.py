@@ -38,7 +38,8 @@ SHARED_FRACTION = 0.5  # a background/framing shared by at least this share of t
 BORDER_TOLERANCE = 30.0  # RGB distance within which two border colours are "the same"
 BORDER_UNIFORM = 0.85  # share of border pixels that must be near the border's median colour
 CORNER_RATIO = 3.0  # corner edge energy vs the 75th percentile of the other cells
-CORNER_MIN_ENERGY = 6.0  # mean |gradient| (0-255 grey levels) a corner needs before it can count as text
+CORNER_MIN_ENERGY = 10.0  # mean |gradient| (0-255 grey levels) of a corner before it counts as text; a 50%-opaque
+# caption font at ~1/16 of the image height gives ~12, one shape edge crossing a corner 5-9
 
 CHECKS = {  # check id -> (short label on the contact sheet, border colour)
     "unreadable": ("BAD", (160, 160, 160)),  # listed in the text only: it has no thumbnail
