@@ -7,6 +7,7 @@ from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
 from .dataset_loader import KleinDatasetLoader
+from .doctor import KleinDatasetDoctor
 from .lora_trainer import KleinLoRATrainer
 from .target_selector import KleinBlockTargetSelector
 
@@ -16,7 +17,8 @@ DEV_NODES_ENV = "KLEIN_LORA_DEV_NODES"
 class KleinLoRAExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        found: list[type[io.ComfyNode]] = [KleinDatasetLoader, KleinBlockTargetSelector, KleinLoRATrainer]
+        found: list[type[io.ComfyNode]] = [KleinDatasetLoader, KleinBlockTargetSelector, KleinLoRATrainer,
+                                           KleinDatasetDoctor]
         if os.environ.get(DEV_NODES_ENV) == "1":
             from ..devtools.nodes import DEV_NODES
 
