@@ -100,7 +100,7 @@ class KleinLoRATrainer(io.ComfyNode):
             _progress_text(f"step {step}/{total}  loss {loss:.4f}", node_id)
             _send(EVENT, {"node": node_id, "step": step, "total": total, "loss": loss})
 
-        def on_checkpoint(step: int, path: Path) -> None:
+        def on_checkpoint(step: int, path: Path, live_model) -> None:
             _send("klein_lora.checkpoint", {"node": node_id, "step": step, "path": str(path)})
 
         hooks = loop.TrainHooks(on_step=on_step, on_checkpoint=on_checkpoint,

@@ -63,7 +63,9 @@ class TrainHooks:
 
     on_step: Callable[[int, int, float], None] = lambda step, total, loss: None
     check_cancel: Callable[[], None] = lambda: None
-    on_checkpoint: Callable[[int, Path], None] = lambda step, path: None
+    # (step, file, live model): the live model is a ModelPatcher whose forward includes the LoRA as trained
+    # so far (peft layers), valid only during the call: sample with it under torch.no_grad(), patch nothing.
+    on_checkpoint: Callable[[int, Path, object], None] = lambda step, path, live: None
 
 
 @dataclass
@@ -205,10 +207,12 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
                     path = _save(lora, ckpt_dir / f"{run}_step{step:05d}.safetensors", save_dtype,
                                  {**meta, "steps": str(step)})
                     checkpoints.append(path)
-                    hooks.on_checkpoint(step, path)
+                    with torch.no_grad():
+                        hooks.on_checkpoint(step, path, work)
             final = lora.state_dict(save_dtype)
             lora_path = atomic_save_safetensors(final, out_dir / f"{run}.safetensors", meta)
-    hooks.on_checkpoint(cfg.steps, lora_path)
+            with torch.no_grad():
+                hooks.on_checkpoint(cfg.steps, lora_path, work)
     logging.info("Klein LoRA: %d steps in %.1fs, final loss %.4f, saved %s", cfg.steps,
                  time.perf_counter() - start, losses[-1], lora_path)
     return TrainResult(final, losses, lora_path, checkpoints, run, time.perf_counter() - start)
