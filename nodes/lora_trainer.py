@@ -109,4 +109,6 @@ class KleinLoRATrainer(io.ComfyNode):
         result = loop.train_lora(model, dataset, targets, cfg, out_dir, hooks)
         trained, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
         checkpoints = "\n".join(str(p) for p in result.checkpoints)
-        return io.NodeOutput(trained, result.lora, str(result.lora_path), {"loss": result.losses}, checkpoints)
+        ui = {"lora_path": [str(result.lora_path)], "checkpoints": [str(p) for p in result.checkpoints],
+              "final_loss": [result.losses[-1]]}
+        return io.NodeOutput(trained, result.lora, str(result.lora_path), {"loss": result.losses}, checkpoints, ui=ui)

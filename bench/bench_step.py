@@ -1,0 +1,441 @@
+"""One LoRA training step of klein 4B/9B: ours against diffusers+peft and ComfyUI's TrainLoraNode.
+
+Runs on the GPU machine (see bench/README.md for the command). Random weights at the real klein
+sizes (no checkpoints are reachable there), batch 1, rank 32, bf16 base, 512 text tokens.
+
+  ours      the node's code path: ComfyUI model from a BFL state dict (comfy.sd.load_diffusion_model_state_dict,
+            cached_patcher_init set), klein_lora_studio.trainer: lora_layers + inplace_safe_norms +
+            comfy_training_mode + checkpointing_options + loop.train_step + clip_grad_norm_ + AdamW step,
+            float(loss) per step, exactly as trainer/loop.train_lora does; attention targets of all groups.
+  ours:*    variants of ours (speed-ups under test), see VARIANTS.
+  diffusers bench/peer_diffusers_peft.py (Flux2Transformer2DModel + peft, attention projections, AdamW).
+  comfy     bench/peer_comfy_native.py (ComfyUI's TrainLoraNode, all linears, rank 32, bf16 LoRA).
+
+Step time: median of timed steps after warm-up (comfy: (long run - short run) / extra steps, as the
+peer script does). Peak memory: torch.cuda.max_memory_allocated, base weights included, for all three.
+MFU: KLEIN.md's FLOP count per step over the measured time, at 800 TFLOP/s.
+
+usage: bench_step.py --models klein4b,klein9b --impls ours,diffusers,comfy [--variants fused,noitem,...]
+       bench_step.py --report DIR...   (merge bench_*.json into bench/RESULTS.md)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+PEAK_TFLOPS = 800.0
+# KLEIN.md "Compute per LoRA step": TFLOP per step, (model, res, gradient checkpointing)
+TFLOP = {("klein4b", 512, False): 21.4, ("klein4b", 512, True): 31.6, ("klein4b", 1024, False): 79.4,
+         ("klein4b", 1024, True): 114.0, ("klein9b", 512, False): 47.3, ("klein9b", 512, True): 70.0,
+         ("klein9b", 1024, False): 168.0, ("klein9b", 1024, True): 243.0}
+OUT = os.environ.get("OUT", "/tmp")
+
+
+def setup_comfy():
+    """ComfyUI as a library (what peer_comfy_native does), PyAV stubbed."""
+    sys.path.insert(0, HERE)  # peer scripts
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, os.path.join(HERE, "avstub"))
+    comfy_dir = os.environ.get("COMFYUI_PATH") or os.path.join(REPO, ".comfy")
+    if comfy_dir not in sys.path:
+        sys.path.insert(0, comfy_dir)
+    os.environ["COMFYUI_PATH"] = comfy_dir
+    import peer_comfy_native  # noqa: F401  (parses ComfyUI's args, imports comfy)
+    return peer_comfy_native
+
+
+def cuda_sync():
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib():
+    import torch
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def reset_peak():
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ---------------------------------------------------------------- ours
+
+VARIANTS = {
+    "base": {},
+    "fused": {"fused": True},               # AdamW(fused=True)
+    "noitem": {"noitem": True},             # no float(loss) per step (losses kept on the GPU)
+    "bf16lora": {"param_dtype": "bf16"},    # LoRA weights in bf16 (autocast as before)
+    "noclip": {"noclip": True},             # no clip_grad_norm_ (to see what it costs)
+    "compile": {"compile": True},           # torch.compile of each block
+    "fast": {"fused": True, "noitem": True},
+    "fast_compile": {"fused": True, "noitem": True, "compile": True},
+    "compile_bf16": {"fused": True, "compile": True, "param_dtype": "bf16"},
+    "nocudnn": {"nocudnn": True},           # ComfyUI's SDPA priority list without cuDNN attention
+}
+
+
+def clone_options(dm) -> dict:
+    """Block replacements that only clone the blocks' residual inputs (no checkpointing).
+
+    Needed under torch.compile without checkpointing: the compiled norm saves its bf16 input, which
+    the block's in-place residual add then modifies (eager autocast saves an fp32 copy instead).
+    """
+    def dbl(block):
+        def run(args, extra):
+            img, txt = block(img=args["img"].clone(), txt=args["txt"].clone(), vec=args["vec"], pe=args["pe"],
+                             attn_mask=args.get("attn_mask"), transformer_options=args["transformer_options"])
+            return {"img": img, "txt": txt}
+        return run
+
+    def sgl(block):
+        def run(args, extra):
+            return {"img": block(args["img"].clone(), vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"),
+                                 transformer_options=args["transformer_options"])}
+        return run
+    rep = {("double_block", i): dbl(b) for i, b in enumerate(dm.double_blocks)}
+    rep.update({("single_block", i): sgl(b) for i, b in enumerate(dm.single_blocks)})
+    return {"patches_replace": {"dit": rep}}
+
+
+def run_ours(pcn, patcher, name, res, gc, variant="base", warm=3, steps=10):
+    import torch
+
+    from klein_lora_studio.trainer import loop
+    from klein_lora_studio.trainer.checkpointing import checkpointing_options, inplace_safe_norms
+    from klein_lora_studio.trainer.lora import lora_layers
+    from klein_lora_studio.trainer.targets import GROUPS, BlockCounts, linear_layer_names, resolve_targets
+
+    v = VARIANTS[variant]
+    _, _, _, ctx_dim = pcn.SIZES[name]
+    h = w = res // 16
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(1, 128, h, w, generator=gen).to(torch.bfloat16)   # dataset latents live on the CPU
+    ctx = torch.randn(1, 512, ctx_dim, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode(False), torch.enable_grad():
+        work = loop._training_model(patcher)
+        dm = work.model.diffusion_model
+        device, dtype = work.load_device, work.model.get_dtype()
+        autocast = (torch.autocast(device.type, dtype=dtype) if device.type == "cuda" else
+                    torch.autocast("cpu", enabled=False))
+        options = checkpointing_options(dm) if gc else (clone_options(dm) if v.get("compile") else {})
+        targets = resolve_targets(GROUPS, "attention", BlockCounts.of_model(dm), linear_names=linear_layer_names(dm))
+        pdt = torch.bfloat16 if v.get("param_dtype") == "bf16" else torch.float32
+        reset_peak()
+        blocks = list(dm.double_blocks) + list(dm.single_blocks)
+        with lora_layers(dm, targets.modules, 32, 32.0, param_dtype=pdt, seed=0) as lora, inplace_safe_norms(dm), \
+                loop.comfy_training_mode():
+            params = lora.parameters()
+            if v.get("fused") and device.type == "cuda":
+                opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+            else:
+                opt = loop._make_optimizer("AdamW", params, 1e-4)
+            if v.get("compile"):
+                import torch._dynamo
+                for knob in ("recompile_limit", "cache_size_limit"):
+                    if hasattr(torch._dynamo.config, knob):
+                        setattr(torch._dynamo.config, knob, 64)
+                for b in blocks:
+                    b.compile()
+            losses = []
+            import comfy.ops as co
+            prio = list(getattr(co, "SDPA_BACKEND_PRIORITY", []))
+            if v.get("nocudnn") and prio:
+                from torch.nn.attention import SDPBackend
+                co.SDPA_BACKEND_PRIORITY[:] = [b for b in prio if b != SDPBackend.CUDNN_ATTENTION]
+
+            def one():
+                loss = loop.train_step(dm, work, x0, ctx, gen, device, dtype, options, autocast)
+                if not v.get("noclip"):
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(loss if v.get("noitem") else float(loss))
+
+            try:
+                t_warm = time.perf_counter()
+                for _ in range(warm):
+                    one()
+                cuda_sync()
+                t_warm = time.perf_counter() - t_warm
+                times = []
+                if v.get("noitem"):  # no per-step sync: time the whole run, per step = total / steps
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        one()
+                    cuda_sync()
+                    times = [(time.perf_counter() - t0) / steps]
+                else:
+                    for _ in range(steps):
+                        t0 = time.perf_counter()
+                        one()
+                        cuda_sync()
+                        times.append(time.perf_counter() - t0)
+            finally:
+                if prio:
+                    co.SDPA_BACKEND_PRIORITY[:] = prio
+                if v.get("compile"):
+                    for b in blocks:
+                        b._compiled_call_impl = None
+            last = float(losses[-1])
+    return dict(impl="ours" if variant == "base" else f"ours:{variant}", model=name, res=res, gc=gc,
+                step_s=statistics.median(times), step_min_s=min(times), peak_gib=peak_gib(), warmup_s=t_warm,
+                n_targets=len(targets.modules), lora_params_m=sum(p.numel() for p in params) / 1e6,
+                final_loss=last, param_dtype=str(pdt))
+
+
+def load_patcher(sd):
+    import torch
+
+    import comfy.sd
+
+    def load(disable_dynamic=False):
+        return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.bfloat16},
+                                                        disable_dynamic=disable_dynamic)
+    p = load()
+    p.cached_patcher_init = (load, ())
+    return p
+
+
+def free_comfy():
+    import torch
+
+    import comfy.model_management as mm
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- peers
+
+def run_comfy_native(pcn, sd, name, res, gc, short=3, long=13):
+    """peer_comfy_native.run with the state dict built once per model size."""
+    import torch
+    _, _, _, ctx = pcn.SIZES[name]
+    model = load_patcher(sd)
+    h = w = res // 16
+    lat = {"samples": torch.randn(4, 128, h, w)}
+    pos = [[torch.randn(1, 512, ctx), {}]]
+    with torch.inference_mode(False):
+        pcn.train(model, lat, pos, 2, gc)  # warm-up (first-use kernels, autotuning) outside both timed runs
+    reset_peak()
+    with torch.inference_mode(False):
+        t0 = time.perf_counter()
+        pcn.train(model, lat, pos, short, gc)
+        t1 = time.perf_counter()
+        pcn.train(model, lat, pos, long, gc)
+        t2 = time.perf_counter()
+    row = dict(impl="comfy", model=name, res=res, gc=gc, step_s=((t2 - t1) - (t1 - t0)) / (long - short),
+               peak_gib=peak_gib(), short_run_s=t1 - t0, long_run_s=t2 - t1)
+    del model
+    free_comfy()
+    return row
+
+
+def run_diffusers(name, res, gc):
+    import peer_diffusers_peft as pdp
+    pdp.CONFIGS.setdefault("tiny", dict(num_layers=1, num_single_layers=2, num_attention_heads=2,
+                                        attention_head_dim=128, joint_attention_dim=192, guidance_embeds=False))
+    row = pdp.run(name, res, gc)
+    row["impl"] = "diffusers"
+    return row
+
+
+# ---------------------------------------------------------------- driver
+
+def env_info():
+    import torch
+    info = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                torch=torch.__version__, python=sys.version.split()[0],
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    for mod in ("diffusers", "peft", "transformers", "accelerate"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as e:  # report, the bench still runs what it can
+            info[mod] = f"missing ({e!r:.80})"
+    try:
+        sys.path.insert(0, os.environ["COMFYUI_PATH"])
+        import comfyui_version
+        info["comfyui"] = comfyui_version.__version__
+    except Exception:
+        info["comfyui"] = "?"
+    return info
+
+
+def guarded(fn, key, *a, **kw):
+    import torch
+    t = time.perf_counter()
+    try:
+        row = fn(*a, **kw)
+    except torch.cuda.OutOfMemoryError:
+        row = dict(error="OOM")
+    except Exception as e:  # one broken config must not hide the rest
+        traceback.print_exc()
+        row = dict(error=repr(e)[:400])
+    row.update({k: v for k, v in key.items() if k not in row})
+    row["wall_s"] = time.perf_counter() - t
+    tf = TFLOP.get((row["model"], row["res"], row["gc"]))
+    if tf and row.get("step_s"):
+        row["mfu"] = tf / row["step_s"] / PEAK_TFLOPS
+        row["tflop_step_klein_md"] = tf
+    if "error" in row:
+        free_comfy_safe()
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def free_comfy_safe():
+    try:
+        free_comfy()
+    except Exception:
+        pass
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="klein4b,klein9b")
+    ap.add_argument("--res", default="512,1024")
+    ap.add_argument("--gc", default="1,0")
+    ap.add_argument("--impls", default="ours,diffusers,comfy")
+    ap.add_argument("--variants", default="", help="extra variants of ours, e.g. fused,noitem,compile")
+    ap.add_argument("--variant-configs", default="", help="model:res:gc list the variants run on (default: all)")
+    ap.add_argument("--tag", default="run")
+    ap.add_argument("--report", nargs="*", help="folders with bench_*.json: write bench/RESULTS.md and stop")
+    a = ap.parse_args()
+    if a.report is not None:
+        return report(a.report)
+    pcn = setup_comfy()
+    import torch
+    info = env_info()
+    print(json.dumps(info), flush=True)
+    rows = []
+    path = os.path.join(OUT, f"bench_{a.tag}.json")
+
+    def save():
+        json.dump({"env": info, "rows": rows}, open(path, "w"), indent=1)
+
+    configs = [(r, g == "1") for r in map(int, a.res.split(",")) for g in a.gc.split(",")]
+    vconf = {tuple(c.split(":")) for c in a.variant_configs.split(",") if c}
+    impls = a.impls.split(",") if a.impls else []
+    variants = [v for v in a.variants.split(",") if v]
+    for name in a.models.split(","):
+        hidden, depth, single, ctx = pcn.SIZES[name]
+        if "ours" in impls or "comfy" in impls or variants:
+            t = time.perf_counter()
+            sd = {k: v.cpu() for k, v in pcn.random_sd(hidden, depth, single, ctx).items()}
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            print(f"# {name}: random state dict in {time.perf_counter() - t:.1f}s", flush=True)
+        if "ours" in impls or variants:
+            patcher = load_patcher(sd)
+            for res, gc in configs:
+                key = dict(impl="ours", model=name, res=res, gc=gc)
+                if "ours" in impls:
+                    rows.append(guarded(run_ours, key, pcn, patcher, name, res, gc))
+                    save()
+                for var in variants:
+                    if vconf and (name, str(res), str(int(gc))) not in vconf:
+                        continue
+                    key = dict(impl=f"ours:{var}", model=name, res=res, gc=gc)
+                    rows.append(guarded(run_ours, key, pcn, patcher, name, res, gc, var))
+                    save()
+            del patcher
+            free_comfy()
+        if "comfy" in impls:
+            for res, gc in configs:
+                rows.append(guarded(run_comfy_native, dict(impl="comfy", model=name, res=res, gc=gc),
+                                    pcn, sd, name, res, gc))
+                save()
+        sd = None
+        if "diffusers" in impls:
+            for res, gc in configs:
+                rows.append(guarded(run_diffusers, dict(impl="diffusers", model=name, res=res, gc=gc), name, res, gc))
+                save()
+    save()
+    report([OUT], os.path.join(OUT, "RESULTS.md"))
+
+
+# ---------------------------------------------------------------- report
+
+def _fmt(x, f="{:.3f}"):
+    return "-" if x is None else f.format(x)
+
+
+def report(folders, dest=None):
+    env, rows = {}, {}
+    for d in folders:
+        for f in sorted(glob.glob(os.path.join(d, "bench_*.json"))):
+            data = json.load(open(f))
+            env = env or data["env"]
+            for r in data["rows"]:
+                rows[(r["impl"], r["model"], r["res"], r["gc"])] = r  # later files win
+    dest = dest or os.path.join(HERE, "RESULTS.md")
+    L = ["# Training-step benchmark: ours vs diffusers+peft vs ComfyUI TrainLoraNode", "",
+         f"GPU: {env.get('gpu')} | torch {env.get('torch')} | diffusers {env.get('diffusers')} | "
+         f"peft {env.get('peft')} | ComfyUI {env.get('comfyui')} | Python {env.get('python')} | {env.get('date')}", "",
+         "Random weights at real klein sizes, batch 1, 512 text tokens, rank 32, bf16 base, AdamW. "
+         "ours and diffusers+peft: attention targets (double qkv/proj both streams, single linear1/linear2), "
+         "LoRA weights fp32 under bf16 autocast; ComfyUI native: all linears, bf16 LoRA (its defaults). "
+         "s/step: median after warm-up (ComfyUI: long-minus-short run). Peak: max_memory_allocated incl. "
+         "base weights. MFU: KLEIN.md TFLOP/step at 800 TFLOP/s. Produced by `bench/bench_step.py`.", "",
+         "| model | res | ckpt | impl | s/step | peak GiB | MFU | ratio | note |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    keys = sorted({(m, r, g) for (_, m, r, g) in rows}, key=lambda k: (k[0], k[1], not k[2]))
+    impls = sorted({i for (i, *_ ) in rows}, key=lambda i: (i != "ours", not i.startswith("ours"), i))
+    for m, r, g in keys:
+        ours = rows.get(("ours", m, r, g), {})
+        for i in impls:
+            row = rows.get((i, m, r, g))
+            if not row:
+                continue
+            ratio, note = "", row.get("error", "")
+            if i.startswith("ours:") and ours.get("step_s") and row.get("step_s"):
+                ratio = f"{ours['step_s'] / row['step_s']:.2f}x (variant vs ours)"
+            elif i != "ours" and ours.get("step_s") and row.get("step_s"):
+                ratio = f"{row['step_s'] / ours['step_s']:.2f}x"
+            L.append(f"| {m} | {r} | {'yes' if g else 'no'} | {i} | {_fmt(row.get('step_s'))} | "
+                     f"{_fmt(row.get('peak_gib'), '{:.1f}')} | {_fmt(row.get('mfu'), '{:.0%}')} | {ratio} | {note} |")
+    L += ["", "ratio: peer rows = peer s/step / ours s/step (>1: ours is faster); `ours:*` rows = ours s/step / "
+          "variant s/step (>1: the variant is faster than ours as-is).", "",
+          "## Against the targets (issue 5)", ""]
+    for m, r, g in keys:
+        o, d, c = (rows.get((i, m, r, g), {}) for i in ("ours", "diffusers", "comfy"))
+        if not o.get("step_s"):
+            continue
+        parts = [f"{m} {r}² ckpt={'on' if g else 'off'}:"]
+        if d.get("step_s"):
+            sp = d["step_s"] / o["step_s"]
+            mem = (o["peak_gib"] <= d["peak_gib"]) if o.get("peak_gib") and d.get("peak_gib") else None
+            parts.append(f"vs diffusers+peft {sp:.2f}x (target >= 1.6x: {'MET' if sp >= 1.6 else 'not met'}), "
+                         f"peak {_fmt(o.get('peak_gib'), '{:.1f}')} vs {_fmt(d.get('peak_gib'), '{:.1f}')} GiB "
+                         f"({'no more' if mem else 'MORE'})")
+        if c.get("step_s"):
+            sp = c["step_s"] / o["step_s"]
+            parts.append(f"vs ComfyUI native {sp:.2f}x (target >= 2.5x: {'MET' if sp >= 2.5 else 'not met'})")
+        if m == "klein4b" and r == 1024:
+            lim = 0.24 if g else 0.17
+            ok = o["step_s"] <= lim and (not g or (o.get("peak_gib") or 99) <= 10)
+            parts.append(f"absolute: {o['step_s']:.3f} s/step vs <= {lim} s"
+                         + (f", {o.get('peak_gib', 0):.1f} GiB vs <= 10 GiB" if g else "")
+                         + f" ({'MET' if ok else 'not met'}; targets are stated for H100)")
+        L.append("- " + "; ".join(parts))
+    open(dest, "w").write("\n".join(L) + "\n")
+    print("\n".join(L))
+
+
+if __name__ == "__main__":
+    main()
