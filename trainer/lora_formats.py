@@ -342,7 +342,7 @@ def to_diffusers_state_dict(lora: KleinLora, dtype: torch.dtype | None = None
         names = inverse[layer]
         ups = torch.chunk(up, 3, 0) if len(names) == 3 else (up,)
         for dname, u in zip(names, ups, strict=True):
-            sd[f"{DIFFUSERS_PREFIX}{dname}.lora_A.weight"] = down.to(dtype or d.down.dtype).contiguous()
+            sd[f"{DIFFUSERS_PREFIX}{dname}.lora_A.weight"] = down.to(dtype or d.down.dtype).clone()
             sd[f"{DIFFUSERS_PREFIX}{dname}.lora_B.weight"] = u.to(dtype or d.up.dtype).contiguous()
             ranks[dname] = d.rank
     if lora.diffs:
