@@ -56,7 +56,8 @@ def _dtype(choice: str, loras: list[lora_formats.KleinLora]):
 
 
 def _out_path(folder: str, output_name: str) -> Path:
-    out_dir = Path(folder_paths.get_folder_paths(folder)[0])
+    dirs = [Path(d) for d in folder_paths.get_folder_paths(folder)]
+    out_dir = next((d for d in dirs if d.name == folder), dirs[0])  # models/diffusion_models, not legacy models/unet
     name = paths.unique_run_name(out_dir, paths.safe_name(output_name))
     return out_dir / f"{name}.safetensors"
 
