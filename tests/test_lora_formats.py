@@ -123,3 +123,52 @@ def test_unknown_keys_and_broken_files_are_clear_errors():
         lf.from_state_dict({"diffusion_model.img_in.lora_A.weight": torch.zeros(2, 4)})
     with pytest.raises(ValueError, match="LoKr"):
         lf.from_state_dict({"diffusion_model.img_in.lokr_w1": torch.zeros(2, 4)})
+
+
+def test_diffusers_export_loads_in_diffusers_flux2_with_the_same_deltas(setup, tmp_path):
+    """diffusers' own loader (Flux2LoraLoaderMixin.lora_state_dict + load_lora_adapter, as load_lora_weights
+    runs it) accepts the export of a mixed-rank merge, and the weights it fuses move by exactly what ComfyUI
+    applies, layer by layer (ComfyUI's flux_to_diffusers gives the row slices)."""
+    pytest.importorskip("diffusers")
+    import comfy.utils
+    from diffusers import Flux2Transformer2DModel
+    from diffusers.loaders.lora_pipeline import Flux2LoraLoaderMixin
+    from klein_lora_studio.trainer import lora_merge
+
+    unet = setup["unet"]
+    a = lf.from_state_dict(kit.bfl_sd(setup["w"], ALPHA), {"trainer_note": "x"}, name="a")
+    b = lf.from_state_dict(kit.bfl_sd(kit.random_lora(9, 6, ["double_blocks.0.img_attn.qkv"]), 3.0), name="b")
+    merged = lora_merge.exact_merge([a, b], [1.0, 0.5])  # qkv rank 10, the rest rank 4: rank_pattern needed
+    path = lf.save_lora(merged, tmp_path / "merged-diffusers.safetensors", "diffusers")
+    sd, meta = Flux2LoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
+    torch.manual_seed(0)
+    model = Flux2Transformer2DModel(in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=128,
+                                    num_attention_heads=2, joint_attention_dim=192, mlp_ratio=3.0, guidance_embeds=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_lora_adapter(sd, prefix="transformer", metadata=meta, adapter_name="klein")
+    model.fuse_lora(lora_scale=1.0)
+    model.unload_lora()
+    d_delta = {k: v - before[k] for k, v in model.state_dict().items()}
+
+    kit.forward(unet)  # the plain model loaded (unpatched) before its weights are read
+    base_w = {k: v.clone() for k, v in unet.model.diffusion_model.state_dict().items()}
+    patched = kit.apply(unet, lf.to_comfy_state_dict(merged))
+    kit.forward(patched)  # loads the patched weights
+    c_delta = {k: v - base_w[k] for k, v in patched.model.diffusion_model.state_dict().items()}
+    kit.forward(unet)
+    mapping = comfy.utils.flux_to_diffusers({"depth": 1, "depth_single_blocks": 2, "hidden_size": 256})
+    checked = 0
+    for dkey, delta in d_delta.items():
+        if dkey not in mapping:
+            assert delta.abs().max() == 0, dkey
+            continue
+        target = mapping[dkey]
+        bfl, sl = (target, None) if isinstance(target, str) else target[:2]
+        expect = c_delta[bfl] if sl is None else c_delta[bfl].narrow(sl[0], sl[1], sl[2])
+        assert torch.allclose(delta, expect, atol=1e-6), dkey
+        checked += delta.abs().max() > 0
+    assert checked == 11  # 3 + 3 q/k/v, proj, img_mlp.0, txt_mlp.2, linear1, linear2
+    back = lf.load_lora_file(path)  # and our reader takes the mixed-rank export back (alpha_pattern)
+    assert back.layers["double_blocks.0.img_attn.qkv"].rank == 10
+    for k, d in merged.layers.items():
+        assert torch.allclose(back.layers[k].delta(), d.delta(), atol=1e-6), k
