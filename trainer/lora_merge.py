@@ -58,10 +58,10 @@ class MergeReport:
 
     def text(self) -> str:
         lines = [f"mode {self.mode}: {len(self.layers)} layers, overall relative Frobenius error "
-                 f"{self.overall_error:.4%}, energy kept {self.overall_energy:.4%}"]
+                 f"{self.overall_error:.2%}, energy kept {self.overall_energy:.2%}"]
         lines += self.notes
-        lines += [f"  {r.layer}: rank {r.rank_in} -> {r.rank_out}, error {r.rel_error:.4%}, "
-                  f"energy kept {r.energy_kept:.4%}" for r in self.layers]
+        lines += [f"  {r.layer}: rank {r.rank_in} -> {r.rank_out}, error {r.rel_error:.2%}, "
+                  f"energy kept {r.energy_kept:.2%}" for r in self.layers]
         return "\n".join(lines)
 
 
