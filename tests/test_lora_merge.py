@@ -168,3 +168,25 @@ def test_convert_node_reports_the_source_layout(comfy, files):
     sd = safetensors.torch.load_file(path)
     assert all(k.startswith("transformer.") for k in sd)
     assert any(k.endswith(".alpha") for k in lora_sd)  # the LORA_MODEL output is ComfyUI form
+
+
+def test_merge_node_compact_mode_and_registration(comfy, files):
+    from klein_lora_studio.nodes.merge import KleinLoRAMerge
+
+    for node in ("KleinLoRAMerge", "KleinLoRAResize", "KleinLoRAConvert", "KleinLoRABake"):
+        assert node in comfy.NODE_CLASS_MAPPINGS
+    path, lora_sd, report = KleinLoRAMerge.execute(mode="compact", target_rank=2, output_name="compact",
+                                                   format="comfyui", save_dtype="bf16", lora_1="m1.safetensors",
+                                                   weight_1=W1, lora_2="m2.safetensors", weight_2=W2).result
+    sd = safetensors.torch.load_file(path)
+    assert sd["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"].shape == (2, 256)
+    assert sd["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"].dtype == torch.bfloat16
+    assert "double_blocks.0.img_attn.qkv: rank 10 -> 2, error" in report
+    assert "overall relative Frobenius error" in report
+    with pytest.raises(ValueError, match="at least two LoRAs"):
+        KleinLoRAMerge.execute(mode="exact", target_rank=2, output_name="x", format="comfyui", save_dtype="auto",
+                               lora_1="m1.safetensors", weight_1=1.0, lora_2="None", weight_2=1.0)
+    with pytest.raises(ValueError, match="not a plain file name"):
+        KleinLoRAMerge.execute(mode="exact", target_rank=2, output_name="../evil", format="comfyui",
+                               save_dtype="auto", lora_1="m1.safetensors", weight_1=1.0, lora_2="m2.safetensors",
+                               weight_2=1.0)
