@@ -172,3 +172,19 @@ def test_diffusers_export_loads_in_diffusers_flux2_with_the_same_deltas(setup, t
     assert back.layers["double_blocks.0.img_attn.qkv"].rank == 10
     for k, d in merged.layers.items():
         assert torch.allclose(back.layers[k].delta(), d.delta(), atol=1e-6), k
+
+
+def test_partial_qkv_parts_leave_the_other_thirds_zero():
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(2, 256, generator=g), torch.randn(256, 2, generator=g))
+    v = (torch.randn(3, 256, generator=g), torch.randn(256, 3, generator=g))
+    sd = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": q[0],
+          "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": q[1],
+          "transformer.transformer_blocks.0.attn.to_v.lora_A.weight": v[0],
+          "transformer.transformer_blocks.0.attn.to_v.lora_B.weight": v[1]}
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.r": 2, "transformer.lora_alpha": 4,
+                                                 "transformer.alpha_pattern": {"transformer_blocks.0.attn.to_v": 6}})}
+    d = lf.from_state_dict(sd, meta).layers["double_blocks.0.img_attn.qkv"].delta()
+    assert d.shape == (768, 256) and d[256:512].abs().max() == 0
+    assert torch.allclose(d[:256], 4 / 2 * q[1] @ q[0], atol=1e-6)
+    assert torch.allclose(d[512:], 6 / 3 * v[1] @ v[0], atol=1e-6)
