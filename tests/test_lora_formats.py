@@ -125,14 +125,29 @@ def test_unknown_keys_and_broken_files_are_clear_errors():
         lf.from_state_dict({"diffusion_model.img_in.lokr_w1": torch.zeros(2, 4)})
 
 
-def test_diffusers_export_loads_in_diffusers_flux2_with_the_same_deltas(setup, tmp_path):
+def _diffusers_forward(model, inputs):
+    """The same call as ComfyUI's Flux forward: tokens h-major, image ids (0, h, w, 0), text ids (0, 0, 0, l)."""
+    x, t, ctx = inputs
+    _, c, h, w = x.shape
+    img_ids = torch.zeros(h * w, 4)
+    img_ids[:, 1], img_ids[:, 2] = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+    txt_ids = torch.zeros(ctx.shape[1], 4)
+    txt_ids[:, 3] = torch.arange(ctx.shape[1])
+    with torch.no_grad():
+        out = model(x.flatten(2).transpose(1, 2), ctx, t, img_ids, txt_ids, return_dict=False)[0]
+    return out.transpose(1, 2).reshape(1, c, h, w)
+
+
+def test_diffusers_export_loads_in_diffusers_flux2_with_the_same_deltas(setup, tiny, tmp_path):
     """diffusers' own loader (Flux2LoraLoaderMixin.lora_state_dict + load_lora_adapter, as load_lora_weights
-    runs it) accepts the export of a mixed-rank merge, and the weights it fuses move by exactly what ComfyUI
-    applies, layer by layer (ComfyUI's flux_to_diffusers gives the row slices)."""
+    runs it) accepts the export of a mixed-rank merge; a diffusers Flux2 model with the tiny model's weights
+    (diffusers' own single-file converter) then gives ComfyUI's output, and its fused weights move by exactly
+    what ComfyUI applies, layer by layer (ComfyUI's flux_to_diffusers gives the row slices)."""
     pytest.importorskip("diffusers")
     import comfy.utils
     from diffusers import Flux2Transformer2DModel
     from diffusers.loaders.lora_pipeline import Flux2LoraLoaderMixin
+    from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
     from klein_lora_studio.trainer import lora_merge
 
     unet = setup["unet"]
@@ -141,11 +156,15 @@ def test_diffusers_export_loads_in_diffusers_flux2_with_the_same_deltas(setup, t
     merged = lora_merge.exact_merge([a, b], [1.0, 0.5])  # qkv rank 10, the rest rank 4: rank_pattern needed
     path = lf.save_lora(merged, tmp_path / "merged-diffusers.safetensors", "diffusers")
     sd, meta = Flux2LoraLoaderMixin.lora_state_dict(str(path), return_lora_metadata=True)
-    torch.manual_seed(0)
     model = Flux2Transformer2DModel(in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=128,
                                     num_attention_heads=2, joint_attention_dim=192, mlp_ratio=3.0, guidance_embeds=False)
+    base_sd = convert_flux2_transformer_checkpoint_to_diffusers(safetensors.torch.load_file(str(tiny.files["unet"])))
+    missing, unexpected = model.load_state_dict(base_sd, strict=False)
+    assert not missing and not unexpected
+    assert torch.allclose(_diffusers_forward(model, kit.probe()), setup["base"], atol=1e-5)  # same model both sides
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_lora_adapter(sd, prefix="transformer", metadata=meta, adapter_name="klein")
+    out_diffusers = _diffusers_forward(model, kit.probe())
     model.fuse_lora(lora_scale=1.0)
     model.unload_lora()
     d_delta = {k: v - before[k] for k, v in model.state_dict().items()}
@@ -153,9 +172,11 @@ def test_diffusers_export_loads_in_diffusers_flux2_with_the_same_deltas(setup, t
     kit.forward(unet)  # the plain model loaded (unpatched) before its weights are read
     base_w = {k: v.clone() for k, v in unet.model.diffusion_model.state_dict().items()}
     patched = kit.apply(unet, lf.to_comfy_state_dict(merged))
-    kit.forward(patched)  # loads the patched weights
+    out_comfy = kit.forward(patched)
     c_delta = {k: v - base_w[k] for k, v in patched.model.diffusion_model.state_dict().items()}
     kit.forward(unet)
+    assert (out_comfy - setup["base"]).norm() > 0.05 * setup["base"].norm()
+    assert torch.allclose(out_diffusers, out_comfy, rtol=1e-4, atol=1e-5), (out_diffusers - out_comfy).abs().max()
     mapping = comfy.utils.flux_to_diffusers({"depth": 1, "depth_single_blocks": 2, "hidden_size": 256})
     checked = 0
     for dkey, delta in d_delta.items():
