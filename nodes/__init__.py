@@ -9,6 +9,7 @@ from typing_extensions import override
 from .dataset_loader import KleinDatasetLoader
 from .doctor import KleinDatasetDoctor
 from .lora_trainer import KleinLoRATrainer
+from .merge import MERGE_NODES
 from .target_selector import KleinBlockTargetSelector
 
 DEV_NODES_ENV = "KLEIN_LORA_DEV_NODES"
@@ -18,7 +19,7 @@ class KleinLoRAExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         found: list[type[io.ComfyNode]] = [KleinDatasetLoader, KleinBlockTargetSelector, KleinLoRATrainer,
-                                           KleinDatasetDoctor]
+                                           KleinDatasetDoctor, *MERGE_NODES]
         if os.environ.get(DEV_NODES_ENV) == "1":
             from ..devtools.nodes import DEV_NODES
 

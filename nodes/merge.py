@@ -1,0 +1,195 @@
+"""Merge, resize, convert and bake LoRAs: glue over trainer.lora_formats / trainer.lora_merge."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..trainer import lora_formats, lora_merge, paths
+from ..trainer.lora import SAVE_DTYPES
+from .types import CATEGORY
+
+SLOTS = 4
+NONE = "None"
+DTYPE_CHOICES = ("auto", *SAVE_DTYPES)
+
+
+def _lora_choices() -> list[str]:
+    return [NONE, *folder_paths.get_filename_list("loras")]
+
+
+def _lora_slots() -> list:
+    out = []
+    for i in range(1, SLOTS + 1):
+        out.append(io.Combo.Input(f"lora_{i}", options=_lora_choices(), default=NONE, optional=i > 2,
+                                  tooltip=f"LoRA {i} from models/loras (any layout: ComfyUI/BFL, ai-toolkit, kohya, "
+                                          "diffusers, ComfyUI trainer). 'None' leaves the slot empty."))
+        out.append(io.Float.Input(f"weight_{i}", default=1.0, min=-10.0, max=10.0, step=0.01, optional=i > 2,
+                                  tooltip=f"Weight of LoRA {i} in the result (1.0 = its trained strength)."))
+    return out
+
+
+def _read_slots(kwargs: dict) -> tuple[list[lora_formats.KleinLora], list[float]]:
+    loras, weights = [], []
+    for i in range(1, SLOTS + 1):
+        name = kwargs.get(f"lora_{i}", NONE)
+        if name and name != NONE:
+            loras.append(_load(name, f"lora_{i}"))
+            weights.append(float(kwargs.get(f"weight_{i}", 1.0)))
+    return loras, weights
+
+
+def _load(name: str, field: str) -> lora_formats.KleinLora:
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise ValueError(f"{field}: '{name}' is not in models/loras ({folder_paths.get_folder_paths('loras')}).")
+    return lora_formats.load_lora_file(path)
+
+
+def _dtype(choice: str, loras: list[lora_formats.KleinLora]):
+    if choice != "auto":
+        return SAVE_DTYPES[choice]
+    first = next(iter(loras[0].layers.values()), None) if loras else None
+    return first.up.dtype if first is not None else None
+
+
+def _out_path(folder: str, output_name: str) -> Path:
+    dirs = [Path(d) for d in folder_paths.get_folder_paths(folder)]
+    out_dir = next((d for d in dirs if d.name == folder), dirs[0])  # models/diffusion_models, not legacy models/unet
+    name = paths.unique_run_name(out_dir, paths.safe_name(output_name))
+    return out_dir / f"{name}.safetensors"
+
+
+def _save(lora: lora_formats.KleinLora, output_name: str, fmt: str, dtype) -> tuple[str, dict]:
+    path = lora_formats.save_lora(lora, _out_path("loras", output_name), fmt, dtype)
+    logging.info("Klein LoRA: wrote %s (%s)", path, fmt)
+    return str(path), lora_formats.to_comfy_state_dict(lora, dtype)
+
+
+def _outputs() -> list:
+    return [io.String.Output(display_name="lora_path", tooltip="The written file."),
+            io.LoraModel.Output(display_name="lora", tooltip="The result in ComfyUI form (core Load LoRA Model)."),
+            io.String.Output(display_name="report", tooltip="What was done, with per-layer SVD error where relevant.")]
+
+
+_NAME_TIP = "File name in models/loras (no folders); an existing name gets _2, _3..."
+_DTYPE_TIP = "Precision of the written tensors; 'auto' keeps the (first) input's."
+
+
+class KleinLoRAMerge(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinLoRAMerge", display_name="Klein LoRA Merge", category=CATEGORY, is_output_node=True,
+            description="Merges two or more LoRAs with weights into one file: exact (ranks concatenated, equal to the "
+                        "weighted sum) or compact (SVD to a target rank, with the error it costs).",
+            inputs=[*_lora_slots(),
+                    io.Combo.Input("mode", options=["exact", "compact"], default="exact",
+                                   tooltip="exact: rank = sum of ranks, no loss. compact: each layer truncated by SVD to "
+                                           "target_rank; the report gives the relative error and energy kept."),
+                    io.Int.Input("target_rank", default=32, min=1, max=1024,
+                                 tooltip="Rank of the compact result (ignored in exact mode)."),
+                    io.String.Input("output_name", default="klein_merged", tooltip=_NAME_TIP),
+                    io.Combo.Input("format", options=list(lora_formats.FORMATS), default="comfyui",
+                                   tooltip="comfyui: BFL names + alpha (ComfyUI, this pack). diffusers: transformer.* "
+                                           "names for diffusers' load_lora_weights (diff tensors are left out)."),
+                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP)],
+            outputs=_outputs())
+
+    @classmethod
+    def execute(cls, mode: str, target_rank: int, output_name: str, format: str, save_dtype: str,
+                **kwargs) -> io.NodeOutput:
+        loras, weights = _read_slots(kwargs)
+        if len(loras) < 2:
+            raise ValueError(f"Klein LoRA Merge needs at least two LoRAs, got {len(loras)}: pick LoRAs in lora_1 and "
+                             "lora_2 (use Klein LoRA Resize for one).")
+        if mode == "exact":
+            merged = lora_merge.exact_merge(loras, weights, paths.safe_name(output_name))
+            report = lora_merge.exact_report(merged)
+        else:
+            merged, report = lora_merge.compact_merge(loras, weights, target_rank, paths.safe_name(output_name))
+        report.notes.insert(0, "sources: " + ", ".join(f"{lo.name} ({lo.source_format}) x {w:g}"
+                                                        for lo, w in zip(loras, weights, strict=True)))
+        path, sd = _save(merged, output_name, format, _dtype(save_dtype, loras))
+        return io.NodeOutput(path, sd, report.text())
+
+
+class KleinLoRAResize(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinLoRAResize", display_name="Klein LoRA Resize", category=CATEGORY, is_output_node=True,
+            description="Lowers a LoRA's rank by SVD (the best approximation at that rank) and reports the error.",
+            inputs=[io.Combo.Input("lora", options=_lora_choices()[1:], tooltip="The LoRA in models/loras (any layout)."),
+                    io.Int.Input("target_rank", default=16, min=1, max=1024,
+                                 tooltip="New rank; layers already at or below it keep their rank."),
+                    io.String.Input("output_name", default="klein_resized", tooltip=_NAME_TIP),
+                    io.Combo.Input("format", options=list(lora_formats.FORMATS), default="comfyui",
+                                   tooltip="Layout of the written file."),
+                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP)],
+            outputs=_outputs())
+
+    @classmethod
+    def execute(cls, lora: str, target_rank: int, output_name: str, format: str, save_dtype: str) -> io.NodeOutput:
+        src = _load(lora, "lora")
+        resized, report = lora_merge.resize(src, target_rank, paths.safe_name(output_name))
+        path, sd = _save(resized, output_name, format, _dtype(save_dtype, [src]))
+        return io.NodeOutput(path, sd, report.text())
+
+
+class KleinLoRAConvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinLoRAConvert", display_name="Klein LoRA Convert", category=CATEGORY, is_output_node=True,
+            description="Rewrites a LoRA from any trainer (ai-toolkit, diffusers, kohya, ComfyUI) as ComfyUI/BFL or "
+                        "diffusers, with its alpha applied as trained and its metadata kept.",
+            inputs=[io.Combo.Input("lora", options=_lora_choices()[1:], tooltip="The LoRA in models/loras (any layout)."),
+                    io.Combo.Input("format", options=list(lora_formats.FORMATS), default="comfyui",
+                                   tooltip="comfyui: BFL names + alpha. diffusers: transformer.* names, q/k/v split."),
+                    io.String.Input("output_name", default="klein_converted", tooltip=_NAME_TIP),
+                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP)],
+            outputs=_outputs())
+
+    @classmethod
+    def execute(cls, lora: str, format: str, output_name: str, save_dtype: str) -> io.NodeOutput:
+        src = _load(lora, "lora")
+        path, sd = _save(src, output_name, format, _dtype(save_dtype, [src]))
+        alphas = sorted({f"{d.alpha:g}/{d.rank}" for d in src.layers.values()})
+        report = (f"{src.name}: read as {src.source_format}, {len(src.layers)} layers, {len(src.diffs)} diff tensors, "
+                  f"alpha/rank {', '.join(alphas[:6])}{' ...' if len(alphas) > 6 else ''}; written as {format}")
+        return io.NodeOutput(path, sd, report)
+
+
+class KleinLoRABake(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinLoRABake", display_name="Klein LoRA Bake Into Model", category=CATEGORY, is_output_node=True,
+            description="Adds LoRAs (with weights) into a diffusion model's weights and saves a new model file in "
+                        "models/diffusion_models that Load Diffusion Model (UNETLoader) loads. Needs RAM for the model.",
+            inputs=[io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
+                                   tooltip="The base model file in models/diffusion_models (bf16/fp16/fp32; not fp8)."),
+                    *_lora_slots(),
+                    io.String.Input("output_name", default="klein_baked",
+                                    tooltip="File name in models/diffusion_models (no folders); an existing name gets _2...")],
+            outputs=[io.String.Output(display_name="model_path", tooltip="The written model file."),
+                     io.String.Output(display_name="report", tooltip="What was baked.")])
+
+    @classmethod
+    def execute(cls, unet_name: str, output_name: str, **kwargs) -> io.NodeOutput:
+        loras, weights = _read_slots(kwargs)
+        if not loras:
+            raise ValueError("Klein LoRA Bake: no LoRA picked; choose at least lora_1.")
+        src = folder_paths.get_full_path("diffusion_models", unet_name)
+        if src is None:
+            raise ValueError(f"unet_name: '{unet_name}' is not in models/diffusion_models.")
+        out = lora_merge.bake_file(src, loras, weights, _out_path("diffusion_models", output_name))
+        report = f"baked into {unet_name}: " + ", ".join(f"{lo.name} x {w:g}" for lo, w in
+                                                          zip(loras, weights, strict=True)) + f" -> {out.name}"
+        return io.NodeOutput(str(out), report)
+
+
+MERGE_NODES = [KleinLoRAMerge, KleinLoRAResize, KleinLoRAConvert, KleinLoRABake]
