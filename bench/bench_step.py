@@ -89,23 +89,50 @@ VARIANTS = {
 }
 
 
-def clone_options(dm) -> dict:
-    """Block replacements that only clone the blocks' residual inputs (no checkpointing).
+def clone_options(dm, compile_: bool) -> dict:
+    """Blocks called on clones of their residual inputs (no checkpointing), the clone inside the compiled graph.
 
-    Needed under torch.compile without checkpointing: the compiled norm saves its bf16 input, which
-    the block's in-place residual add then modifies (eager autocast saves an fp32 copy instead).
+    Under torch.compile without checkpointing the block's in-place residual add becomes a copy_ back into
+    its input after the graph saved that input for backward (eager autocast saves an fp32 copy instead);
+    cloning inside the compiled region makes the mutated tensor an intermediate.
     """
+    import torch
+
+    class Double(torch.nn.Module):
+        def __init__(self, b):
+            super().__init__()
+            self.b = b
+
+        def forward(self, img, txt, vec, pe, mask, opts):
+            return self.b(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
+
+    class Single(torch.nn.Module):
+        def __init__(self, b):
+            super().__init__()
+            self.b = b
+
+        def forward(self, img, vec, pe, mask, opts):
+            return self.b(img.clone(), vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
+
     def dbl(block):
+        w = Double(block)
+        if compile_:
+            w.compile()
+
         def run(args, extra):
-            img, txt = block(img=args["img"].clone(), txt=args["txt"].clone(), vec=args["vec"], pe=args["pe"],
-                             attn_mask=args.get("attn_mask"), transformer_options=args["transformer_options"])
+            img, txt = w(args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"),
+                         dict(args["transformer_options"]))
             return {"img": img, "txt": txt}
         return run
 
     def sgl(block):
+        w = Single(block)
+        if compile_:
+            w.compile()
+
         def run(args, extra):
-            return {"img": block(args["img"].clone(), vec=args["vec"], pe=args["pe"], attn_mask=args.get("attn_mask"),
-                                 transformer_options=args["transformer_options"])}
+            return {"img": w(args["img"], args["vec"], args["pe"], args.get("attn_mask"),
+                             dict(args["transformer_options"]))}
         return run
     rep = {("double_block", i): dbl(b) for i, b in enumerate(dm.double_blocks)}
     rep.update({("single_block", i): sgl(b) for i, b in enumerate(dm.single_blocks)})
@@ -132,7 +159,7 @@ def run_ours(pcn, patcher, name, res, gc, variant="base", warm=3, steps=10):
         device, dtype = work.load_device, work.model.get_dtype()
         autocast = (torch.autocast(device.type, dtype=dtype) if device.type == "cuda" else
                     torch.autocast("cpu", enabled=False))
-        options = checkpointing_options(dm) if gc else (clone_options(dm) if v.get("compile") else {})
+        options = checkpointing_options(dm) if gc else (clone_options(dm, True) if v.get("compile") else {})
         targets = resolve_targets(GROUPS, "attention", BlockCounts.of_model(dm), linear_names=linear_layer_names(dm))
         pdt = torch.bfloat16 if v.get("param_dtype") == "bf16" else torch.float32
         reset_peak()
@@ -146,6 +173,8 @@ def run_ours(pcn, patcher, name, res, gc, variant="base", warm=3, steps=10):
                 opt = loop._make_optimizer("AdamW", params, 1e-4)
             if v.get("compile"):
                 import torch._dynamo
+                if not gc:
+                    blocks = []  # the clone wrappers in `options` are compiled instead
                 for knob in ("recompile_limit", "cache_size_limit"):
                     if hasattr(torch._dynamo.config, knob):
                         setattr(torch._dynamo.config, knob, 64)

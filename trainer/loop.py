@@ -110,7 +110,25 @@ def _training_model(patcher):
         logging.info("Klein LoRA: the MODEL uses dynamic VRAM; training on a non-dynamic copy of its weights.")
         work = patcher.clone(disable_dynamic=True)
     mm.load_models_gpu([work], force_full_load=True)
+    _make_differentiable(work.model.diffusion_model)
     return work
+
+
+@torch.no_grad()
+def _make_differentiable(module: torch.nn.Module) -> None:
+    """Swap inference-mode weights for ordinary tensors with the same values, one tensor at a time.
+
+    ComfyUI's executor loads models under torch.inference_mode(); autograd cannot save such tensors
+    for backward. ComfyUI's own trainer reloads a second full copy of the model instead; this costs
+    one tensor's worth of memory at a time, and the model computes exactly what it did before.
+    """
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_inference():
+                m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
+        for name, b in m._buffers.items():
+            if b is not None and b.is_inference():
+                m._buffers[name] = b.clone()
 
 
 @contextmanager

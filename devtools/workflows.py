@@ -1,0 +1,174 @@
+"""The example workflows, written in one place and emitted in both of ComfyUI's formats.
+
+`python -m klein_lora_studio.devtools.workflows` (ComfyUI importable, e.g. COMFYUI_PATH set) rewrites
+example_workflows/*.json: the UI format (drag and drop) and its API twin (`*_api.json`, POST /prompt).
+Widget order and socket types are read from the real node definitions, so the files match what
+the frontend builds. `to_tiny` turns an API workflow into one that runs on the tiny dev models.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "example_workflows"
+
+
+@dataclass
+class N:
+    id: int
+    type: str
+    values: dict = field(default_factory=dict)  # widget values and links: name -> value | (node id, slot)
+    title: str | None = None
+
+
+def _base_loaders() -> list[N]:
+    return [
+        N(1, "UNETLoader", {"unet_name": "flux-2-klein-base-4b.safetensors", "weight_dtype": "default"}),
+        N(2, "CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "flux2", "device": "default"}),
+        N(3, "VAELoader", {"vae_name": "flux2-vae.safetensors"}),
+    ]
+
+
+def style_lora() -> list[N]:
+    return _base_loaders() + [
+        N(4, "KleinDatasetLoader", {"folder": "klein_style_dataset", "trigger": "kln_style", "resolution": 1024,
+                                    "vae": (3, 0), "clip": (2, 0)}),
+        N(5, "KleinBlockTargetSelector", {"model": (1, 0), "preset": "style"}),
+        N(6, "KleinLoRATrainer", {"model": (1, 0), "dataset": (4, 0), "targets": (5, 0), "recipe": "style",
+                                  "rank": 16, "alpha": 16.0, "learning_rate": 3e-4, "steps": 600,
+                                  "save_every": 100, "output_name": "klein_style"}),
+        N(7, "LossGraphNode", {"loss": (6, 3), "filename_prefix": "klein_style_loss"}),
+    ]
+
+
+WORKFLOWS = {"klein_style_lora": style_lora}
+
+
+def _defaults(spec: dict) -> object:
+    kind, opts = spec[0], spec[1] if len(spec) > 1 else {}
+    if "default" in opts:
+        return opts["default"]
+    if isinstance(kind, list) and kind:
+        return kind[0]
+    return opts.get("options", [None])[0] if kind == "COMBO" else None
+
+
+def _inputs(cls) -> list[tuple[str, object, dict]]:
+    it = cls.INPUT_TYPES()
+    out = []
+    for group in ("required", "optional"):
+        for name, spec in it.get(group, {}).items():
+            out.append((name, spec[0], spec[1] if len(spec) > 1 else {}))
+    return out
+
+
+def _is_widget(kind) -> bool:
+    return isinstance(kind, list) or str(kind) in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
+def build(nodes: list[N], mappings: dict) -> tuple[dict, dict]:
+    """(UI workflow, API workflow) for a node list."""
+    api, ui_nodes, links = {}, [], []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    for n in nodes:
+        cls = mappings[n.type]
+        inputs = {}
+        for name, kind, opts in _inputs(cls):
+            if name in n.values:
+                v = n.values[name]
+                inputs[name] = [str(v[0]), v[1]] if isinstance(v, tuple) else v
+            elif _is_widget(kind):
+                inputs[name] = _defaults((kind, opts))
+        api[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
+    for order, n in enumerate(nodes):
+        cls = mappings[n.type]
+        ui_inputs, widgets = [], []
+        for name, kind, opts in _inputs(cls):
+            v = api[str(n.id)]["inputs"].get(name)
+            if isinstance(v, list) and not _is_widget(kind):
+                link_id = len(links) + 1
+                src, slot = int(v[0]), v[1]
+                src_type = mappings[next(x.type for x in nodes if x.id == src)].RETURN_TYPES[slot]
+                links.append([link_id, src, slot, n.id, len(ui_inputs), src_type])
+                out_links.setdefault((src, slot), []).append(link_id)
+                ui_inputs.append({"name": name, "type": str(kind), "link": link_id})
+            elif _is_widget(kind):
+                widgets.append(v)
+                if opts.get("control_after_generate"):
+                    widgets.append("fixed")
+        ui_nodes.append({"id": n.id, "type": n.type, "pos": [40 + 360 * (order // 3), 60 + 320 * (order % 3)],
+                         "size": [320, 260], "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs,
+                         "outputs": [], "properties": {"Node name for S&R": n.type}, "widgets_values": widgets,
+                         **({"title": n.title} if n.title else {})})
+    for node, n in zip(ui_nodes, nodes, strict=True):
+        cls = mappings[n.type]
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        node["outputs"] = [{"name": str(names[i]), "type": str(t), "links": out_links.get((n.id, i), []),
+                            "slot_index": i} for i, t in enumerate(cls.RETURN_TYPES)]
+    ui = {"last_node_id": max(n.id for n in nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+          "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+    return ui, api
+
+
+def write_all(mappings: dict, out: Path = OUT) -> list[Path]:
+    out.mkdir(exist_ok=True)
+    written = []
+    for name, make in WORKFLOWS.items():
+        ui, api = build(make(), mappings)
+        for path, data in ((out / f"{name}.json", ui), (out / f"{name}_api.json", api)):
+            path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+            written.append(path)
+    return written
+
+
+def to_tiny(api: dict, dataset_folder: str, steps: int = 20, resolution: int = 64, save_every: int = 10,
+            output_name: str | None = None) -> dict:
+    """The same graph on the tiny dev models (devtools.tiny_models) and a short schedule."""
+    from .tiny_models import TE_FILE, UNET_FILE
+
+    wf = copy.deepcopy(api)
+    for node in wf.values():
+        t, inp = node["class_type"], node["inputs"]
+        if t == "UNETLoader":
+            inp["unet_name"] = UNET_FILE
+        elif t == "CLIPLoader":
+            node["class_type"], node["inputs"] = "KleinTinyCLIPLoader", {"clip_name": TE_FILE}
+        elif t == "VAELoader":
+            inp["vae_name"] = "taef2"
+        elif t == "KleinDatasetLoader":
+            inp["folder"], inp["resolution"] = dataset_folder, resolution
+        elif t == "KleinLoRATrainer":
+            inp.update(recipe="custom", steps=steps, save_every=save_every, learning_rate=2e-3)
+            if output_name:
+                inp["output_name"] = output_name
+    return wf
+
+
+def _main() -> None:
+    import asyncio
+    import os
+
+    sys.path.insert(0, os.environ["COMFYUI_PATH"])
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    sys.argv = [sys.argv[0], "--cpu"]
+    import nodes
+
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    from .. import nodes as pack_nodes
+
+    ext = asyncio.run(pack_nodes.comfy_entrypoint())
+    mappings = dict(nodes.NODE_CLASS_MAPPINGS)
+    for cls in asyncio.run(ext.get_node_list()):
+        mappings[cls.GET_SCHEMA().node_id] = cls
+    for p in write_all(mappings):
+        print(p)
+
+
+if __name__ == "__main__":
+    _main()
