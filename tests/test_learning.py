@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
 from klein_lora_studio.trainer import dataset as ds
 from klein_lora_studio.trainer import loop

@@ -9,7 +9,6 @@ import urllib.request
 
 import pytest
 import safetensors
-
 from klein_lora_studio import run as runner
 from klein_lora_studio.devtools.server import ComfyServer
 from klein_lora_studio.devtools.workflows import OUT, to_tiny

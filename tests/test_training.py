@@ -7,7 +7,6 @@ import logging
 import pytest
 import safetensors
 import torch
-
 from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
 from klein_lora_studio.trainer import dataset as ds
 from klein_lora_studio.trainer import loop
@@ -34,7 +33,6 @@ def _forward(patcher, x, t, ctx):
 
 @pytest.fixture(scope="module")
 def concept_data(tiny, base_dir):
-    import folder_paths
 
     folder = write_concept_dataset(base_dir / "input" / "concept", n=6, size=128)
     with torch.inference_mode():
