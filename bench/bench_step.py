@@ -4,10 +4,9 @@ Runs on the GPU machine (see bench/README.md for the command). Random weights at
 sizes (no checkpoints are reachable there), batch 1, rank 32, bf16 base, 512 text tokens.
 
   ours      the node's code path: ComfyUI model from a BFL state dict (comfy.sd.load_diffusion_model_state_dict,
-            cached_patcher_init set), klein_lora_studio.trainer: lora_layers + inplace_safe_norms +
-            comfy_training_mode + checkpointing_options + loop.train_step + clip_grad_norm_ + AdamW step,
-            float(loss) per step, exactly as trainer/loop.train_lora does; attention targets of all groups.
-  ours:*    variants of ours (speed-ups under test), see VARIANTS.
+            cached_patcher_init set) trained by klein_lora_studio.trainer.loop.train_lora itself, with the
+            node's default compile_blocks="auto" (compiled blocks on CUDA); attention targets of all groups.
+  ours:eager the same with compile_blocks="off" (uncompiled blocks); its loss curve checks the compiled one.
   diffusers bench/peer_diffusers_peft.py (Flux2Transformer2DModel + peft, attention projections, AdamW).
   comfy     bench/peer_comfy_native.py (ComfyUI's TrainLoraNode, all linears, rank 32, bf16 LoRA).
 
@@ -76,161 +75,72 @@ def reset_peak():
 # ---------------------------------------------------------------- ours
 
 VARIANTS = {
-    "base": {},
-    "fused": {"fused": True},               # AdamW(fused=True)
-    "noitem": {"noitem": True},             # no float(loss) per step (losses kept on the GPU)
-    "bf16lora": {"param_dtype": "bf16"},    # LoRA weights in bf16 (autocast as before)
-    "noclip": {"noclip": True},             # no clip_grad_norm_ (to see what it costs)
-    "compile": {"compile": True},           # torch.compile of each block
-    "fast": {"fused": True, "noitem": True},
-    "fast_compile": {"fused": True, "noitem": True, "compile": True},
-    "compile_bf16": {"fused": True, "compile": True, "param_dtype": "bf16"},
-    "nocudnn": {"nocudnn": True},           # ComfyUI's SDPA priority list without cuDNN attention
+    "base": {"compile_blocks": "auto"},     # the node's default: compiled blocks on CUDA
+    "eager": {"compile_blocks": "off"},     # uncompiled blocks
 }
 
 
-def clone_options(dm, compile_: bool) -> dict:
-    """Blocks called on clones of their residual inputs (no checkpointing), the clone inside the compiled graph.
+WARM, STEPS = 4, 10
+WARM_PLUS_STEPS = WARM + STEPS
 
-    Under torch.compile without checkpointing the block's in-place residual add becomes a copy_ back into
-    its input after the graph saved that input for backward (eager autocast saves an fp32 copy instead);
-    cloning inside the compiled region makes the mutated tensor an intermediate.
+
+def run_ours(pcn, patcher, name, res, gc, variant="base", warm=WARM, steps=STEPS, seed=0):
+    """trainer.loop.train_lora itself (what KleinLoRATrainer calls), timed between its per-step callbacks.
+
+    on_step runs after the step's float(loss), which synchronises the GPU, so the time between two
+    callbacks is one whole step: batch, forward, backward, clipping, AdamW update.
     """
+    import tempfile
+    from pathlib import Path
+
     import torch
-
-    class Double(torch.nn.Module):
-        def __init__(self, b):
-            super().__init__()
-            self.b = b
-
-        def forward(self, img, txt, vec, pe, mask, opts):
-            return self.b(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
-
-    class Single(torch.nn.Module):
-        def __init__(self, b):
-            super().__init__()
-            self.b = b
-
-        def forward(self, img, vec, pe, mask, opts):
-            return self.b(img.clone(), vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
-
-    def dbl(block):
-        w = Double(block)
-        if compile_:
-            w.compile()
-
-        def run(args, extra):
-            img, txt = w(args["img"], args["txt"], args["vec"], args["pe"], args.get("attn_mask"),
-                         dict(args["transformer_options"]))
-            return {"img": img, "txt": txt}
-        return run
-
-    def sgl(block):
-        w = Single(block)
-        if compile_:
-            w.compile()
-
-        def run(args, extra):
-            return {"img": w(args["img"], args["vec"], args["pe"], args.get("attn_mask"),
-                             dict(args["transformer_options"]))}
-        return run
-    rep = {("double_block", i): dbl(b) for i, b in enumerate(dm.double_blocks)}
-    rep.update({("single_block", i): sgl(b) for i, b in enumerate(dm.single_blocks)})
-    return {"patches_replace": {"dit": rep}}
-
-
-def run_ours(pcn, patcher, name, res, gc, variant="base", warm=3, steps=10):
-    import torch
-
     from klein_lora_studio.trainer import loop
-    from klein_lora_studio.trainer.checkpointing import checkpointing_options, inplace_safe_norms
-    from klein_lora_studio.trainer.lora import lora_layers
+    from klein_lora_studio.trainer.dataset import KleinDataset
     from klein_lora_studio.trainer.targets import GROUPS, BlockCounts, linear_layer_names, resolve_targets
 
-    v = VARIANTS[variant]
     _, _, _, ctx_dim = pcn.SIZES[name]
     h = w = res // 16
     gen = torch.Generator().manual_seed(0)
-    x0 = torch.randn(1, 128, h, w, generator=gen).to(torch.bfloat16)   # dataset latents live on the CPU
-    ctx = torch.randn(1, 512, ctx_dim, generator=gen).to(torch.bfloat16)
-    with torch.inference_mode(False), torch.enable_grad():
-        work = loop._training_model(patcher)
-        dm = work.model.diffusion_model
-        device, dtype = work.load_device, work.model.get_dtype()
-        autocast = (torch.autocast(device.type, dtype=dtype) if device.type == "cuda" else
-                    torch.autocast("cpu", enabled=False))
-        options = checkpointing_options(dm) if gc else (clone_options(dm, True) if v.get("compile") else {})
-        targets = resolve_targets(GROUPS, "attention", BlockCounts.of_model(dm), linear_names=linear_layer_names(dm))
-        pdt = torch.bfloat16 if v.get("param_dtype") == "bf16" else torch.float32
-        reset_peak()
-        blocks = list(dm.double_blocks) + list(dm.single_blocks)
-        with lora_layers(dm, targets.modules, 32, 32.0, param_dtype=pdt, seed=0) as lora, inplace_safe_norms(dm), \
-                loop.comfy_training_mode():
-            params = lora.parameters()
-            if v.get("fused") and device.type == "cuda":
-                opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
-            else:
-                opt = loop._make_optimizer("AdamW", params, 1e-4)
-            if v.get("compile"):
-                import torch._dynamo
-                if not gc:
-                    blocks = []  # the clone wrappers in `options` are compiled instead
-                for knob in ("recompile_limit", "cache_size_limit"):
-                    if hasattr(torch._dynamo.config, knob):
-                        setattr(torch._dynamo.config, knob, 64)
-                for b in blocks:
-                    b.compile()
-            losses = []
-            import comfy.ops as co
-            prio = list(getattr(co, "SDPA_BACKEND_PRIORITY", []))
-            if v.get("nocudnn") and prio:
-                from torch.nn.attention import SDPBackend
-                co.SDPA_BACKEND_PRIORITY[:] = [b for b in prio if b != SDPBackend.CUDNN_ATTENTION]
-
-            def one():
-                loss = loop.train_step(dm, work, x0, ctx, gen, device, dtype, options, autocast)
-                if not v.get("noclip"):
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(loss if v.get("noitem") else float(loss))
-
-            try:
-                t_warm = time.perf_counter()
-                for _ in range(warm):
-                    one()
-                cuda_sync()
-                t_warm = time.perf_counter() - t_warm
-                times = []
-                if v.get("noitem"):  # no per-step sync: time the whole run, per step = total / steps
-                    t0 = time.perf_counter()
-                    for _ in range(steps):
-                        one()
-                    cuda_sync()
-                    times = [(time.perf_counter() - t0) / steps]
-                else:
-                    for _ in range(steps):
-                        t0 = time.perf_counter()
-                        one()
-                        cuda_sync()
-                        times.append(time.perf_counter() - t0)
-            finally:
-                if prio:
-                    co.SDPA_BACKEND_PRIORITY[:] = prio
-                if v.get("compile"):
-                    for b in blocks:
-                        b._compiled_call_impl = None
-            last = float(losses[-1])
+    data = KleinDataset([torch.randn(128, h, w, generator=gen)], [torch.randn(512, ctx_dim, generator=gen)],
+                        ["bench"], ["bench.png"], res, "bench", "random")
+    dm = patcher.model.diffusion_model
+    targets = resolve_targets(GROUPS, "attention", BlockCounts.of_model(dm), linear_names=linear_layer_names(dm))
+    cfg = loop.TrainConfig(rank=32, alpha=32.0, learning_rate=1e-4, steps=warm + steps, seed=seed,
+                           gradient_checkpointing=gc, save_dtype="bf16", output_name="bench",
+                           compile_blocks=VARIANTS[variant]["compile_blocks"])
+    stamps = []
+    hooks = loop.TrainHooks(on_step=lambda step, total, loss: stamps.append(time.perf_counter()))
+    reset_peak()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out, torch.inference_mode():
+        result = loop.train_lora(patcher, data, targets, cfg, Path(out), hooks)
+    times = [b - a for a, b in zip(stamps[warm - 1:-1], stamps[warm:], strict=True)]
     return dict(impl="ours" if variant == "base" else f"ours:{variant}", model=name, res=res, gc=gc,
-                step_s=statistics.median(times), step_min_s=min(times), peak_gib=peak_gib(), warmup_s=t_warm,
-                n_targets=len(targets.modules), lora_params_m=sum(p.numel() for p in params) / 1e6,
-                final_loss=last, param_dtype=str(pdt))
+                step_s=statistics.median(times), step_min_s=min(times), peak_gib=peak_gib(),
+                warmup_s=stamps[warm - 1] - t0, n_targets=len(targets.modules),
+                losses=result.losses, final_loss=result.losses[-1])
+
+
+def check_equivalence(rows: list[dict]) -> list[dict]:
+    """The compiled run's loss curve against the eager one (same seed, same data, same init)."""
+    out = []
+    for r in rows:
+        if r.get("impl") != "ours:eager" or "losses" not in r:
+            continue
+        base = next((b for b in rows if b.get("impl") == "ours" and "losses" in b and
+                     (b["model"], b["res"], b["gc"]) == (r["model"], r["res"], r["gc"])), None)
+        if base is None:
+            continue
+        rel = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(r["losses"], base["losses"], strict=True))
+        out.append(dict(model=r["model"], res=r["res"], gc=r["gc"], max_rel_loss_diff=rel,
+                        compiled=base["losses"][:6], eager=r["losses"][:6]))
+        print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 def load_patcher(sd):
-    import torch
-
     import comfy.sd
+    import torch
 
     def load(disable_dynamic=False):
         return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.bfloat16},
@@ -241,9 +151,8 @@ def load_patcher(sd):
 
 
 def free_comfy():
-    import torch
-
     import comfy.model_management as mm
+    import torch
     mm.unload_all_models()
     mm.soft_empty_cache()
     if torch.cuda.is_available():
@@ -394,6 +303,7 @@ def main():
             for res, gc in configs:
                 rows.append(guarded(run_diffusers, dict(impl="diffusers", model=name, res=res, gc=gc), name, res, gc))
                 save()
+    json.dump(check_equivalence(rows), open(os.path.join(OUT, f"equivalence_{a.tag}.json"), "w"), indent=1)
     save()
     report([OUT], os.path.join(OUT, "RESULTS.md"))
 
@@ -417,6 +327,7 @@ def report(folders, dest=None):
          f"GPU: {env.get('gpu')} | torch {env.get('torch')} | diffusers {env.get('diffusers')} | "
          f"peft {env.get('peft')} | ComfyUI {env.get('comfyui')} | Python {env.get('python')} | {env.get('date')}", "",
          "Random weights at real klein sizes, batch 1, 512 text tokens, rank 32, bf16 base, AdamW. "
+         "ours: trainer.loop.train_lora as the node runs it (compiled blocks on CUDA; `ours:eager` without). "
          "ours and diffusers+peft: attention targets (double qkv/proj both streams, single linear1/linear2), "
          "LoRA weights fp32 under bf16 autocast; ComfyUI native: all linears, bf16 LoRA (its defaults). "
          "s/step: median after warm-up (ComfyUI: long-minus-short run). Peak: max_memory_allocated incl. "
@@ -462,6 +373,12 @@ def report(folders, dest=None):
                          + (f", {o.get('peak_gib', 0):.1f} GiB vs <= 10 GiB" if g else "")
                          + f" ({'MET' if ok else 'not met'}; targets are stated for H100)")
         L.append("- " + "; ".join(parts))
+    eq = [e for d in folders for f in sorted(glob.glob(os.path.join(d, "equivalence_*.json")))
+          for e in json.load(open(f))]
+    if eq:
+        L += ["", "## Compiled vs eager (same seed, same data, same init)", ""]
+        L += [f"- {e['model']} {e['res']}² ckpt={'on' if e['gc'] else 'off'}: max relative loss difference over "
+              f"{WARM_PLUS_STEPS} steps {e['max_rel_loss_diff']:.2e}" for e in eq]
     open(dest, "w").write("\n".join(L) + "\n")
     print("\n".join(L))
 

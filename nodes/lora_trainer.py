@@ -66,6 +66,9 @@ class KleinLoRATrainer(io.ComfyNode):
                              tooltip="Save a checkpoint every N steps (0: only the final LoRA)."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute block activations in backward: much less memory, ~30% slower."),
+                io.Combo.Input("compile_blocks", options=list(loop.COMPILE_CHOICES), default="auto",
+                               tooltip="torch.compile the transformer blocks: ~1.4x faster steps on an H100 after "
+                                       "20-40 s of compilation. auto = on CUDA only."),
                 io.String.Input("output_name", default="klein_lora",
                                 tooltip="File name in models/loras (no folders); an existing name gets _2, _3..."),
                 io.Combo.Input("save_dtype", options=list(SAVE_DTYPES), default="bf16",
@@ -84,11 +87,11 @@ class KleinLoRATrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, targets, recipe: str, rank: int, alpha: float, learning_rate: float,
                 steps: int, batch_size: int, seed: int, optimizer: str, save_every: int,
-                gradient_checkpointing: bool, output_name: str, save_dtype: str) -> io.NodeOutput:
+                gradient_checkpointing: bool, compile_blocks: str, output_name: str, save_dtype: str) -> io.NodeOutput:
         rank, alpha, learning_rate, steps = recipes.apply_recipe(recipe, rank, alpha, learning_rate, steps)
         cfg = loop.TrainConfig(rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps,
                                batch_size=batch_size, seed=seed, optimizer=optimizer, save_every=save_every,
-                               gradient_checkpointing=gradient_checkpointing,
+                               gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks,
                                output_name=paths.safe_name(output_name), save_dtype=save_dtype, recipe=recipe)
         logging.info("Klein LoRA: recipe %s -> rank %d, alpha %g, lr %g, %d steps", recipe, rank, alpha,
                      learning_rate, steps)

@@ -5,11 +5,10 @@ LayerNorm has saved that same tensor for backward. Under CUDA autocast the norm 
 so inference-oriented code never notices; in fp32 (the CPU) backward fails with "modified by an
 inplace operation" (ComfyUI's own trainer fails the same way there). `inplace_safe_norms` gives each
 block LayerNorm a private copy of its input for the duration of the run, only where autocast would
-not already have made one.
+not already have made one. Compiled blocks need none of this: torch.compile functionalises the
+in-place adds and saves what backward needs itself.
 
-Gradient checkpointing goes through ComfyUI's own block-replace hook.
-
-The blocks are wrapped per call through `transformer_options["patches_replace"]["dit"]`, so nothing on
+Gradient checkpointing and torch.compile go through ComfyUI's own block-replace hook, so nothing on
 the model changes. The wrapper calls the block module it was built for instead of the hook's
 `original_block` closure: that closure reads the loop variable `block` when it runs, and by the time
 backward recomputes it the loop has moved on to the last block.
@@ -24,8 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 def _private_input(module, args):
     x = args[0]
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float32:
-        return None  # autocast hands layer_norm a float32 copy already
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda") and x.dtype != torch.float32:
+        return None  # CUDA autocast hands layer_norm a float32 copy already (CPU autocast does not)
     return (x.clone(), *args[1:])
 
 
@@ -42,37 +41,55 @@ def inplace_safe_norms(diffusion_model: torch.nn.Module):
             h.remove()
 
 
-def _double(block: torch.nn.Module):
+class _Double(torch.nn.Module):
+    """Calls a double block on clones of its residual inputs: the block adds into them in place."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, img, txt, vec, pe, mask, opts):
+        return self.block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
+
+
+class _Single(torch.nn.Module):
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, img, vec, pe, mask, opts):
+        return self.block(img.clone(), vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
+
+
+def _replacement(wrapper: torch.nn.Module, double: bool, recompute: bool):
     def run(args: dict, extra: dict) -> dict:
         opts = dict(args["transformer_options"])  # snapshot: forward_orig mutates the dict per block
-        mask = args.get("attn_mask")
-
-        def fwd(img, txt, vec, pe):  # clones: the block adds into its inputs in place
-            return block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
-
-        img, txt = checkpoint(fwd, args["img"], args["txt"], args["vec"], args["pe"], use_reentrant=False)
-        return {"img": img, "txt": txt}
+        streams = (args["img"], args["txt"]) if double else (args["img"],)
+        call = (wrapper, *streams, args["vec"], args["pe"], args.get("attn_mask"), opts)
+        out = checkpoint(*call, use_reentrant=False) if recompute else wrapper(*call[1:])
+        return {"img": out[0], "txt": out[1]} if double else {"img": out}
     return run
 
 
-def _single(block: torch.nn.Module):
-    def run(args: dict, extra: dict) -> dict:
-        opts = dict(args["transformer_options"])
-        mask = args.get("attn_mask")
+def block_options(diffusion_model: torch.nn.Module, recompute: bool, compile_blocks: bool) -> dict:
+    """transformer_options that run every block through a wrapper: recomputed in backward and/or compiled.
 
-        def fwd(img, vec, pe):
-            return block(img.clone(), vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
-
-        return {"img": checkpoint(fwd, args["img"], args["vec"], args["pe"], use_reentrant=False)}
-    return run
-
-
-def checkpointing_options(diffusion_model: torch.nn.Module) -> dict:
-    """transformer_options that recompute every block's activations in backward."""
+    The wrappers are new modules holding the model's blocks: compiling them leaves the model itself
+    untouched (no compiled-call state on shared modules). Cloning the residual inputs inside the
+    wrapper keeps the compiled graph's in-place add off tensors that backward still needs.
+    """
+    if not (recompute or compile_blocks):
+        return {}
     method = getattr(getattr(diffusion_model, "params", None), "default_ref_method", None)
-    if method == "index_timestep_zero":
+    if recompute and method == "index_timestep_zero":
         raise ValueError("gradient checkpointing does not support the 'index_timestep_zero' reference method: "
                          "turn gradient_checkpointing off or use the model's default reference method.")
-    replace = {("double_block", i): _double(b) for i, b in enumerate(diffusion_model.double_blocks)}
-    replace.update({("single_block", i): _single(b) for i, b in enumerate(diffusion_model.single_blocks)})
+    replace = {}
+    for kind, blocks, wrap in (("double_block", diffusion_model.double_blocks, _Double),
+                               ("single_block", diffusion_model.single_blocks, _Single)):
+        for i, block in enumerate(blocks):
+            wrapper = wrap(block)
+            if compile_blocks:
+                wrapper.compile()
+            replace[(kind, i)] = _replacement(wrapper, kind == "double_block", recompute)
     return {"patches_replace": {"dit": replace}}

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from . import objective
-from .checkpointing import checkpointing_options, inplace_safe_norms
+from .checkpointing import block_options, inplace_safe_norms
 from .dataset import KleinDataset
 from .lora import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
 from .paths import atomic_save_safetensors, unique_run_name
 from .targets import KleinTargets
 
 OPTIMIZERS = ("AdamW", "Adafactor")
+COMPILE_CHOICES = ("auto", "on", "off")  # auto: compile the blocks on CUDA, not on the CPU
 KNOWN_SIZES = {(5, 20, 3072): "flux2-klein-4b", (8, 24, 4096): "flux2-klein-9b"}
 
 
@@ -40,6 +41,7 @@ class TrainConfig:
     save_dtype: str = "bf16"
     max_grad_norm: float = 1.0
     recipe: str = "custom"
+    compile_blocks: str = "auto"
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -53,6 +55,8 @@ class TrainConfig:
             raise ValueError(f"batch_size is {self.batch_size}: use 1 or more.")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer '{self.optimizer}' is not one of {list(OPTIMIZERS)}.")
+        if self.compile_blocks not in COMPILE_CHOICES:
+            raise ValueError(f"compile_blocks '{self.compile_blocks}' is not one of {list(COMPILE_CHOICES)}.")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"save_dtype '{self.save_dtype}' is not one of {list(SAVE_DTYPES)}.")
 
@@ -132,16 +136,50 @@ def _make_differentiable(module: torch.nn.Module) -> None:
 
 
 @contextmanager
-def comfy_training_mode():
-    """ComfyUI's switch to differentiable kernels (e.g. RoPE without comfy_kitchen), reset afterwards."""
+def comfy_training_mode(recompute: bool = False):
+    """ComfyUI's switch to differentiable kernels (e.g. RoPE without comfy_kitchen), reset afterwards.
+
+    With recomputation (gradient checkpointing) cuDNN attention is left out of ComfyUI's SDPA backend
+    list for the run: on an H100 at 512^2 the forward picked cuDNN and the recompute flash attention,
+    whose saved statistics differ in shape, and torch.utils.checkpoint stopped with a CheckpointError
+    (ComfyUI's own trainer fails the same way; measured in bench/RESULTS.md).
+    """
     import comfy.model_management as mm
+    import comfy.ops
 
     before = mm.in_training
+    priority = getattr(comfy.ops, "SDPA_BACKEND_PRIORITY", None)
+    saved = list(priority) if priority is not None else None
     mm.in_training = True
+    if recompute and priority is not None:
+        from torch.nn.attention import SDPBackend
+
+        priority[:] = [b for b in priority if b != SDPBackend.CUDNN_ATTENTION]
     try:
         yield
     finally:
         mm.in_training = before
+        if saved is not None:
+            priority[:] = saved
+
+
+@contextmanager
+def _dynamo_limits(enabled: bool):
+    """Every block is its own compiled wrapper; allow them all without hitting dynamo's recompile cap."""
+    if not enabled:
+        yield
+        return
+    import torch._dynamo
+
+    knobs = [k for k in ("recompile_limit", "cache_size_limit") if hasattr(torch._dynamo.config, k)]
+    saved = {k: getattr(torch._dynamo.config, k) for k in knobs}
+    for k in knobs:
+        setattr(torch._dynamo.config, k, max(64, saved[k]))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            setattr(torch._dynamo.config, k, v)
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
@@ -192,21 +230,27 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
         device, dtype = work.load_device, work.model.get_dtype()
         autocast = (torch.autocast(device.type, dtype=dtype)
                     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else nullcontext())
-        options = checkpointing_options(dm) if cfg.gradient_checkpointing else {}
+        compile_blocks = cfg.compile_blocks == "on" or (cfg.compile_blocks == "auto" and device.type == "cuda")
+        if compile_blocks and isinstance(autocast, nullcontext):
+            # fp32 eager needs inplace_safe_norms; traced, the same in-place adds fail inside the compiler
+            logging.warning("Klein LoRA: compiled blocks need a bf16/fp16 model on CUDA; training uncompiled.")
+            compile_blocks = False
+        options = block_options(dm, cfg.gradient_checkpointing, compile_blocks)
         meta = lora_metadata(
             format="comfyui-bfl-lora", base_model=klein_size(dm), base_model_file=base_model_file(patcher),
             rank=cfg.rank, alpha=cfg.alpha, learning_rate=cfg.learning_rate, steps=cfg.steps,
             batch_size=cfg.batch_size, seed=cfg.seed, optimizer=cfg.optimizer, recipe=cfg.recipe,
             trigger=dataset.trigger, dataset_size=len(dataset), resolution=dataset.resolution,
             target_groups=list(targets.groups), target_layers=targets.layers, targets=targets.modules,
-            gradient_checkpointing=cfg.gradient_checkpointing, software="klein-lora-studio")
+            gradient_checkpointing=cfg.gradient_checkpointing, compiled=compile_blocks, software="klein-lora-studio")
         save_dtype = SAVE_DTYPES[cfg.save_dtype]
         generator = torch.Generator().manual_seed(cfg.seed)
         batches = _batches(len(dataset), cfg.batch_size, generator)
         losses: list[float] = []
         checkpoints: list[Path] = []
-        with lora_layers(dm, targets.modules, cfg.rank, cfg.alpha, seed=cfg.seed) as lora, inplace_safe_norms(dm), \
-                comfy_training_mode():
+        with lora_layers(dm, targets.modules, cfg.rank, cfg.alpha, seed=cfg.seed) as lora, \
+                (nullcontext() if compile_blocks else inplace_safe_norms(dm)), \
+                comfy_training_mode(cfg.gradient_checkpointing), _dynamo_limits(compile_blocks):
             params = lora.parameters()
             opt = _make_optimizer(cfg.optimizer, params, cfg.learning_rate)
             for step in range(1, cfg.steps + 1):

@@ -1,0 +1,59 @@
+"""The fast paths compute the same step: checkpointing and compiled blocks give the plain step's loss and
+gradients within bf16 tolerance (all under bf16 autocast on the CPU, the GPU's mixed precision)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
+from klein_lora_studio.trainer import dataset as ds
+from klein_lora_studio.trainer import loop
+from klein_lora_studio.trainer import targets as tg
+from klein_lora_studio.trainer.checkpointing import block_options, inplace_safe_norms
+from klein_lora_studio.trainer.lora import lora_layers
+
+pytestmark = pytest.mark.comfy
+
+
+def _step(unet, data, targets, recompute: bool, compiled: bool):
+    with torch.inference_mode(False), torch.enable_grad():
+        work = loop._training_model(unet)
+        dm = work.model.diffusion_model
+        with lora_layers(dm, targets.modules, 4, 4, seed=0) as lora, \
+                inplace_safe_norms(dm), \
+                loop.comfy_training_mode(recompute), loop._dynamo_limits(compiled):
+            g = torch.Generator().manual_seed(5)
+            with torch.no_grad():
+                for p in lora.parameters():
+                    p.normal_(0, 0.05, generator=g)  # B is zero at init: give A a gradient too
+            opts = block_options(dm, recompute, compiled)
+            x0 = torch.stack(data.latents[:2])
+            ctx = torch.stack(data.contexts[:2])
+            loss = loop.train_step(dm, work, x0, ctx, torch.Generator().manual_seed(9), work.load_device,
+                                   work.model.get_dtype(), opts, torch.autocast("cpu", dtype=torch.bfloat16))
+            return float(loss), [p.grad.clone() for p in lora.parameters()]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny, base_dir):
+    folder = write_concept_dataset(base_dir / "input" / "fast", n=2, size=64)
+    with torch.inference_mode():
+        data = ds.encode_folder(folder, tiny.vae, tiny.clip, 64, TRIGGER)
+    unet = tiny.unet()
+    dm = unet.model.diffusion_model
+    targets = tg.resolve_targets(tg.GROUPS, "attention_mlp", tg.BlockCounts.of_model(dm))
+    return unet, data, targets, _step(unet, data, targets, False, False)
+
+
+CPU_AUTOCAST_NORMS = ("CPU autocast keeps LayerNorm inputs in bf16, so the traced in-place residual add fails there; "
+                      "CUDA autocast saves an fp32 copy. Checked on the GPU: bench/RESULTS.md, compiled vs eager.")
+
+
+@pytest.mark.parametrize("recompute,compiled", [
+    (True, False), (True, True), pytest.param(False, True, marks=pytest.mark.skip(reason=CPU_AUTOCAST_NORMS))])
+def test_fast_paths_match_the_plain_step(setup, recompute, compiled):
+    unet, data, targets, (loss0, grads0) = setup
+    loss, grads = _step(unet, data, targets, recompute, compiled)
+    assert loss == pytest.approx(loss0, rel=1e-2)  # bf16 autocast, as on the GPU
+    for a, b in zip(grads, grads0, strict=True):
+        assert (a - b).norm() <= 3e-2 * b.norm() + 1e-6
+    assert any(g.abs().sum() > 0 for g in grads0[0::2]), "A must get a gradient for the comparison to mean anything"
