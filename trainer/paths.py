@@ -84,15 +84,16 @@ def unique_run_name(folder: Path, name: str) -> str:
     return f"{name}_{i}"
 
 
-def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename over the target in one step."""
-    import safetensors.torch
+def _atomic_write(path: Path, write) -> Path:
+    """`write(tmp)` a temp file beside `path`, fsync it, then rename it over `path` in one step.
 
+    A crash leaves either the old file or the new one, never half of one; the temp file never stays.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -102,17 +103,12 @@ def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] 
     return path
 
 
+def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    import safetensors.torch
+
+    return _atomic_write(path, lambda tmp: safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata))
+
+
 def atomic_write_text(text: str, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
