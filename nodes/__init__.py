@@ -6,6 +6,7 @@ import os
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
+from .checkpoint_sampler import KleinCheckpointSampler
 from .dataset_loader import KleinDatasetLoader
 from .doctor import KleinDatasetDoctor
 from .lora_trainer import KleinLoRATrainer
@@ -18,7 +19,7 @@ class KleinLoRAExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         found: list[type[io.ComfyNode]] = [KleinDatasetLoader, KleinBlockTargetSelector, KleinLoRATrainer,
-                                           KleinDatasetDoctor]
+                                           KleinDatasetDoctor, KleinCheckpointSampler]
         if os.environ.get(DEV_NODES_ENV) == "1":
             from ..devtools.nodes import DEV_NODES
 
