@@ -16,6 +16,15 @@ from klein_lora_studio.trainer import metrics as mt
 from klein_lora_studio.trainer import sampling as sp
 from klein_lora_studio.trainer import targets as tg
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads spin against each other (measured 4-30x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SUBJECTS = [("woman", "a portrait of a woman"), ("mountains", "a mountain landscape"), ("car", "a red car")]
 
 
@@ -81,7 +90,7 @@ def test_report_is_written_atomically_next_to_the_run(tmp_path):
 
 
 @pytest.mark.comfy
-def test_monitor_flags_a_run_trained_past_its_sweet_spot(comfy, tiny, base_dir):
+def test_monitor_flags_a_run_trained_past_its_sweet_spot(comfy, tiny, base_dir, one_thread):
     """High learning rate, many steps, sampling live at every checkpoint through the trainer's hook."""
     folder = write_concept_dataset(base_dir / "input" / "overfit", n=4, size=64)
     with torch.inference_mode():
