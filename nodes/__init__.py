@@ -10,6 +10,7 @@ from .checkpoint_sampler import KleinCheckpointSampler
 from .dataset_loader import KleinDatasetLoader
 from .doctor import KleinDatasetDoctor
 from .lora_trainer import KleinLoRATrainer
+from .rank_steps_grid import KleinRankStepsGrid
 from .target_selector import KleinBlockTargetSelector
 
 DEV_NODES_ENV = "KLEIN_LORA_DEV_NODES"
@@ -19,7 +20,8 @@ class KleinLoRAExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         found: list[type[io.ComfyNode]] = [KleinDatasetLoader, KleinBlockTargetSelector, KleinLoRATrainer,
-                                           KleinDatasetDoctor, KleinCheckpointSampler]
+                                           KleinDatasetDoctor, KleinCheckpointSampler,
+                                           KleinRankStepsGrid]
         if os.environ.get(DEV_NODES_ENV) == "1":
             from ..devtools.nodes import DEV_NODES
 

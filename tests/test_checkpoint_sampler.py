@@ -121,3 +121,24 @@ def test_node_grid_metrics_report(run, comfy, tiny, base_dir):
         node.execute(run["unet"], None, None, "nope.safetensors", TRIGGER, "", 2, 4.0, 0, True, 2, 64)
     assert folder_paths.get_folder_paths("loras")[0] == str(base_dir / "models" / "loras")
 
+
+
+def test_rank_steps_grid_node_places_loras_by_metadata(run, comfy, tiny):
+    result = run["result"]
+    node = comfy.NODE_CLASS_MAPPINGS["KleinRankStepsGrid"]
+    schema = node.GET_SCHEMA() if hasattr(node, "GET_SCHEMA") else node.define_schema()
+    assert all(i.tooltip for i in schema.inputs), "every input needs a tooltip"
+    with torch.inference_mode():
+        out = node.execute(run["unet"], tiny.clip, tiny.vae, f"{result.lora_path}\n{result.checkpoints[0]}",
+                           f"{TRIGGER}, a red car", 2, 4.0, 0, 64)
+    grid = out.args[0]
+    assert grid.shape[0] == 1 and grid.shape[2] > 2 * 64 and grid.shape[1] < 3 * 64  # rank 4: 1 row; 10, 20 steps
+    from PIL import Image
+
+    def im(c):
+        return Image.new("RGB", (32, 32), c)
+
+    g = sp.rank_steps_grid([({"rank": "8", "steps": "500"}, im("red")), ({"rank": "16", "steps": "250"}, im("blue")),
+                            ({"rank": "8", "steps": "250"}, im("green"))])
+    assert g.getpixel((g.width - 5 - 16, g.height - 5 - 16)) == (128, 128, 128)  # rank 16 x 500: not trained
+    assert g.getpixel((g.width - 5 - 16 - 36, g.height - 5 - 16)) == (0, 0, 255)  # rank 16 x 250

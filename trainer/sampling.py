@@ -325,3 +325,30 @@ def columns_grid(columns: Sequence[Column], prompts: Sequence[SuitePrompt], titl
     """Rows = prompts, columns = checkpoints (base first)."""
     cells = [[to_pil(col.images[r]) for col in columns] for r in range(len(prompts))]
     return grid_image(cells, [p.label for p in prompts], [c.label for c in columns], title)
+
+
+def rank_steps_grid(entries: Sequence[tuple[dict[str, str], object]], title: str = ""):
+    """The seed's comparison grid: rows = LoRA rank, columns = training steps, one image per LoRA.
+
+    `entries` are (safetensors metadata, PIL image). Rank and steps come from the trainer's metadata;
+    a file without them gets its own row/column labelled '?'. An empty cell (a rank trained for
+    fewer step counts) stays grey.
+    """
+    from PIL import Image
+
+    def num(meta: dict[str, str], key: str) -> int | None:
+        try:
+            return int(float(meta.get(key, "")))
+        except ValueError:
+            return None
+
+    keyed = [(num(meta, "rank"), num(meta, "steps"), im) for meta, im in entries]
+    ranks = sorted({r for r, _, _ in keyed}, key=lambda v: (v is None, v or 0))
+    steps = sorted({s for _, s, _ in keyed}, key=lambda v: (v is None, v or 0))
+    w = max(im.width for _, _, im in keyed)
+    h = max(im.height for _, _, im in keyed)
+    cells = [[Image.new("RGB", (w, h), (128, 128, 128)) for _ in steps] for _ in ranks]
+    for r, s, im in keyed:
+        cells[ranks.index(r)][steps.index(s)] = im
+    return grid_image(cells, [f"rank {'?' if r is None else r}" for r in ranks],
+                      [f"{'?' if s is None else s} steps" for s in steps], title)
