@@ -6,10 +6,12 @@ import os
 from comfy_api.latest import ComfyExtension, io
 from typing_extensions import override
 
+from .checkpoint_sampler import KleinCheckpointSampler
 from .dataset_loader import KleinDatasetLoader
 from .doctor import KleinDatasetDoctor
 from .lora_trainer import KleinLoRATrainer
 from .merge import MERGE_NODES
+from .rank_steps_grid import KleinRankStepsGrid
 from .target_selector import KleinBlockTargetSelector
 
 DEV_NODES_ENV = "KLEIN_LORA_DEV_NODES"
@@ -19,7 +21,8 @@ class KleinLoRAExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         found: list[type[io.ComfyNode]] = [KleinDatasetLoader, KleinBlockTargetSelector, KleinLoRATrainer,
-                                           KleinDatasetDoctor, *MERGE_NODES]
+                                           KleinDatasetDoctor, KleinCheckpointSampler, KleinRankStepsGrid,
+                                           *MERGE_NODES]
         if os.environ.get(DEV_NODES_ENV) == "1":
             from ..devtools.nodes import DEV_NODES
 

@@ -1,8 +1,7 @@
 """Caption folder reading: trigger insertion, missing captions, clear errors (no ComfyUI needed)."""
 import pytest
-from PIL import Image
-
 from klein_lora_studio.trainer import dataset as ds
+from PIL import Image
 
 
 def _img(path, size=(40, 30), color=(10, 200, 30)):

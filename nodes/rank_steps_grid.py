@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import comfy.sd
+from comfy_api.latest import io, ui
+
+from ..trainer import sampling as sp
+from .checkpoint_sampler import resolve_checkpoints
+from .types import CATEGORY
+
+
+class KleinRankStepsGrid(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinRankStepsGrid",
+            display_name="Klein Rank x Steps Grid",
+            category=CATEGORY,
+            is_output_node=True,
+            description="The seed's comparison grid: one prompt, one seed, one image per LoRA, rows by the LoRA's "
+                        "rank and columns by its training steps (read from the trainer's metadata).",
+            inputs=[
+                io.Model.Input("model", tooltip="The FLUX.2 [klein] Base model the LoRAs were trained on."),
+                io.Clip.Input("clip", tooltip="klein's text encoder (Qwen3)."),
+                io.Vae.Input("vae", tooltip="The FLUX.2 VAE."),
+                io.String.Input("loras", multiline=True, default="",
+                                tooltip="LoRA files, one per line (trainer lora_path outputs or names in models/loras), "
+                                        "e.g. runs at rank 8/16/32 x 250/500/1000 steps."),
+                io.String.Input("prompt", multiline=True, default="kln_concept, " + sp.DEFAULT_SUBJECTS[0][1],
+                                tooltip="The one prompt every cell uses (include the trigger)."),
+                io.Int.Input("steps", default=sp.BASE_STEPS, min=1, max=200, tooltip="Sampling steps (klein Base: 50)."),
+                io.Float.Input("cfg", default=sp.BASE_CFG, min=0.0, max=30.0, step=0.1,
+                               tooltip="CFG with an empty negative (klein Base: 4.0)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="The one noise seed of every cell."),
+                io.Int.Input("resolution", default=1024, min=64, max=4096, step=16, tooltip="Square sample size."),
+            ],
+            outputs=[io.Image.Output(display_name="grid", tooltip="Rows rank, columns training steps.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, loras: str, prompt: str, steps: int, cfg: float, seed: int,
+                resolution: int) -> io.NodeOutput:
+        files = resolve_checkpoints(loras)
+        settings = sp.SampleSettings(steps, cfg, seed, resolution, resolution)
+        conds = sp.encode_prompts(clip, [sp.SuitePrompt("prompt", "prompt", prompt, True)])
+        entries = []
+        for path in files:
+            sd, meta = sp.read_lora(path)
+            patched, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0)
+            col = sp.sample_column(patched, conds, vae, settings, path.stem)
+            entries.append((meta, sp.to_pil(col.images[0])))
+        grid = sp.to_image_tensor(sp.rank_steps_grid(entries, prompt[:80]))
+        return io.NodeOutput(grid, ui=ui.PreviewImage(grid, cls=cls))
