@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 from ..trainer import loop, paths, recipes
 from ..trainer.lora import SAVE_DTYPES
+from ..trainer.monitor import TrainingMonitor
 from .types import CATEGORY, KleinDataset, KleinTargets
 
 EVENT = "klein_lora.progress"
@@ -73,6 +74,13 @@ class KleinLoRATrainer(io.ComfyNode):
                                 tooltip="File name in models/loras (no folders); an existing name gets _2, _3..."),
                 io.Combo.Input("save_dtype", options=list(SAVE_DTYPES), default="bf16",
                                tooltip="Precision of the saved LoRA tensors."),
+                io.Int.Input("sample_steps", default=20, min=1, max=200,
+                             tooltip="Sampling steps for the prompt suite at each checkpoint (klein Base uses 50; "
+                                     "fewer is a quicker preview). Needs clip and vae connected."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Connect the text encoder to sample the prompt suite (with and without the "
+                                      "trigger) at every checkpoint and get a recommended checkpoint."),
+                io.Vae.Input("vae", optional=True, tooltip="The VAE that decodes the checkpoint samples."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1)."),
@@ -80,6 +88,9 @@ class KleinLoRATrainer(io.ComfyNode):
                 io.String.Output(display_name="lora_path"),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step (core Plot Loss Graph)."),
                 io.String.Output(display_name="checkpoints", tooltip="Checkpoint files, one per line, oldest first."),
+                io.String.Output(display_name="evaluation",
+                                 tooltip="Per-checkpoint concept strength, trigger leakage, prompt flexibility and the "
+                                         "recommended checkpoint (when clip and vae are connected)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -87,7 +98,9 @@ class KleinLoRATrainer(io.ComfyNode):
     @classmethod
     def execute(cls, model, dataset, targets, recipe: str, rank: int, alpha: float, learning_rate: float,
                 steps: int, batch_size: int, seed: int, optimizer: str, save_every: int,
-                gradient_checkpointing: bool, compile_blocks: str, output_name: str, save_dtype: str) -> io.NodeOutput:
+                gradient_checkpointing: bool, compile_blocks: str, output_name: str, save_dtype: str,
+                sample_steps: int = 20,
+                clip=None, vae=None) -> io.NodeOutput:
         rank, alpha, learning_rate, steps = recipes.apply_recipe(recipe, rank, alpha, learning_rate, steps)
         cfg = loop.TrainConfig(rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps,
                                batch_size=batch_size, seed=seed, optimizer=optimizer, save_every=save_every,
@@ -95,7 +108,7 @@ class KleinLoRATrainer(io.ComfyNode):
                                output_name=paths.safe_name(output_name), save_dtype=save_dtype, recipe=recipe)
         logging.info("Klein LoRA: recipe %s -> rank %d, alpha %g, lr %g, %d steps", recipe, rank, alpha,
                      learning_rate, steps)
-        node_id = cls.hidden.unique_id
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None when called as a library
         pbar = comfy.utils.ProgressBar(steps)
 
         def on_step(step: int, total: int, loss: float) -> None:
@@ -103,8 +116,20 @@ class KleinLoRATrainer(io.ComfyNode):
             _progress_text(f"step {step}/{total}  loss {loss:.4f}", node_id)
             _send(EVENT, {"node": node_id, "step": step, "total": total, "loss": loss})
 
+        monitor = None
+        if clip is not None and vae is not None and save_every > 0:
+            samples = Path(folder_paths.get_output_directory()) / "klein_lora_samples"
+            monitor = TrainingMonitor(clip, vae, dataset, seed, sample_steps, samples)
+            monitor.before(model)
+
         def on_checkpoint(step: int, path: Path, live_model) -> None:
             _send("klein_lora.checkpoint", {"node": node_id, "step": step, "path": str(path)})
+            if monitor is None:
+                return
+            grid, file = monitor(step, path, live_model)
+            pbar.update_absolute(step, steps, ("PNG", grid, 1024))
+            _send("klein_lora.samples", {"node": node_id, "step": step, "images": [
+                {"filename": file.name, "subfolder": "klein_lora_samples", "type": "output"}]})
 
         hooks = loop.TrainHooks(on_step=on_step, on_checkpoint=on_checkpoint,
                                 check_cancel=comfy.model_management.throw_exception_if_processing_interrupted)
@@ -112,6 +137,11 @@ class KleinLoRATrainer(io.ComfyNode):
         result = loop.train_lora(model, dataset, targets, cfg, out_dir, hooks)
         trained, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
         checkpoints = "\n".join(str(p) for p in result.checkpoints)
+        evaluation = "connect clip and vae (and save_every > 0) to sample and judge the checkpoints"
+        if monitor is not None:
+            evaluation, best, report = monitor.finish(result.lora_path)
+            evaluation += f"\nreport: {report}"
         ui = {"lora_path": [str(result.lora_path)], "checkpoints": [str(p) for p in result.checkpoints],
               "final_loss": [result.losses[-1]]}
-        return io.NodeOutput(trained, result.lora, str(result.lora_path), {"loss": result.losses}, checkpoints, ui=ui)
+        return io.NodeOutput(trained, result.lora, str(result.lora_path), {"loss": result.losses}, checkpoints,
+                             evaluation, ui=ui)

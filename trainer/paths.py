@@ -112,3 +112,8 @@ def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] 
 
 def atomic_write_text(text: str, path: Path) -> Path:
     return _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_save_image(image, path: Path) -> Path:
+    """A PIL image as PNG, atomically."""
+    return _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
