@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
 from klein_lora_studio.trainer import dataset as ds
 from klein_lora_studio.trainer import targets as tg
