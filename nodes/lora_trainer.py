@@ -96,6 +96,15 @@ class KleinLoRATrainer(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, output_name: str) -> bool | str:
+        """At queue time, before any model loads: a bad output name fails now, not after the encode."""
+        try:
+            paths.safe_name(output_name)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, model, dataset, targets, recipe: str, rank: int, alpha: float, learning_rate: float,
                 steps: int, batch_size: int, seed: int, optimizer: str, save_every: int,
                 gradient_checkpointing: bool, compile_blocks: str, output_name: str, save_dtype: str,

@@ -62,10 +62,16 @@ def test_invalid_graph_exits_1_with_comfyuis_error(server):
     assert rc == 1 and "KleinLoRATrainer" in text
 
 
+def test_bad_output_name_fails_at_queue_time_with_the_fix(server):
+    rc, text = _run(_tiny_style("../escape"), server)
+    assert rc == 1 and "not a plain file name" in text and "running node" not in text
+
+
 def test_node_error_exits_2_with_the_fix(server):
-    wf = _tiny_style("../escape")
+    wf = _tiny_style("fails")
+    wf["6"]["inputs"]["rank"] = 300  # wider than the tiny model's 256-wide layers: known only at run time
     rc, text = _run(wf, server)
-    assert rc == 2 and "not a plain file name" in text
+    assert rc == 2 and "rank 300 is larger than layer" in text and "lower the rank" in text
 
 
 def test_set_overrides_inputs_by_id_and_class():
