@@ -3,7 +3,6 @@ import asyncio
 import json
 
 import pytest
-
 from klein_lora_studio.devtools import workflows as wf
 
 pytestmark = pytest.mark.comfy

@@ -150,33 +150,11 @@ class EncodeCache:
 
 
 def encode_folder_cached(folder: Path, vae, clip, resolution: int, trigger: str, cache_dir: Path,
-                         progress=None) -> dataset.KleinDataset:
+                         progress=None, **options) -> dataset.KleinDataset:
     """dataset.encode_folder with the disk cache: images and captions already encoded are read, not encoded.
 
-    Images are only decoded when their latent is missing (a cache hit costs one file hash).
+    Images are only decoded when their latent is missing (a cache hit costs one file hash). `options`
+    are encode_folder's (control_folder, bucketing, repeats, caption_dropout, shuffle_tags).
     """
-    if resolution % 16:
-        raise ValueError(f"resolution {resolution} is not a multiple of 16 (klein's latent is 16x smaller): "
-                         f"use {max(16, resolution // 16 * 16)} or {resolution // 16 * 16 + 16}.")
     cache = EncodeCache(cache_dir, vae_identity(vae), clip_identity(clip))
-    items, missing = dataset.scan_folder(folder, trigger)
-    notes: list[str] = []
-    if missing:
-        notes.append(f"{len(missing)} image(s) without a .txt caption train on the trigger alone: " + ", ".join(missing))
-    latents, contexts = [], []
-    for i, item in enumerate(items):
-        def encode_image(item=item) -> torch.Tensor:
-            pixels, note = dataset.load_image(item.image, resolution)
-            if note:
-                notes.append(note)
-            return vae.encode(pixels[None]).detach().to("cpu", torch.float32)[0]
-
-        latents.append(cache.latent(item.image, resolution, encode_image))
-        contexts.append(cache.text(item.caption, lambda c=item.caption: dataset.encode_caption(clip, c)))
-        if progress is not None:
-            progress(i + 1, len(items))
-    notes.append(cache.stats.describe())
-    for n in notes:
-        logging.info("Klein dataset: %s", n)
-    return dataset.KleinDataset(latents, contexts, [it.caption for it in items], [it.image.name for it in items],
-                                resolution, trigger, str(folder), notes)
+    return dataset.encode_folder(folder, vae, clip, resolution, trigger, progress, cache=cache, **options)

@@ -6,6 +6,7 @@ Reads in the order of the work: check the model, place it, inject the layers, th
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -15,8 +16,9 @@ from pathlib import Path
 import torch
 
 from . import objective
+from .buckets import BucketBatchSampler
 from .checkpointing import block_options, inplace_safe_norms
-from .dataset import KleinDataset
+from .dataset import KleinDataset, stack_contexts
 from .lora import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
 from .paths import atomic_save_safetensors, unique_run_name
 from .targets import KleinTargets
@@ -192,22 +194,40 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
         order = order[batch_size:]
 
 
+def _dataset_batches(dataset: KleinDataset, batch_size: int, generator: torch.Generator, seed: int):
+    """Endless index batches: from one size at a time when the dataset has several (aspect buckets), with repeats."""
+    assignment = dataset.bucket_assignment()
+    if len(assignment) == 1 and dataset.repeats == 1:
+        yield from _batches(len(dataset), batch_size, generator)
+    sampler = BucketBatchSampler(assignment, batch_size, seed=seed, repeats=dataset.repeats)
+    while True:
+        yield from sampler
+
+
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "Adafactor":
         return torch.optim.Adafactor(params, lr=lr)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
-def train_step(dm, work, batch_x0, batch_ctx, generator, device, dtype, options, autocast) -> torch.Tensor:
-    """One forward/backward on a batch; returns the (detached) loss."""
+def train_step(dm, work, batch_x0, batch_ctx, generator, device, dtype, options, autocast,
+               batch_ref: torch.Tensor | None = None) -> torch.Tensor:
+    """One forward/backward on a batch; returns the (detached) loss.
+
+    `batch_ref` (image-to-image) is the clean control latent of each item. It goes in exactly as ComfyUI's
+    ReferenceLatent conditioning does at sampling time: `ref_latents=[ref]` on the flux model, which appends
+    the reference tokens at klein's "index" position (time coordinate 10) and cuts the output back to the
+    noisy target tokens, so only the target carries loss.
+    """
     tokens = batch_x0.shape[-1] * batch_x0.shape[-2]
     sigma = objective.sample_sigmas(batch_x0.shape[0], tokens, generator, device)
     noise = torch.randn(batch_x0.shape, generator=generator).to(device)
     x0 = batch_x0.to(device)
     xt, target = objective.noisy_input(x0, noise, sigma)
     timestep = work.model.model_sampling.timestep(sigma).float()
+    extra = {} if batch_ref is None else {"ref_latents": [batch_ref.to(device, dtype)]}
     with autocast:
-        pred = dm(xt.to(dtype), timestep, batch_ctx.to(device, dtype), transformer_options=options)
+        pred = dm(xt.to(dtype), timestep, batch_ctx.to(device, dtype), transformer_options=options, **extra)
     loss = objective.flow_loss(pred, target)
     loss.backward()
     return loss.detach()
@@ -242,10 +262,15 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
             batch_size=cfg.batch_size, seed=cfg.seed, optimizer=cfg.optimizer, recipe=cfg.recipe,
             trigger=dataset.trigger, dataset_size=len(dataset), resolution=dataset.resolution,
             target_groups=list(targets.groups), target_layers=targets.layers, targets=targets.modules,
-            gradient_checkpointing=cfg.gradient_checkpointing, compiled=compile_blocks, software="klein-lora-studio")
+            gradient_checkpointing=cfg.gradient_checkpointing, compiled=compile_blocks, software="klein-lora-studio",
+            task_kind="image-to-image" if dataset.references else "text-to-image",
+            buckets=[f"{w}x{h}:{len(v)}" for (w, h), v in dataset.bucket_assignment().items()],
+            repeats=dataset.repeats, caption_dropout=dataset.caption_dropout,
+            shuffle_tags=bool(dataset.context_variants))
         save_dtype = SAVE_DTYPES[cfg.save_dtype]
         generator = torch.Generator().manual_seed(cfg.seed)
-        batches = _batches(len(dataset), cfg.batch_size, generator)
+        batches = _dataset_batches(dataset, cfg.batch_size, generator, cfg.seed)
+        caption_rng = random.Random(f"{cfg.seed}:captions")  # dropout and tag-variant picks, apart from the noise
         losses: list[float] = []
         checkpoints: list[Path] = []
         with lora_layers(dm, targets.modules, cfg.rank, cfg.alpha, seed=cfg.seed) as lora, \
@@ -257,8 +282,9 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
                 hooks.check_cancel()
                 idx = next(batches)
                 x0 = torch.stack([dataset.latents[i] for i in idx])
-                ctx = torch.stack([dataset.contexts[i] for i in idx])
-                loss = train_step(dm, work, x0, ctx, generator, device, dtype, options, autocast)
+                ctx = stack_contexts([dataset.context_for(i, caption_rng) for i in idx])
+                ref = torch.stack([dataset.references[i] for i in idx]) if dataset.references else None
+                loss = train_step(dm, work, x0, ctx, generator, device, dtype, options, autocast, ref)
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
