@@ -27,7 +27,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
         "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
 ARTIFACTS = REPO / "test-artifacts"
 DOCS_SHOT = REPO / "docs" / "images" / "studio.png"
-STEPS = 12
+STEPS = 30
 API = "window.comfyAPI?.api?.api ?? window.app.api"
 
 
@@ -47,6 +47,14 @@ def server(tiny, base_dir):
     write_concept_dataset(base_dir / "input" / "browser_ds", n=4, size=64)
     with ComfyServer(COMFYUI, base_dir) as url:
         yield url
+
+
+def _settings(url: str, **values) -> None:
+    """User settings through ComfyUI's API (first-run template dialog off, so it covers nothing)."""
+    for key, value in values.items():
+        req = urllib.request.Request(f"{url}/settings/{key}", data=json.dumps(value).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(req).close()
 
 
 def _open(page, url: str) -> None:
@@ -72,6 +80,7 @@ def test_panel_in_chromium_loads_workflows_charts_a_run_and_replays_it(server, b
     errors: list[str] = []
     page.on("console", lambda m: m.type == "error" and errors.append(f"console: {m.text} @ {m.location.get('url')}"))
     page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    _settings(server, **{"Comfy.TutorialCompleted": True})
     _open(page, server)
 
     # every drag-and-drop workflow loads with all node types known and no missing-node dialog
@@ -81,22 +90,29 @@ def test_panel_in_chromium_loads_workflows_charts_a_run_and_replays_it(server, b
         result = page.evaluate("""async (wf) => {
             await app.loadGraphData(wf);
             await new Promise((r) => setTimeout(r, 300));
-            const nodes = app.graph.nodes.map((n) => ({type: n.type, known: !!LiteGraph.registered_node_types[n.type],
-                                                      missing: !!(n.isMissing || n.last_serialization?.type_missing || n.constructor?.nodeData == null)}));
+            const nodes = app.graph.nodes.map((n) => ({
+                id: n.id, type: n.type, known: !!LiteGraph.registered_node_types[n.type],
+                missing: !!(n.isMissing || n.last_serialization?.type_missing || n.constructor?.nodeData == null),
+                widgets: Object.fromEntries((n.widgets ?? []).map((w) => [w.name, w.value]))}));
             const dialogs = [...document.querySelectorAll('.p-dialog, [role=dialog]')].map((d) => d.innerText);
             return {nodes, dialogs, panels: app.graph.nodes.filter((n) => n.kleinPanel).length};
         }""", json.loads(path.read_text()))
-        bad = [n for n in result["nodes"] if not n["known"] or n["missing"]]
+        bad = [n["type"] for n in result["nodes"] if not n["known"] or n["missing"]]
         assert not bad, f"{path.name}: missing node types {bad}"
-        print(path.name, "dialogs:", result["dialogs"])
         # the model files of the full-size workflow are absent here (a missing-models notice is expected)
         assert not [d for d in result["dialogs"] if "node" in d.lower() and "missing" in d.lower()], result["dialogs"]
+        # every widget shows the value of the API twin: the UI file's widget order matches the frontend's
+        api_twin = json.loads(path.with_name(path.stem + "_api.json").read_text())
+        for n in result["nodes"]:
+            want = {k: v for k, v in api_twin[str(n["id"])]["inputs"].items() if not isinstance(v, list)}
+            got = {k: n["widgets"][k] for k in want if k in n["widgets"]}
+            assert got == want, f"{path.name} node {n['id']} {n['type']}: widgets {got} != API inputs {want}"
         assert result["panels"] == 1, f"{path.name}: the trainer node has no chart panel"
 
     # queue the tiny style run from the page (its client id), the chart fills from the websocket
     page.evaluate("async (wf) => await app.loadGraphData(wf)", json.loads((OUT / "klein_style_lora.json").read_text()))
     api = to_tiny(json.loads((OUT / "klein_style_lora_api.json").read_text()), "browser_ds", steps=STEPS,
-                  save_every=6, output_name="browser_style")
+                  save_every=10, output_name="browser_style")
     queued = page.evaluate(f"""async (prompt) => {{
         const api = {API};
         const res = await api.fetchApi('/prompt', {{method: 'POST', headers: {{'Content-Type': 'application/json'}},
@@ -114,16 +130,17 @@ def test_panel_in_chromium_loads_workflows_charts_a_run_and_replays_it(server, b
     # pointing at a real image of this run (the loss graph the workflow saved) through the same listener
     img = done["outputs"]["7"]["images"][0]
     page.evaluate(f"""(detail) => {{
-        const api = {API};
+        const api = {API}, loss = app.graph.getNodeById(6).kleinPanel.run().ema.at(-1)[1];
         api.dispatchEvent(new CustomEvent('klein_lora.samples', {{detail}}));
-        api.dispatchEvent(new CustomEvent('klein_lora.validation', {{detail: {{node: '6', step: 6, loss: 0.5}}}}));
-        api.dispatchEvent(new CustomEvent('klein_lora.validation', {{detail: {{node: '6', step: 12, loss: 0.4}}}}));
+        for (const [step, f] of [[10, 1.03], [20, 1.02], [30, 1.015]])
+            api.dispatchEvent(new CustomEvent('klein_lora.validation', {{detail: {{node: '6', step, loss: loss * f}}}}));
     }}""", {"node": "6", "step": STEPS, "images": [img]})
+    assert page.evaluate("() => window.__kleinLora.validation") == 3
     # frame the trainer node (thumbnails clickable, screenshot)
     page.evaluate("""() => {
         const n = app.graph.getNodeById(6), ds = app.canvas.ds;
         ds.scale = 1.0;
-        ds.offset = [-n.pos[0] + 420, -n.pos[1] + 60];
+        ds.offset = [-n.pos[0] + 420, -n.pos[1] + 100];
         app.canvas.setDirty(true, true);
     }""")
     page.wait_for_timeout(500)
@@ -151,11 +168,9 @@ def test_panel_in_chromium_loads_workflows_charts_a_run_and_replays_it(server, b
     page.wait_for_function("() => window.app?.graph && window.__kleinLora", timeout=90_000)
     page.wait_for_function(f"() => window.__kleinLora.replayed > 0 && window.__kleinLora.points >= {STEPS}",
                            timeout=30_000)
-    replayed = page.evaluate("""() => {
-        const n = app.graph.nodes.find((n) => n.type === 'KleinLoRATrainer');
-        return n && n.kleinPanel.status.textContent;
-    }""")
-    assert replayed and f"step {STEPS}/{STEPS}" in replayed, replayed
+    # the page restores the open workflow; its trainer node draws the replayed run
+    page.wait_for_function(f"""() => app.graph.nodes.some((n) => n.type === 'KleinLoRATrainer' &&
+                                  n.kleinPanel?.status.textContent.includes('step {STEPS}/{STEPS}'))""", timeout=30_000)
 
     ours = [e for e in errors if "klein" in e.lower()]
     assert not ours, ours

@@ -93,7 +93,7 @@ const CSS = `
 .klein-lora-head { display:flex; justify-content:space-between; align-items:center; gap:6px; white-space:nowrap; }
 .klein-lora-head label { cursor:pointer; user-select:none; }
 .klein-lora-chart { width:100%; flex:1 1 auto; min-height:110px; background:#1b1b1f; border-radius:4px; }
-.klein-lora-sub { color:#9aa; white-space:nowrap; overflow:hidden; text-overflow:ellipsis; }
+.klein-lora-sub { color:#9aa; line-height:1.4; white-space:nowrap; overflow:hidden; text-overflow:ellipsis; }
 .klein-lora-thumbs { display:flex; gap:4px; overflow-x:auto; min-height:0; }
 .klein-lora-thumbs img { height:56px; border-radius:3px; cursor:zoom-in; border:1px solid #444; }
 .klein-lora-overlay { position:fixed; inset:0; background:rgba(0,0,0,.85); display:flex; align-items:center;
@@ -223,8 +223,8 @@ class Panel {
     const lab = String(maxStep);
     ctx.fillText(lab, W - R - ctx.measureText(lab).width, H - 3);
     // raw points
-    ctx.fillStyle = "rgba(56,189,248,0.45)";
-    for (const [s, v] of run.points) ctx.fillRect(x(s) - 1, y(v) - 1, 2, 2);
+    ctx.fillStyle = "rgba(125,211,252,0.7)";
+    for (const [s, v] of run.points) ctx.fillRect(x(s) - 1.5, y(v) - 1.5, 3, 3);
     // EMA curve
     ctx.strokeStyle = "#38bdf8";
     ctx.lineWidth = 2;
