@@ -31,7 +31,8 @@ function apply(event, data, t, source) {
   const name = event.replace(/^klein_lora\./, "");
   let run = runFor(data.node);
   if (name === "progress") {
-    if (data.step <= run.step) { // a new run on this node
+    if (data.step === run.step) return String(data.node); // seen already (replay and live overlap)
+    if (data.step < run.step) { // a new run on this node
       run = newRun();
       runs.set(String(data.node), run);
     }
@@ -252,24 +253,48 @@ function renderAll() {
   for (const node of app.graph?.nodes ?? []) node.kleinPanel?.render();
 }
 
+// Live events that arrive before the history is replayed wait here, so that a reload mid-run does not
+// take the replayed (older) steps for a new run.
+let pending = [];
+
+function applyLive(event, detail, t) {
+  const id = apply(event, detail, t, "live");
+  for (const p of panelsFor(id)) p.render();
+  app.graph?.setDirtyCanvas?.(true, false);
+}
+
 for (const name of EVENTS) {
   api.addEventListener(`klein_lora.${name}`, ({ detail }) => {
-    const id = apply(`klein_lora.${name}`, detail, Date.now() / 1000, "live");
-    for (const p of panelsFor(id)) p.render();
-    app.graph?.setDirtyCanvas?.(true, false);
+    const event = `klein_lora.${name}`, t = Date.now() / 1000;
+    if (pending) pending.push([event, detail, t]);
+    else applyLive(event, detail, t);
   });
+}
+
+// Already in the replayed history: the server recorded it before answering.
+function replayed(event, data) {
+  const run = runs.get(String(data.node));
+  if (!run) return false;
+  if (event.endsWith(".progress")) return data.step <= run.step;
+  if (event.endsWith(".validation")) return run.val.some(([s]) => s === data.step);
+  return false;
 }
 
 async function replayHistory() {
   try {
     const res = await api.fetchApi("/klein_lora/history");
-    if (!res.ok) return;
-    const { events } = await res.json();
-    for (const e of events) apply(e.event, e.data, e.t, "replay");
-    stats.replayed = events.length;
-    renderAll();
+    if (res.ok) {
+      const { events } = await res.json();
+      for (const e of events) apply(e.event, e.data, e.t, "replay");
+      stats.replayed = events.length;
+    }
   } catch (err) {
     console.warn("Klein LoRA: could not replay the training history", err);
+  } finally {
+    const live = pending;
+    pending = null;
+    for (const [event, detail, t] of live) if (!replayed(event, detail)) applyLive(event, detail, t);
+    renderAll();
   }
 }
 
