@@ -156,6 +156,13 @@ def test_panel_in_chromium_loads_workflows_charts_a_run_and_replays_it(server, b
         app.canvas.setDirty(true, true);
     }""")
     page.wait_for_timeout(500)
+    # the log-scale toggle redraws the chart with other pixels
+    chart = "() => app.graph.getNodeById(6).kleinPanel.canvas.toDataURL()"
+    linear = page.evaluate(chart)
+    page.locator(".klein-lora-head input[type=checkbox]").first.check()
+    assert page.evaluate("() => app.graph.getNodeById(6).kleinPanel.log") is True
+    assert page.evaluate(chart) != linear
+    page.locator(".klein-lora-head input[type=checkbox]").first.uncheck()
     thumb = page.locator(".klein-lora-thumbs img").first
     thumb.wait_for(state="visible", timeout=10_000)
     page.wait_for_function("() => document.querySelector('.klein-lora-thumbs img').naturalWidth > 0", timeout=10_000)

@@ -102,3 +102,21 @@ def _check_ui_workflow(ui: dict, info: dict) -> None:
     for link in ui["links"]:
         src = next(n for n in ui["nodes"] if n["id"] == link[1])
         assert info[src["type"]]["output"][link[2]] == link[5]
+
+
+def test_example_workflows_show_in_the_template_browser_with_thumbnails(server):
+    with urllib.request.urlopen(server + "/api/workflow_templates") as r:
+        listed = json.load(r)
+    ui = sorted(p.stem for p in OUT.glob("*.json") if not p.name.endswith("_api.json"))
+    assert set(ui) <= set(listed.get("klein_lora_studio", [])), listed
+    assert {"klein_style_lora", "klein_character_lora", "klein_object_lora"} <= set(ui)
+    for stem in listed["klein_lora_studio"]:  # the frontend asks for <stem>.jpg beside each listed workflow
+        with urllib.request.urlopen(f"{server}/api/workflow_templates/klein_lora_studio/{stem}.jpg") as r:
+            assert r.status == 200 and r.read(3) == b"\xff\xd8\xff", stem
+
+
+def test_history_route_serves_the_recorded_events(server):
+    with urllib.request.urlopen(server + "/klein_lora/history") as r:
+        events = json.load(r)["events"]
+    assert isinstance(events, list)
+    assert all({"event", "data", "t"} <= set(e) and e["event"].startswith("klein_lora.") for e in events)
