@@ -94,3 +94,68 @@ def test_pack_loads_in_comfyui_with_every_node_and_adds_little_start_up_time(tmp
     assert "KleinTinyCLIPLoader" not in res["nodes"], "a dev node is registered without KLEIN_LORA_DEV_NODES=1"
     assert res["web"] and os.path.samefile(res["web"], REPO / "web"), res["web"]
     assert res["seconds"] < MAX_IMPORT_S, f"the pack adds {res['seconds']:.3f} s to start-up (limit {MAX_IMPORT_S} s)"
+
+
+COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "nodes",
+                 "node_helpers", "latent_preview", "app", "utils"}
+
+
+def _req_names(path) -> set[str]:
+    from packaging.requirements import Requirement
+
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            names.add(Requirement(line).name.lower().replace("_", "-"))
+    return names
+
+
+def _closure(names: set[str]) -> set[str]:
+    """The distributions pip would bring for `names` (as installed here), dependencies included."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            reqs = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for r in reqs:
+            req = Requirement(r)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name.lower().replace("_", "-"))
+    return seen
+
+
+@pytest.mark.comfy
+def test_every_import_of_the_pack_comes_from_comfyui_or_requirements_txt():
+    """A venv with ComfyUI's requirements plus `pip install -r requirements.txt` has every module the pack imports."""
+    import ast
+    from importlib import metadata
+
+    runtime = [REPO / "__init__.py", REPO / "run.py", *(REPO / "nodes").glob("*.py"), *(REPO / "trainer").glob("*.py")]
+    imported: dict[str, str] = {}
+    for path in runtime:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods = [node.module]
+            else:
+                continue
+            for m in mods:
+                imported.setdefault(m.split(".")[0], path.name)
+    third_party = {m: f for m, f in imported.items()
+                   if m not in sys.stdlib_module_names and m not in COMFY_MODULES and m != "__future__"}
+    available = _closure(_req_names(COMFYUI / "requirements.txt") | _req_names(REPO / "requirements.txt"))
+    dists = metadata.packages_distributions()
+    missing = {m: f for m, f in third_party.items()
+               if not {d.lower().replace("_", "-") for d in dists.get(m, [m])} & available}
+    assert not missing, f"imported but neither in ComfyUI's nor the pack's requirements.txt: {missing}"
