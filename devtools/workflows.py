@@ -33,19 +33,31 @@ def _base_loaders() -> list[N]:
     ]
 
 
-def style_lora() -> list[N]:
+TRIGGERS = {"style": "kln_style", "character": "kln_person", "object": "kln_object"}
+
+
+def recipe_lora(recipe: str) -> list[N]:
+    """Dataset -> block targets (the recipe's preset) -> trainer (the recipe's values) -> loss graph."""
+    from ..trainer.recipes import RECIPES
+
+    r = RECIPES[recipe]
     return _base_loaders() + [
-        N(4, "KleinDatasetLoader", {"folder": "klein_style_dataset", "trigger": "kln_style", "resolution": 1024,
+        N(4, "KleinDatasetLoader", {"folder": f"klein_{recipe}_dataset", "trigger": TRIGGERS[recipe], "resolution": 1024,
                                     "vae": (3, 0), "clip": (2, 0)}),
-        N(5, "KleinBlockTargetSelector", {"model": (1, 0), "preset": "style"}),
-        N(6, "KleinLoRATrainer", {"model": (1, 0), "dataset": (4, 0), "targets": (5, 0), "recipe": "style",
-                                  "rank": 16, "alpha": 16.0, "learning_rate": 3e-4, "steps": 600,
-                                  "save_every": 100, "output_name": "klein_style"}),
-        N(7, "LossGraphNode", {"loss": (6, 3), "filename_prefix": "klein_style_loss"}),
+        N(5, "KleinBlockTargetSelector", {"model": (1, 0), "preset": r.target_preset}),
+        N(6, "KleinLoRATrainer", {"model": (1, 0), "dataset": (4, 0), "targets": (5, 0), "recipe": recipe,
+                                  "rank": r.rank, "alpha": r.alpha, "learning_rate": r.learning_rate, "steps": r.steps,
+                                  "save_every": max(r.steps // 6, 1), "output_name": f"klein_{recipe}"}),
+        N(7, "LossGraphNode", {"loss": (6, 3), "filename_prefix": f"klein_{recipe}_loss"}),
     ]
 
 
-WORKFLOWS = {"klein_style_lora": style_lora}
+def style_lora() -> list[N]:
+    return recipe_lora("style")
+
+
+WORKFLOWS = {f"klein_{r}_lora": (lambda r=r: recipe_lora(r)) for r in ("style", "character", "object")}
+SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a "control after generate" widget after these
 
 
 def _defaults(spec: dict) -> object:
@@ -98,7 +110,7 @@ def build(nodes: list[N], mappings: dict) -> tuple[dict, dict]:
                 ui_inputs.append({"name": name, "type": str(kind), "link": link_id})
             elif _is_widget(kind):
                 widgets.append(v)
-                if opts.get("control_after_generate"):
+                if opts.get("control_after_generate") or name in SEED_NAMES:
                     widgets.append("fixed")
         ui_nodes.append({"id": n.id, "type": n.type, "pos": [40 + 360 * (order // 3), 60 + 320 * (order % 3)],
                          "size": [320, 260], "flags": {}, "order": order, "mode": 0, "inputs": ui_inputs,
@@ -114,14 +126,41 @@ def build(nodes: list[N], mappings: dict) -> tuple[dict, dict]:
     return ui, api
 
 
+def thumbnail(path: Path, nodes: list[N], api_format: bool = False) -> Path:
+    """A card for ComfyUI's template browser, which shows `<workflow stem>.jpg` beside each example workflow."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    trainer = next(n for n in nodes if n.type == "KleinLoRATrainer").values
+    preset = next(n for n in nodes if n.type == "KleinBlockTargetSelector").values["preset"]
+    w, h = 512, 384
+    img = Image.new("RGB", (w, h), (24, 26, 32))
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default
+    d.rectangle([0, 0, w, 6], fill=(56, 189, 248))
+    d.text((28, 30), "Klein LoRA Studio", font=font(26), fill=(160, 170, 185))
+    d.text((28, 70), f"{trainer['recipe']} LoRA", font=font(54), fill=(240, 244, 248))
+    lines = [f"rank {trainer['rank']} / alpha {trainer['alpha']:g}", f"lr {trainer['learning_rate']:g}, {trainer['steps']} steps",
+             f"blocks: {preset}", "API format: run.py / POST /prompt" if api_format else "FLUX.2 [klein] Base 4B / 9B"]
+    for i, line in enumerate(lines):
+        d.text((28, 150 + 30 * i), line, font=font(22), fill=(180, 190, 200))
+    # a stylised falling loss curve: deterministic, so regenerating the cards changes nothing
+    pts = [(330 + 7 * i, 340 - 120 * (0.25 + 0.75 * 0.88 ** i) + 6 * ((i * 7) % 5 - 2)) for i in range(26)]
+    d.line(pts, fill=(56, 189, 248), width=3)
+    img.save(path, "JPEG", quality=85)
+    return path
+
+
 def write_all(mappings: dict, out: Path = OUT) -> list[Path]:
     out.mkdir(exist_ok=True)
     written = []
     for name, make in WORKFLOWS.items():
-        ui, api = build(make(), mappings)
+        nodes = make()
+        ui, api = build(nodes, mappings)
         for path, data in ((out / f"{name}.json", ui), (out / f"{name}_api.json", api)):
             path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
             written.append(path)
+        written.append(thumbnail(out / f"{name}.jpg", nodes))
+        written.append(thumbnail(out / f"{name}_api.jpg", nodes, api_format=True))
     return written
 
 

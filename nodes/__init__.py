@@ -1,6 +1,7 @@
 """Klein LoRA Studio's ComfyUI nodes: thin V3 glue over `trainer/`."""
 from __future__ import annotations
 
+import logging
 import os
 
 from comfy_api.latest import ComfyExtension, io
@@ -13,6 +14,13 @@ from .lora_trainer import KleinLoRATrainer
 from .merge import MERGE_NODES
 from .rank_steps_grid import KleinRankStepsGrid
 from .target_selector import KleinBlockTargetSelector
+
+try:  # the history route for the web extension; a server-only extra, never a reason to fail loading
+    from .web_routes import register as _register_routes
+
+    _register_routes()
+except Exception:  # noqa: BLE001
+    logging.exception("Klein LoRA: the /klein_lora/history route could not be registered; the chart will not replay")
 
 DEV_NODES_ENV = "KLEIN_LORA_DEV_NODES"
 

@@ -12,6 +12,7 @@ from comfy_api.latest import io
 from ..trainer import loop, paths, recipes
 from ..trainer.lora import SAVE_DTYPES
 from ..trainer.monitor import TrainingMonitor
+from . import progress_log
 from .types import CATEGORY, KleinDataset, KleinTargets
 
 EVENT = "klein_lora.progress"
@@ -19,6 +20,7 @@ EVENT = "klein_lora.progress"
 
 def _send(event: str, data: dict) -> None:
     """Push a websocket event to the page when a server is running (not in library use)."""
+    progress_log.record(event, data)  # kept for GET /klein_lora/history (page reload mid-run)
     try:
         from server import PromptServer
     except ImportError:

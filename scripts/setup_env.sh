@@ -6,6 +6,12 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${KLEIN_VENV:-/opt/klein-venv}"
 comfy="${COMFYUI_PATH:-$here/../shared/ComfyUI}"
+# Debian's chromium for tests/test_browser.py (Playwright drives it; Playwright's own browser download is
+# never used). Only when it is missing and apt can install (root); otherwise the browser test skips, saying so.
+if ! [ -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "setup_env: could not install chromium; tests/test_browser.py will skip" >&2
+fi
 stamp="$venv/.klein-deps-$(cat "$comfy/requirements.txt" "$here/requirements.txt" "$here/requirements-dev.txt" | sha1sum | cut -c1-12)"
 if [ -f "$stamp" ]; then exit 0; fi
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

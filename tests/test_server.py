@@ -55,6 +55,16 @@ def test_style_workflow_trains_headless_and_the_stock_loader_takes_the_lora(serv
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["character", "object"])
+def test_recipe_workflow_trains_headless(server, base_dir, recipe):
+    api = json.loads((OUT / f"klein_{recipe}_lora_api.json").read_text())
+    assert api["6"]["inputs"]["recipe"] == recipe and api["5"]["inputs"]["preset"] == recipe
+    rc, text = _run(to_tiny(api, "server_ds", steps=4, save_every=2, output_name=f"server_{recipe}"), server)
+    assert rc == 0, text
+    assert "4/4" in text and (base_dir / "models" / "loras" / f"server_{recipe}.safetensors").is_file()
+
+
 def test_invalid_graph_exits_1_with_comfyuis_error(server):
     wf = _tiny_style("never")
     wf["6"]["inputs"]["dataset"] = ["1", 0]  # a MODEL into the dataset socket
@@ -83,13 +93,36 @@ def test_set_overrides_inputs_by_id_and_class():
 def test_ui_workflow_matches_the_servers_node_definitions(server):
     with urllib.request.urlopen(server + "/object_info") as r:
         info = json.load(r)
-    ui = json.loads((OUT / "klein_style_lora.json").read_text())
+    for path in sorted(p for p in OUT.glob("*.json") if not p.name.endswith("_api.json")):
+        _check_ui_workflow(json.loads(path.read_text()), info)
+
+
+def _check_ui_workflow(ui: dict, info: dict) -> None:
     for node in ui["nodes"]:
         assert node["type"] in info, f"{node['type']} is not registered"
         spec = info[node["type"]]["input"]
         widgets = [n for g in ("required", "optional") for n, s in spec.get(g, {}).items()
                    if isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
-        assert len(node["widgets_values"]) == len(widgets), node["type"]
+        controls = [n for n in widgets if n in ("seed", "noise_seed")]  # + the frontend's "control after generate"
+        assert len(node["widgets_values"]) == len(widgets) + len(controls), node["type"]
     for link in ui["links"]:
         src = next(n for n in ui["nodes"] if n["id"] == link[1])
         assert info[src["type"]]["output"][link[2]] == link[5]
+
+
+def test_example_workflows_show_in_the_template_browser_with_thumbnails(server):
+    with urllib.request.urlopen(server + "/api/workflow_templates") as r:
+        listed = json.load(r)
+    ui = sorted(p.stem for p in OUT.glob("*.json") if not p.name.endswith("_api.json"))
+    assert set(ui) <= set(listed.get("klein_lora_studio", [])), listed
+    assert {"klein_style_lora", "klein_character_lora", "klein_object_lora"} <= set(ui)
+    for stem in listed["klein_lora_studio"]:  # the frontend asks for <stem>.jpg beside each listed workflow
+        with urllib.request.urlopen(f"{server}/api/workflow_templates/klein_lora_studio/{stem}.jpg") as r:
+            assert r.status == 200 and r.read(3) == b"\xff\xd8\xff", stem
+
+
+def test_history_route_serves_the_recorded_events(server):
+    with urllib.request.urlopen(server + "/klein_lora/history") as r:
+        events = json.load(r)["events"]
+    assert isinstance(events, list)
+    assert all({"event", "data", "t"} <= set(e) and e["event"].startswith("klein_lora.") for e in events)

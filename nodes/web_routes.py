@@ -1,0 +1,36 @@
+"""`GET /klein_lora/history`: the recorded events of the current/last run, for the page to replay on load.
+
+Registered on ComfyUI's route table only when a server runs (PromptServer.instance exists); in library
+use (tests, scripts) there is nothing to register.
+"""
+from __future__ import annotations
+
+import logging
+
+from . import progress_log
+
+ROUTE = "/klein_lora/history"
+_registered = False
+
+
+def register() -> bool:
+    """Add the route once; False when no server runs."""
+    global _registered
+    if _registered:
+        return True
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except ImportError:
+        return False
+    server = getattr(PromptServer, "instance", None)
+    if server is None:
+        return False
+
+    @server.routes.get(ROUTE)
+    async def history(request: web.Request) -> web.Response:
+        return web.json_response({"events": progress_log.events(request.query.get("node"))})
+
+    _registered = True
+    logging.debug("Klein LoRA: %s registered", ROUTE)
+    return True

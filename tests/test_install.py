@@ -1,0 +1,161 @@
+"""Installable the way ComfyUI users install packs: registry metadata, requirements, start-up cost.
+
+The start-up measurement runs ComfyUI's own custom-node loader (nodes.load_custom_node, library mode)
+in a fresh interpreter, after ComfyUI's built-in nodes are loaded, so it times what the pack adds.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from klein_lora_studio.devtools.server import prepare_base
+from klein_lora_studio.tests.conftest import COMFYUI, REPO
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+MAX_IMPORT_S = 0.3
+
+
+def test_pyproject_has_what_the_registry_and_manager_need():
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    project, comfy = meta["project"], meta["tool"]["comfy"]
+    for key in ("name", "version", "description", "license", "requires-python"):
+        assert project.get(key), f"pyproject.toml [project] lacks '{key}'"
+    assert project["name"].islower() and " " not in project["name"], project["name"]
+    assert "Repository" in project["urls"] and project["urls"]["Repository"].startswith("https://"), project["urls"]
+    for key in ("PublisherId", "DisplayName", "Icon"):
+        assert comfy.get(key), f"pyproject.toml [tool.comfy] lacks '{key}'"
+    icon = comfy["Icon"]
+    assert icon.startswith("https://") or (REPO / icon).is_file(), f"[tool.comfy] Icon {icon} is not a file in the pack"
+    assert "web/" in comfy.get("includes", []), "[tool.comfy] includes must list web/ so the registry ships the extension"
+    if isinstance(project["license"], dict) and "file" in project["license"]:
+        assert (REPO / project["license"]["file"]).is_file()
+
+
+def test_requirements_leave_torch_to_comfyui():
+    reqs = [line.split("#")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()]
+    names = [r.split(";")[0].split("[")[0].split("=")[0].split(">")[0].split("<")[0].split("~")[0].strip().lower()
+             for r in reqs if r]
+    assert names, "requirements.txt is empty"
+    assert not {"torch", "torchvision", "torchaudio"} & set(names), f"requirements.txt must not pin torch: {names}"
+    wanted = {"peft", "safetensors"}
+    assert wanted <= set(names), f"requirements.txt lacks {wanted - set(names)}"
+
+
+def test_web_extension_is_plain_es_module_without_build_step():
+    init = (REPO / "__init__.py").read_text()
+    assert 'WEB_DIRECTORY = "./web"' in init
+    js = sorted((REPO / "web").glob("*.js"))
+    assert js, "web/ has no extension"
+    for path in js:
+        text = path.read_text()
+        assert "../../scripts/app.js" in text and "registerExtension" in text, path.name
+
+
+_PROBE = textwrap.dedent("""
+    import asyncio, json, sys, time
+    comfyui, base, pack = sys.argv[1:4]
+    sys.path.insert(0, comfyui)
+    import comfy.options
+    comfy.options.enable_args_parsing()
+    sys.argv = [sys.argv[0], "--cpu", "--base-directory", base, "--disable-api-nodes"]
+    import comfy.cli_args, comfy.model_management, folder_paths
+    import nodes
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    before = set(nodes.NODE_CLASS_MAPPINGS)
+    t0 = time.perf_counter()
+    ok = asyncio.run(nodes.load_custom_node(pack))
+    dt = time.perf_counter() - t0
+    print(json.dumps({"ok": ok, "seconds": dt, "nodes": sorted(set(nodes.NODE_CLASS_MAPPINGS) - before),
+                      "web": nodes.EXTENSION_WEB_DIRS.get("klein_lora_studio")}))
+""")
+
+
+@pytest.mark.comfy
+def test_pack_loads_in_comfyui_with_every_node_and_adds_little_start_up_time(tmp_path):
+    base = prepare_base(tmp_path / "base")
+    pack = base / "custom_nodes" / "klein_lora_studio"
+    env = dict(os.environ, KLEIN_LORA_DEV_NODES="0")
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(COMFYUI), str(base), str(pack)], cwd=COMFYUI, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\nklein_lora_studio import + registration at ComfyUI start-up: {res['seconds']:.3f} s")
+    assert res["ok"], out.stderr[-3000:]
+    expected = {"KleinDatasetLoader", "KleinBlockTargetSelector", "KleinLoRATrainer", "KleinDatasetDoctor"}
+    assert expected <= set(res["nodes"]), f"not registered: {expected - set(res['nodes'])}"
+    assert "KleinTinyCLIPLoader" not in res["nodes"], "a dev node is registered without KLEIN_LORA_DEV_NODES=1"
+    assert res["web"] and os.path.samefile(res["web"], REPO / "web"), res["web"]
+    assert res["seconds"] < MAX_IMPORT_S, f"the pack adds {res['seconds']:.3f} s to start-up (limit {MAX_IMPORT_S} s)"
+
+
+COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "nodes",
+                 "node_helpers", "latent_preview", "app", "utils"}
+
+
+def _req_names(path) -> set[str]:
+    from packaging.requirements import Requirement
+
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line and not line.startswith("-"):
+            names.add(Requirement(line).name.lower().replace("_", "-"))
+    return names
+
+
+def _closure(names: set[str]) -> set[str]:
+    """The distributions pip would bring for `names` (as installed here), dependencies included."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            reqs = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:
+            continue
+        for r in reqs:
+            req = Requirement(r)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name.lower().replace("_", "-"))
+    return seen
+
+
+@pytest.mark.comfy
+def test_every_import_of_the_pack_comes_from_comfyui_or_requirements_txt():
+    """A venv with ComfyUI's requirements plus `pip install -r requirements.txt` has every module the pack imports."""
+    import ast
+    from importlib import metadata
+
+    runtime = [REPO / "__init__.py", REPO / "run.py", *(REPO / "nodes").glob("*.py"), *(REPO / "trainer").glob("*.py")]
+    imported: dict[str, str] = {}
+    for path in runtime:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                mods = [node.module]
+            else:
+                continue
+            for m in mods:
+                imported.setdefault(m.split(".")[0], path.name)
+    third_party = {m: f for m, f in imported.items()
+                   if m not in sys.stdlib_module_names and m not in COMFY_MODULES and m != "__future__"}
+    available = _closure(_req_names(COMFYUI / "requirements.txt") | _req_names(REPO / "requirements.txt"))
+    dists = metadata.packages_distributions()
+    missing = {m: f for m, f in third_party.items()
+               if not {d.lower().replace("_", "-") for d in dists.get(m, [m])} & available}
+    assert not missing, f"imported but neither in ComfyUI's nor the pack's requirements.txt: {missing}"
