@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import run as runner
 from .server import ComfyServer, prepare_base
-from .workflows import OUT, to_tiny
+from .workflows import api_path, to_tiny
 
 REAL_FILES = ("diffusion_models/flux-2-klein-base-4b.safetensors", "text_encoders/qwen_3_4b.safetensors",
               "vae/flux2-vae.safetensors")
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     comfyui = Path(os.environ.get("COMFYUI_PATH", Path(__file__).resolve().parents[1] / ".." / "shared" / "ComfyUI"))
     base = prepare_base(args.base.resolve())
-    api = json.loads((OUT / "klein_style_lora_api.json").read_text(encoding="utf-8"))
+    api = json.loads(api_path("klein_style_lora").read_text(encoding="utf-8"))
     real = all((base / "models" / f).exists() for f in REAL_FILES) and (base / "input" / "klein_style_dataset").is_dir()
     if not real:
         print(f"no klein weights in {base / 'models'}: running the workflow on tiny random klein models")

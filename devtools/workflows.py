@@ -1,7 +1,7 @@
 """The example workflows, written in one place and emitted in both of ComfyUI's formats.
 
 `python -m klein_lora_studio.devtools.workflows` (ComfyUI importable, e.g. COMFYUI_PATH set) rewrites
-example_workflows/*.json: the UI format (drag and drop) and its API twin (`*_api.json`, POST /prompt).
+example_workflows/*.json: the UI format (drag and drop) and its API twin (`api/*_api.json`, POST /prompt).
 Widget order and socket types are read from the real node definitions, so the files match what
 the frontend builds. `to_tiny` turns an API workflow into one that runs on the tiny dev models.
 """
@@ -15,6 +15,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "example_workflows"
+API_OUT = OUT / "api"  # a subfolder: ComfyUI's template browser lists only the top level
+
+
+def api_path(name: str) -> Path:
+    return API_OUT / f"{name}_api.json"
 
 
 @dataclass
@@ -151,16 +156,15 @@ def thumbnail(path: Path, nodes: list[N], api_format: bool = False) -> Path:
 
 
 def write_all(mappings: dict, out: Path = OUT) -> list[Path]:
-    out.mkdir(exist_ok=True)
+    (out / "api").mkdir(parents=True, exist_ok=True)
     written = []
     for name, make in WORKFLOWS.items():
         nodes = make()
         ui, api = build(nodes, mappings)
-        for path, data in ((out / f"{name}.json", ui), (out / f"{name}_api.json", api)):
+        for path, data in ((out / f"{name}.json", ui), (out / "api" / f"{name}_api.json", api)):
             path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
             written.append(path)
         written.append(thumbnail(out / f"{name}.jpg", nodes))
-        written.append(thumbnail(out / f"{name}_api.jpg", nodes, api_format=True))
     return written
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from klein_lora_studio.devtools.server import ComfyServer
-from klein_lora_studio.devtools.workflows import OUT, to_tiny
+from klein_lora_studio.devtools.workflows import OUT, api_path, to_tiny
 from klein_lora_studio.tests.conftest import COMFYUI, REPO
 from klein_lora_studio.tests.helpers import write_concept_dataset
 
@@ -102,7 +102,7 @@ def test_panel_in_chromium_loads_workflows_charts_a_run_and_replays_it(server, b
         # the model files of the full-size workflow are absent here (a missing-models notice is expected)
         assert not [d for d in result["dialogs"] if "node" in d.lower() and "missing" in d.lower()], result["dialogs"]
         # every widget shows the value of the API twin: the UI file's widget order matches the frontend's
-        api_twin = json.loads(path.with_name(path.stem + "_api.json").read_text())
+        api_twin = json.loads(api_path(path.stem).read_text())
         for n in result["nodes"]:
             want = {k: v for k, v in api_twin[str(n["id"])]["inputs"].items() if not isinstance(v, list)}
             got = {k: n["widgets"][k] for k in want if k in n["widgets"]}
@@ -111,7 +111,7 @@ def test_panel_in_chromium_loads_workflows_charts_a_run_and_replays_it(server, b
 
     # queue the tiny style run from the page (its client id), the chart fills from the websocket
     page.evaluate("async (wf) => await app.loadGraphData(wf)", json.loads((OUT / "klein_style_lora.json").read_text()))
-    api = to_tiny(json.loads((OUT / "klein_style_lora_api.json").read_text()), "browser_ds", steps=STEPS,
+    api = to_tiny(json.loads(api_path("klein_style_lora").read_text()), "browser_ds", steps=STEPS,
                   save_every=10, output_name="browser_style")
     queued = page.evaluate(f"""async (prompt) => {{
         const api = {API};

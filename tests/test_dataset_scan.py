@@ -38,7 +38,7 @@ def test_load_image_crops_to_square_resolution_and_notes_upscaling(tmp_path):
     assert tuple(px.shape) == (64, 64, 3) and note is None
     assert abs(float(px[..., 1].mean()) - 200 / 255) < 0.02
     px, note = ds.load_image(tmp_path / "wide.png", 128)
-    assert tuple(px.shape) == (128, 128, 3) and "below 128px and was upscaled" in note
+    assert tuple(px.shape) == (128, 128, 3) and "is below 128x128 and was upscaled" in note
 
 
 def test_resolution_must_be_a_multiple_of_16(tmp_path):

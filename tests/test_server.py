@@ -11,7 +11,7 @@ import pytest
 import safetensors
 from klein_lora_studio import run as runner
 from klein_lora_studio.devtools.server import ComfyServer
-from klein_lora_studio.devtools.workflows import OUT, to_tiny
+from klein_lora_studio.devtools.workflows import OUT, api_path, to_tiny
 from klein_lora_studio.tests.conftest import COMFYUI
 from klein_lora_studio.tests.helpers import write_concept_dataset
 
@@ -26,7 +26,7 @@ def server(tiny, base_dir):
 
 
 def _tiny_style(name: str, **kw) -> dict:
-    api = json.loads((OUT / "klein_style_lora_api.json").read_text())
+    api = json.loads(api_path("klein_style_lora").read_text())
     return to_tiny(api, "server_ds", output_name=name, **kw)
 
 
@@ -58,7 +58,7 @@ def test_style_workflow_trains_headless_and_the_stock_loader_takes_the_lora(serv
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["character", "object"])
 def test_recipe_workflow_trains_headless(server, base_dir, recipe):
-    api = json.loads((OUT / f"klein_{recipe}_lora_api.json").read_text())
+    api = json.loads(api_path(f"klein_{recipe}_lora").read_text())
     assert api["6"]["inputs"]["recipe"] == recipe and api["5"]["inputs"]["preset"] == recipe
     rc, text = _run(to_tiny(api, "server_ds", steps=4, save_every=2, output_name=f"server_{recipe}"), server)
     assert rc == 0, text

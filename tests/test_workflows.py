@@ -17,4 +17,4 @@ def test_example_workflows_are_up_to_date(comfy):
     for name, make in wf.WORKFLOWS.items():
         ui, api = wf.build(make(), mappings)
         assert json.loads((wf.OUT / f"{name}.json").read_text()) == ui, f"run devtools.workflows: {name} is stale"
-        assert json.loads((wf.OUT / f"{name}_api.json").read_text()) == api, f"{name}_api is stale"
+        assert json.loads(wf.api_path(name).read_text()) == api, f"{name}_api is stale"
