@@ -81,8 +81,13 @@ async def run(workflow: dict, server: str, out=sys.stdout) -> int:
                 return 3
             elif kind in ("execution_success",) or (kind == "executing" and data.get("node") is None):
                 break
-        async with session.get(f"{server}/history/{prompt_id}") as r:
-            history = (await r.json()).get(prompt_id, {})
+        history = {}
+        for _ in range(50):  # the history entry lands just after the last websocket message
+            async with session.get(f"{server}/history/{prompt_id}") as r:
+                history = (await r.json()).get(prompt_id, {})
+            if history.get("status", {}).get("completed") or history.get("outputs"):
+                break
+            await asyncio.sleep(0.1)
     for node, outputs in history.get("outputs", {}).items():
         for key, values in outputs.items():
             for v in values if isinstance(values, list) else [values]:

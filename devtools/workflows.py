@@ -38,7 +38,7 @@ def _base_loaders() -> list[N]:
     ]
 
 
-TRIGGERS = {"style": "kln_style", "character": "kln_person", "object": "kln_object"}
+TRIGGERS = {"style": "kln_style", "character": "kln_person", "object": "kln_object", "image-to-image": "kln_edit"}
 
 
 def recipe_lora(recipe: str) -> list[N]:
@@ -52,9 +52,43 @@ def recipe_lora(recipe: str) -> list[N]:
         N(5, "KleinBlockTargetSelector", {"model": (1, 0), "preset": r.target_preset}),
         N(6, "KleinLoRATrainer", {"model": (1, 0), "dataset": (4, 0), "targets": (5, 0), "recipe": recipe,
                                   "rank": r.rank, "alpha": r.alpha, "learning_rate": r.learning_rate, "steps": r.steps,
-                                  "save_every": max(r.steps // 6, 1), "output_name": f"klein_{recipe}"}),
+                                  "save_every": max(r.steps // 6, 1), "output_name": f"klein_{recipe}",
+                                  "clip": (2, 0), "vae": (3, 0)}),
         N(7, "LossGraphNode", {"loss": (6, 3), "filename_prefix": f"klein_{recipe}_loss"}),
     ]
+
+
+def image_to_image_lora() -> list[N]:
+    """The seed's showcase: reference -> target pairs (pimpmyride_control/001.png -> pimpmyride/001.png)."""
+    nodes = recipe_lora("image-to-image")
+    nodes[3].values.update(folder="pimpmyride", control_folder="pimpmyride_control", trigger="pimpmyride")
+    nodes[5].values["output_name"] = "klein_pimpmyride"
+    return nodes
+
+
+def evaluate_lora() -> list[N]:
+    """Train (sampling the suite every save_every steps), then the full 50-step grid, metrics and report."""
+    nodes = recipe_lora("style")
+    nodes[5].values["output_name"] = "klein_style_evaluated"
+    return nodes + [
+        N(8, "KleinCheckpointSampler", {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "run": (6, 4),
+                                        "trigger": TRIGGERS["style"], "dataset": (4, 0)}),
+        N(9, "SaveImage", {"images": (8, 0), "filename_prefix": "klein_style_checkpoint_grid"}),
+    ]
+
+
+def rank_steps_grid() -> list[N]:
+    """The seed's grid: rank 8/16/32 trained to 1000 steps, checkpoints at 250/500/750, one prompt, one seed."""
+    nodes = recipe_lora("style")[:5]
+    for i, rank in enumerate((8, 16, 32)):
+        nodes.append(N(6 + i, "KleinLoRATrainer", {
+            "model": (1, 0), "dataset": (4, 0), "targets": (5, 0), "recipe": "custom", "rank": rank,
+            "alpha": float(rank), "learning_rate": 3e-4, "steps": 1000, "save_every": 250,
+            "output_name": f"klein_style_r{rank}"}, title=f"rank {rank}"))
+    nodes.append(N(9, "KleinRankStepsGrid", {"model": (1, 0), "clip": (2, 0), "vae": (3, 0),
+                                            "prompt": f"{TRIGGERS['style']}, a portrait of a woman",
+                                            "run_1": (6, 4), "run_2": (7, 4), "run_3": (8, 4)}))
+    return nodes
 
 
 def style_lora() -> list[N]:
@@ -62,6 +96,8 @@ def style_lora() -> list[N]:
 
 
 WORKFLOWS = {f"klein_{r}_lora": (lambda r=r: recipe_lora(r)) for r in ("style", "character", "object")}
+WORKFLOWS.update(klein_image_to_image_lora=image_to_image_lora, klein_style_evaluate=evaluate_lora,
+                 klein_rank_steps_grid=rank_steps_grid)
 SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a "control after generate" widget after these
 
 
@@ -83,7 +119,9 @@ def _inputs(cls) -> list[tuple[str, object, dict]]:
     return out
 
 
-def _is_widget(kind) -> bool:
+def _is_widget(kind, opts: dict | None = None) -> bool:
+    if (opts or {}).get("forceInput"):
+        return False  # a socket-only input of a widget type
     return isinstance(kind, list) or str(kind) in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 
 
@@ -98,7 +136,7 @@ def build(nodes: list[N], mappings: dict) -> tuple[dict, dict]:
             if name in n.values:
                 v = n.values[name]
                 inputs[name] = [str(v[0]), v[1]] if isinstance(v, tuple) else v
-            elif _is_widget(kind):
+            elif _is_widget(kind, opts):
                 inputs[name] = _defaults((kind, opts))
         api[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
     for order, n in enumerate(nodes):
@@ -106,14 +144,14 @@ def build(nodes: list[N], mappings: dict) -> tuple[dict, dict]:
         ui_inputs, widgets = [], []
         for name, kind, opts in _inputs(cls):
             v = api[str(n.id)]["inputs"].get(name)
-            if isinstance(v, list) and not _is_widget(kind):
+            if isinstance(v, list) and not _is_widget(kind, opts):
                 link_id = len(links) + 1
                 src, slot = int(v[0]), v[1]
                 src_type = mappings[next(x.type for x in nodes if x.id == src)].RETURN_TYPES[slot]
                 links.append([link_id, src, slot, n.id, len(ui_inputs), src_type])
                 out_links.setdefault((src, slot), []).append(link_id)
                 ui_inputs.append({"name": name, "type": str(kind), "link": link_id})
-            elif _is_widget(kind):
+            elif _is_widget(kind, opts):
                 widgets.append(v)
                 if opts.get("control_after_generate") or name in SEED_NAMES:
                     widgets.append("fixed")
@@ -131,7 +169,7 @@ def build(nodes: list[N], mappings: dict) -> tuple[dict, dict]:
     return ui, api
 
 
-def thumbnail(path: Path, nodes: list[N], api_format: bool = False) -> Path:
+def thumbnail(path: Path, nodes: list[N], api_format: bool = False, title: str | None = None) -> Path:
     """A card for ComfyUI's template browser, which shows `<workflow stem>.jpg` beside each example workflow."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -143,7 +181,7 @@ def thumbnail(path: Path, nodes: list[N], api_format: bool = False) -> Path:
     font = ImageFont.load_default
     d.rectangle([0, 0, w, 6], fill=(56, 189, 248))
     d.text((28, 30), "Klein LoRA Studio", font=font(26), fill=(160, 170, 185))
-    d.text((28, 70), f"{trainer['recipe']} LoRA", font=font(54), fill=(240, 244, 248))
+    d.text((28, 70), title or f"{trainer['recipe']} LoRA", font=font(54 if not title else 40), fill=(240, 244, 248))
     lines = [f"rank {trainer['rank']} / alpha {trainer['alpha']:g}", f"lr {trainer['learning_rate']:g}, {trainer['steps']} steps",
              f"blocks: {preset}", "API format: run.py / POST /prompt" if api_format else "FLUX.2 [klein] Base 4B / 9B"]
     for i, line in enumerate(lines):
@@ -164,12 +202,14 @@ def write_all(mappings: dict, out: Path = OUT) -> list[Path]:
         for path, data in ((out / f"{name}.json", ui), (out / "api" / f"{name}_api.json", api)):
             path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
             written.append(path)
-        written.append(thumbnail(out / f"{name}.jpg", nodes))
+        title = None if name.endswith(tuple(f"_{r}_lora" for r in ("style", "character", "object"))) else \
+            name.removeprefix("klein_").replace("_", " ")
+        written.append(thumbnail(out / f"{name}.jpg", nodes, title=title))
     return written
 
 
 def to_tiny(api: dict, dataset_folder: str, steps: int = 20, resolution: int = 64, save_every: int = 10,
-            output_name: str | None = None) -> dict:
+            output_name: str | None = None, control_folder: str | None = None) -> dict:
     """The same graph on the tiny dev models (devtools.tiny_models) and a short schedule."""
     from .tiny_models import TE_FILE, UNET_FILE
 
@@ -184,10 +224,15 @@ def to_tiny(api: dict, dataset_folder: str, steps: int = 20, resolution: int = 6
             inp["vae_name"] = "taef2"
         elif t == "KleinDatasetLoader":
             inp["folder"], inp["resolution"] = dataset_folder, resolution
+            if inp.get("control_folder"):
+                inp["control_folder"] = control_folder or ""
+        elif t in ("KleinCheckpointSampler", "KleinRankStepsGrid"):
+            inp.update(steps=2, resolution=resolution)
         elif t == "KleinLoRATrainer":
-            inp.update(recipe="custom", steps=steps, save_every=save_every, learning_rate=2e-3)
+            inp.update(recipe="custom", steps=steps, save_every=save_every, learning_rate=2e-3, sample_steps=2)
             if output_name:
-                inp["output_name"] = output_name
+                inp["output_name"] = output_name if sum(n["class_type"] == t for n in wf.values()) == 1 else \
+                    f"{output_name}_r{inp['rank']}"
     return wf
 
 

@@ -89,6 +89,8 @@ class KleinCheckpointSampler(io.ComfyNode):
                                            "without it the loss is measured on the training dataset."),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="Optional CLIP vision model: adds concept strength measured on image embeddings."),
+                io.String.Input("run", optional=True, force_input=True,
+                                tooltip="A trainer's `checkpoints` output; its files are added to the list above."),
             ],
             outputs=[
                 io.Image.Output(display_name="grid", tooltip="Rows prompts, columns base model then checkpoints."),
@@ -101,8 +103,8 @@ class KleinCheckpointSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, checkpoints: str, trigger: str, prompts: str, steps: int, cfg: float, seed: int,
                 preview: bool, preview_steps: int, resolution: int, dataset=None, holdout=None,
-                clip_vision=None) -> io.NodeOutput:
-        files = resolve_checkpoints(checkpoints)
+                clip_vision=None, run: str = "") -> io.NodeOutput:
+        files = resolve_checkpoints("\n".join(s for s in (checkpoints, run) if s))
         suite = sp.prompt_suite(trigger.strip(), sp.parse_subjects(prompts))
         settings = sp.SampleSettings(preview_steps if preview else steps, cfg, seed, resolution, resolution)
         pbar = comfy.utils.ProgressBar((len(files) + 1) * len(suite))

@@ -89,7 +89,8 @@ class KleinLoRATrainer(io.ComfyNode):
                 io.LoraModel.Output(display_name="lora", tooltip="The LoRA tensors (core Load LoRA Model / Save LoRA)."),
                 io.String.Output(display_name="lora_path"),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step (core Plot Loss Graph)."),
-                io.String.Output(display_name="checkpoints", tooltip="Checkpoint files, one per line, oldest first."),
+                io.String.Output(display_name="checkpoints",
+                                 tooltip="Checkpoint files then the final LoRA, one per line, oldest first."),
                 io.String.Output(display_name="evaluation",
                                  tooltip="Per-checkpoint concept strength, trigger leakage, prompt flexibility and the "
                                          "recommended checkpoint (when clip and vae are connected)."),
@@ -147,7 +148,7 @@ class KleinLoRATrainer(io.ComfyNode):
         out_dir = Path(folder_paths.get_folder_paths("loras")[0])
         result = loop.train_lora(model, dataset, targets, cfg, out_dir, hooks)
         trained, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
-        checkpoints = "\n".join(str(p) for p in result.checkpoints)
+        checkpoints = "\n".join(str(p) for p in [*result.checkpoints, result.lora_path])
         evaluation = "connect clip and vae (and save_every > 0) to sample and judge the checkpoints"
         if monitor is not None:
             evaluation, best, report = monitor.finish(result.lora_path)

@@ -32,14 +32,17 @@ class KleinRankStepsGrid(io.ComfyNode):
                                tooltip="CFG with an empty negative (klein Base: 4.0)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="The one noise seed of every cell."),
                 io.Int.Input("resolution", default=1024, min=64, max=4096, step=16, tooltip="Square sample size."),
+                *(io.String.Input(f"run_{i}", optional=True, force_input=True,
+                                  tooltip="A trainer's `checkpoints` output (its checkpoints and final LoRA); added "
+                                          "to the list above.") for i in (1, 2, 3)),
             ],
             outputs=[io.Image.Output(display_name="grid", tooltip="Rows rank, columns training steps.")],
         )
 
     @classmethod
     def execute(cls, model, clip, vae, loras: str, prompt: str, steps: int, cfg: float, seed: int,
-                resolution: int) -> io.NodeOutput:
-        files = resolve_checkpoints(loras)
+                resolution: int, run_1: str = "", run_2: str = "", run_3: str = "") -> io.NodeOutput:
+        files = resolve_checkpoints("\n".join(s for s in (loras, run_1, run_2, run_3) if s))
         settings = sp.SampleSettings(steps, cfg, seed, resolution, resolution)
         conds = sp.encode_prompts(clip, [sp.SuitePrompt("prompt", "prompt", prompt, True)])
         entries = []

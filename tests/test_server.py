@@ -65,6 +65,34 @@ def test_recipe_workflow_trains_headless(server, base_dir, recipe):
     assert "4/4" in text and (base_dir / "models" / "loras" / f"server_{recipe}.safetensors").is_file()
 
 
+def test_image_to_image_workflow_trains_on_pairs_headless(server, base_dir):
+    from klein_lora_studio.tests.helpers import concept_image
+
+    for sub in ("server_pairs", "server_pairs_control"):
+        (base_dir / "input" / sub).mkdir(exist_ok=True)
+    for i in range(3):
+        img = concept_image(64, i)
+        img.save(base_dir / "input" / "server_pairs_control" / f"{i:03d}.png")
+        img.transpose(0).save(base_dir / "input" / "server_pairs" / f"{i:03d}.png")  # the edit: a mirror image
+        (base_dir / "input" / "server_pairs" / f"{i:03d}.txt").write_text("mirrored")
+    api = json.loads(api_path("klein_image_to_image_lora").read_text())
+    assert api["4"]["inputs"]["control_folder"] == "pimpmyride_control" and api["6"]["inputs"]["recipe"] == "image-to-image"
+    wf = to_tiny(api, "server_pairs", steps=4, save_every=2, output_name="server_i2i", control_folder="server_pairs_control")
+    rc, text = _run(wf, server)
+    assert rc == 0, text
+    with safetensors.safe_open(str(base_dir / "models" / "loras" / "server_i2i.safetensors"), "pt") as f:
+        assert f.metadata()["task_kind"] == '"image-to-image"' or f.metadata()["task_kind"] == "image-to-image"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["klein_style_evaluate", "klein_rank_steps_grid"])
+def test_evaluation_workflows_run_headless(server, base_dir, name):
+    wf = to_tiny(json.loads(api_path(name).read_text()), "server_ds", steps=4, save_every=2, output_name=f"srv_{name}")
+    rc, text = _run(wf, server)
+    assert rc == 0, text
+    assert ".png" in text  # the grid image is among the outputs
+
+
 def test_invalid_graph_exits_1_with_comfyuis_error(server):
     wf = _tiny_style("never")
     wf["6"]["inputs"]["dataset"] = ["1", 0]  # a MODEL into the dataset socket
@@ -102,7 +130,8 @@ def _check_ui_workflow(ui: dict, info: dict) -> None:
         assert node["type"] in info, f"{node['type']} is not registered"
         spec = info[node["type"]]["input"]
         widgets = [n for g in ("required", "optional") for n, s in spec.get(g, {}).items()
-                   if isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")]
+                   if (isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"))
+                   and not (len(s) > 1 and s[1].get("forceInput"))]
         controls = [n for n in widgets if n in ("seed", "noise_seed")]  # + the frontend's "control after generate"
         assert len(node["widgets_values"]) == len(widgets) + len(controls), node["type"]
     for link in ui["links"]:
