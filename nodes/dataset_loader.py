@@ -57,6 +57,19 @@ class KleinDatasetLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, folder: str, control_folder: str = "") -> bool | str:
+        """At queue time: a missing or disallowed folder fails before any model loads."""
+        input_dir = folder_paths.get_input_directory()
+        try:
+            roots = paths.configured_dataset_roots(folder_paths.get_user_directory())
+            for name in (folder, control_folder):
+                if name is not None and (name.strip() or name is folder):
+                    paths.resolve_dataset_folder(name, input_dir, roots)
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, folder: str, trigger: str, resolution: int, vae, clip, control_folder: str = "",
                 bucketing: bool = True, repeats: int = 1, caption_dropout: float = 0.0, shuffle_tags: bool = False,
                 use_cache: bool = True) -> io.NodeOutput:

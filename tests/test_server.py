@@ -93,6 +93,13 @@ def test_evaluation_workflows_run_headless(server, base_dir, name):
     assert ".png" in text  # the grid image is among the outputs
 
 
+def test_missing_dataset_folder_fails_at_queue_time(server):
+    wf = _tiny_style("nofolder")
+    wf["4"]["inputs"]["folder"] = "does_not_exist"
+    rc, text = _run(wf, server)
+    assert rc == 1 and "does_not_exist" in text and "does not exist" in text and "running node" not in text
+
+
 def test_invalid_graph_exits_1_with_comfyuis_error(server):
     wf = _tiny_style("never")
     wf["6"]["inputs"]["dataset"] = ["1", 0]  # a MODEL into the dataset socket
