@@ -95,9 +95,22 @@ def style_lora() -> list[N]:
     return recipe_lora("style")
 
 
+def merge_strength_sweep() -> list[N]:
+    """The seed's weight tuning: a style and a subject LoRA over a grid of weights, then merged at the pick."""
+    return _base_loaders() + [
+        N(4, "KleinStrengthSweep", {"model": (1, 0), "clip": (2, 0), "vae": (3, 0), "lora_a": "klein_style.safetensors",
+                                    "lora_b": "klein_character.safetensors", "strengths": "0.25, 0.5, 0.75, 1.0",
+                                    "prompt": "kln_style, kln_person, a portrait in a garden"}),
+        N(5, "SaveImage", {"images": (4, 0), "filename_prefix": "klein_strength_sweep"}),
+        N(6, "KleinLoRAMerge", {"lora_1": "klein_style.safetensors", "weight_1": 0.75,
+                                "lora_2": "klein_character.safetensors", "weight_2": 1.0, "mode": "exact",
+                                "output_name": "klein_style_character"}),
+    ]
+
+
 WORKFLOWS = {f"klein_{r}_lora": (lambda r=r: recipe_lora(r)) for r in ("style", "character", "object")}
 WORKFLOWS.update(klein_image_to_image_lora=image_to_image_lora, klein_style_evaluate=evaluate_lora,
-                 klein_rank_steps_grid=rank_steps_grid)
+                 klein_rank_steps_grid=rank_steps_grid, klein_merge_strength_sweep=merge_strength_sweep)
 SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a "control after generate" widget after these
 
 
@@ -173,8 +186,8 @@ def thumbnail(path: Path, nodes: list[N], api_format: bool = False, title: str |
     """A card for ComfyUI's template browser, which shows `<workflow stem>.jpg` beside each example workflow."""
     from PIL import Image, ImageDraw, ImageFont
 
-    trainer = next(n for n in nodes if n.type == "KleinLoRATrainer").values
-    preset = next(n for n in nodes if n.type == "KleinBlockTargetSelector").values["preset"]
+    trainer = next((n.values for n in nodes if n.type == "KleinLoRATrainer"), None)
+    preset = next((n.values["preset"] for n in nodes if n.type == "KleinBlockTargetSelector"), None)
     w, h = 512, 384
     img = Image.new("RGB", (w, h), (24, 26, 32))
     d = ImageDraw.Draw(img)
@@ -182,8 +195,9 @@ def thumbnail(path: Path, nodes: list[N], api_format: bool = False, title: str |
     d.rectangle([0, 0, w, 6], fill=(56, 189, 248))
     d.text((28, 30), "Klein LoRA Studio", font=font(26), fill=(160, 170, 185))
     d.text((28, 70), title or f"{trainer['recipe']} LoRA", font=font(54 if not title else 40), fill=(240, 244, 248))
-    lines = [f"rank {trainer['rank']} / alpha {trainer['alpha']:g}", f"lr {trainer['learning_rate']:g}, {trainer['steps']} steps",
-             f"blocks: {preset}", "API format: run.py / POST /prompt" if api_format else "FLUX.2 [klein] Base 4B / 9B"]
+    lines = ([f"rank {trainer['rank']} / alpha {trainer['alpha']:g}",
+              f"lr {trainer['learning_rate']:g}, {trainer['steps']} steps", f"blocks: {preset}"] if trainer else ["weights 0.25 ... 1.0 of each LoRA", "then an exact merge"])
+    lines.append("API format: run.py / POST /prompt" if api_format else "FLUX.2 [klein] Base 4B / 9B")
     for i, line in enumerate(lines):
         d.text((28, 150 + 30 * i), line, font=font(22), fill=(180, 190, 200))
     # a stylised falling loss curve: deterministic, so regenerating the cards changes nothing
@@ -226,7 +240,7 @@ def to_tiny(api: dict, dataset_folder: str, steps: int = 20, resolution: int = 6
             inp["folder"], inp["resolution"] = dataset_folder, resolution
             if inp.get("control_folder"):
                 inp["control_folder"] = control_folder or ""
-        elif t in ("KleinCheckpointSampler", "KleinRankStepsGrid"):
+        elif t in ("KleinCheckpointSampler", "KleinRankStepsGrid", "KleinStrengthSweep"):
             inp.update(steps=2, resolution=resolution)
         elif t == "KleinLoRATrainer":
             inp.update(recipe="custom", steps=steps, save_every=save_every, learning_rate=2e-3, sample_steps=2)

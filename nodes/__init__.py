@@ -13,6 +13,7 @@ from .doctor import KleinDatasetDoctor
 from .lora_trainer import KleinLoRATrainer
 from .merge import MERGE_NODES
 from .rank_steps_grid import KleinRankStepsGrid
+from .strength_sweep import KleinStrengthSweep
 from .target_selector import KleinBlockTargetSelector
 
 try:  # the history route for the web extension; a server-only extra, never a reason to fail loading
@@ -29,7 +30,7 @@ class KleinLoRAExtension(ComfyExtension):
     @override
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         found: list[type[io.ComfyNode]] = [KleinDatasetLoader, KleinBlockTargetSelector, KleinLoRATrainer,
-                                           KleinDatasetDoctor, KleinCheckpointSampler, KleinRankStepsGrid,
+                                           KleinDatasetDoctor, KleinCheckpointSampler, KleinRankStepsGrid, KleinStrengthSweep,
                                            *MERGE_NODES]
         if os.environ.get(DEV_NODES_ENV) == "1":
             from ..devtools.nodes import DEV_NODES

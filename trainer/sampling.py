@@ -352,3 +352,42 @@ def rank_steps_grid(entries: Sequence[tuple[dict[str, str], object]], title: str
         cells[ranks.index(r)][steps.index(s)] = im
     return grid_image(cells, [f"rank {'?' if r is None else r}" for r in ranks],
                       [f"{'?' if s is None else s} steps" for s in steps], title)
+
+
+def parse_strengths(text: str) -> list[float]:
+    """'0.25, 0.5, 1' -> [0.25, 0.5, 1.0]; a clear error for anything else."""
+    out = []
+    for part in (p.strip() for p in (text or "").replace(";", ",").split(",")):
+        if not part:
+            continue
+        try:
+            out.append(float(part))
+        except ValueError:
+            raise ValueError(f"strengths: '{part}' is not a number; write them comma-separated, e.g. 0.25, 0.5, 1.0") from None
+    if not out:
+        raise ValueError("strengths is empty: write the weights to try, comma-separated, e.g. 0.25, 0.5, 0.75, 1.0")
+    return out
+
+
+def strength_sweep(base_model, clip, vae, lora_a: dict, lora_b: dict | None, strengths: Sequence[float], prompt: str,
+                   settings: SampleSettings, names: tuple[str, str] = ("A", "B")):
+    """One image per weight pair: rows = weight of LoRA A, columns = weight of LoRA B (one column without B).
+
+    Both are applied with ComfyUI's stock load_lora_for_models, as two Load LoRA nodes would apply them,
+    so the cell at (wa, wb) is what a merge of A x wa + B x wb gives (an exact merge equals that sum).
+    """
+    import comfy.sd
+
+    conds = encode_prompts(clip, [SuitePrompt("prompt", "prompt", prompt, True)])
+    cols = list(strengths) if lora_b is not None else [None]
+    cells = []
+    for wa in strengths:
+        row = []
+        for wb in cols:
+            model, _ = comfy.sd.load_lora_for_models(base_model, None, lora_a, wa, 0)
+            if wb is not None:
+                model, _ = comfy.sd.load_lora_for_models(model, None, lora_b, wb, 0)
+            row.append(to_pil(sample_column(model, conds, vae, settings, f"{wa}/{wb}").images[0]))
+        cells.append(row)
+    col_labels = [f"{names[1]} x {w:g}" for w in strengths] if lora_b is not None else [names[0]]
+    return grid_image(cells, [f"{names[0]} x {w:g}" for w in strengths], col_labels, prompt[:80])
