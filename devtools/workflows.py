@@ -196,7 +196,8 @@ def thumbnail(path: Path, nodes: list[N], api_format: bool = False, title: str |
     d.text((28, 30), "Klein LoRA Studio", font=font(26), fill=(160, 170, 185))
     d.text((28, 70), title or f"{trainer['recipe']} LoRA", font=font(54 if not title else 40), fill=(240, 244, 248))
     lines = ([f"rank {trainer['rank']} / alpha {trainer['alpha']:g}",
-              f"lr {trainer['learning_rate']:g}, {trainer['steps']} steps", f"blocks: {preset}"] if trainer else ["weights 0.25 ... 1.0 of each LoRA", "then an exact merge"])
+              f"lr {trainer['learning_rate']:g}, {trainer['steps']} steps", f"blocks: {preset}"] if trainer
+             else ["weights 0.25 ... 1.0 of each LoRA", "then an exact merge"])
     lines.append("API format: run.py / POST /prompt" if api_format else "FLUX.2 [klein] Base 4B / 9B")
     for i, line in enumerate(lines):
         d.text((28, 150 + 30 * i), line, font=font(22), fill=(180, 190, 200))
