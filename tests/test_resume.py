@@ -336,3 +336,17 @@ def test_sigkill_during_a_checkpoint_write(setup, comfy, tiny, base_dir, tmp_pat
     assert done.run_name == "killed" and len(done.losses) == latest["step"] + 2
     _assert_run_folder_sound(out, "killed")
     assert not planted.exists()
+
+
+def test_the_trainer_node_resumes_latest_into_the_same_run(setup, comfy):
+    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
+
+    args = (setup["unet"], setup["data"], setup["targets"], "custom", 2, 2.0, 1e-3)
+    tail = (1, 0, "AdamW", 2, False, "off", "node_resume", "fp32")
+    with torch.inference_mode():
+        first = KleinLoRATrainer.execute(*args, 4, *tail)
+        more = KleinLoRATrainer.execute(*args, 6, *tail, resume_from=" latest ")
+    assert more.args[2] == first.args[2] and more.args[2].endswith("node_resume.safetensors")
+    assert len(more.args[3]["loss"]) == 6 and more.args[3]["loss"][:4] == first.args[3]["loss"]
+    meta = safetensors.safe_open(more.args[2], "pt").metadata()
+    assert json.loads(meta["resume_changes"]) == {"steps": [4, 6]}
