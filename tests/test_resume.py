@@ -294,13 +294,13 @@ def test_sigkill_during_a_checkpoint_write(setup, comfy, tiny, base_dir, tmp_pat
     import klein_lora_studio
 
     out = setup["out"]
-    spec = tmp_path / "child.pt"
+    spec, log = tmp_path / "child.pt", tmp_path / "child.log"
     torch.save({"latents": setup["data"].latents, "contexts": setup["data"].contexts, "out": str(out),
                 "unet": str(tiny.files["unet"])}, spec)
     pkg_parent = str(Path(klein_lora_studio.__path__[0]).parent)
     comfyui = str(Path(comfy_pkg.__path__[0]).parent)
     child = subprocess.Popen([sys.executable, "-c", CHILD, comfyui, pkg_parent, str(base_dir), str(spec)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             stdout=subprocess.DEVNULL, stderr=log.open("wb"))  # a file: a full pipe would block it
     folder = out / "killed_checkpoints"
     deadline, caught, min_ckpts = time.monotonic() + 240, None, random.Random().randint(3, 8)
     try:
@@ -311,12 +311,13 @@ def test_sigkill_during_a_checkpoint_write(setup, comfy, tiny, base_dir, tmp_pat
                 if caught or sum(n.endswith(".safetensors") for n in names) >= min_ckpts + 30:
                     break
             time.sleep(0.0005)
-        assert child.poll() is None, child.stderr.read().decode()[-3000:]
+        assert child.poll() is None, log.read_text(errors="replace")[-3000:]
         os.kill(child.pid, signal.SIGKILL)
     finally:
         child.kill()
         child.wait()
     assert child.returncode == -signal.SIGKILL
+    assert resume.list_states(folder, "killed"), log.read_text(errors="replace")[-3000:]
     left = [p for p in folder.iterdir() if ".tmp-" in p.name]
     print(f"SIGKILL: temp file seen before kill: {caught}; left after kill: {[p.name for p in left]}")
     for p in folder.iterdir():  # every complete file loads, whatever moment the kill hit

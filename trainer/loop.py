@@ -366,14 +366,20 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
                 x0 = torch.stack([dataset.latents[i] for i in idx])
                 ctx = stack_contexts([dataset.context_for(i, caption_rng) for i in idx])
                 ref = torch.stack([dataset.references[i] for i in idx]) if dataset.references else None
+                oom = None
                 try:
                     loss = train_step(dm, work, x0, ctx, generator, device, dtype, options, autocast, ref)
+                    if cfg.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    opt.step()  # AdamW allocates its moments here, on the first step
                 except torch.OutOfMemoryError as e:
+                    oom = str(e).splitlines()[0] if str(e) else "out of memory"
+                if oom is not None:  # raised outside the handler: the failed step's tensors are freed first
                     opt.zero_grad(set_to_none=True)
-                    raise torch.OutOfMemoryError(_oom_message(step, cfg, x0, checkpoints, ckpt_dir, run)) from e
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    raise torch.OutOfMemoryError(_oom_message(step, cfg, x0, checkpoints, ckpt_dir, run) +
+                                                 f" (torch: {oom})")
                 opt.zero_grad(set_to_none=True)
                 losses.append(float(loss))
                 hooks.on_step(step, cfg.steps, losses[-1])

@@ -39,6 +39,9 @@ def configured_dataset_roots(user_dir: str | None) -> list[Path]:
     return [Path(os.path.realpath(os.path.expanduser(r))) for r in roots]
 
 
+is_within = _is_within  # the public name, for the other modules
+
+
 def resolve_dataset_folder(folder: str, input_dir: str, extra_roots: list[Path]) -> Path:
     """An existing folder inside an allowed root, symlinks resolved (a link cannot smuggle a path out)."""
     if not folder or not folder.strip():

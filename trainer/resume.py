@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .paths import atomic_save_torch
+from .paths import atomic_save_torch, is_within
 
 # Not ".pt": ComfyUI lists .pt files in models/loras as LoRAs, and a state is not one.
 STATE_SUFFIX = ".trainstate"
@@ -127,7 +127,7 @@ def find_state(out_dir: Path, output_name: str, resume_from: str) -> Path:
                          f"{output_name}_step00100.safetensors (from {output_name}_checkpoints in {out_dir}).")
     if raw.is_absolute() or len(raw.parts) > 1:
         folder = (raw if raw.is_absolute() else out_dir / raw).resolve().parent
-        if not str(folder).startswith(str(out_dir.resolve())):
+        if not is_within(folder, out_dir.resolve()):
             raise ValueError(f"resume_from '{resume_from}' is outside the LoRA folder {out_dir}: runs resume from "
                              "their own checkpoints folder there.")
     else:
