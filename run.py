@@ -79,7 +79,9 @@ async def run(workflow: dict, server: str, out=sys.stdout) -> int:
             elif kind == "execution_interrupted":
                 print("\ninterrupted", file=out)
                 return 3
-            elif kind in ("execution_success",) or (kind == "executing" and data.get("node") is None):
+            elif kind == "executing" and data.get("node") is None:
+                # not "execution_success": ComfyUI sends it before it stores the history (main.py task_done),
+                # so /history raced and came back empty; "executing None" follows the store
                 break
         history = {}
         for _ in range(50):  # the history entry lands just after the last websocket message

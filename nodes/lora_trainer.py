@@ -83,6 +83,12 @@ class KleinLoRATrainer(io.ComfyNode):
                               tooltip="Connect the text encoder to sample the prompt suite (with and without the "
                                       "trigger) at every checkpoint and get a recommended checkpoint."),
                 io.Vae.Input("vae", optional=True, tooltip="The VAE that decodes the checkpoint samples."),
+                io.String.Input("resume_from", default="", optional=True,
+                                tooltip="Continue a run exactly where it stopped: 'latest' (the newest saved state of "
+                                        "the run named output_name) or a checkpoint name such as "
+                                        "klein_lora_step00500.safetensors. Empty: a new run. Rank, alpha, optimizer, "
+                                        "targets and dataset must match; a new learning rate or more steps are "
+                                        "allowed and noted in the LoRA's metadata."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1)."),
@@ -112,12 +118,13 @@ class KleinLoRATrainer(io.ComfyNode):
                 steps: int, batch_size: int, seed: int, optimizer: str, save_every: int,
                 gradient_checkpointing: bool, compile_blocks: str, output_name: str, save_dtype: str,
                 sample_steps: int = 20,
-                clip=None, vae=None) -> io.NodeOutput:
+                clip=None, vae=None, resume_from: str = "") -> io.NodeOutput:
         rank, alpha, learning_rate, steps = recipes.apply_recipe(recipe, rank, alpha, learning_rate, steps)
         cfg = loop.TrainConfig(rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps,
                                batch_size=batch_size, seed=seed, optimizer=optimizer, save_every=save_every,
                                gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks,
-                               output_name=paths.safe_name(output_name), save_dtype=save_dtype, recipe=recipe)
+                               output_name=paths.safe_name(output_name), save_dtype=save_dtype, recipe=recipe,
+                               resume_from=(resume_from or "").strip())
         logging.info("Klein LoRA: recipe %s -> rank %d, alpha %g, lr %g, %d steps", recipe, rank, alpha,
                      learning_rate, steps)
         node_id = cls.hidden.unique_id if cls.hidden is not None else None  # None when called as a library

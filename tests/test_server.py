@@ -42,8 +42,11 @@ def test_style_workflow_trains_headless_and_the_stock_loader_takes_the_lora(serv
     assert "train [" in text and "12/12" in text and "loss" in text
     lora = base_dir / "models" / "loras" / "server_style.safetensors"
     assert f"lora_path: {lora}" in text
-    ckpts = sorted(p.name for p in (base_dir / "models" / "loras" / "server_style_checkpoints").iterdir())
+    folder = base_dir / "models" / "loras" / "server_style_checkpoints"
+    ckpts = sorted(p.name for p in folder.glob("*.safetensors"))
     assert ckpts == ["server_style_step00005.safetensors", "server_style_step00010.safetensors"]
+    assert sorted(p.name for p in folder.glob("*.trainstate")) == [  # the newest 2 full states (issue 8)
+        "server_style_step00010.trainstate", "server_style_step00012.trainstate"]
     with safetensors.safe_open(str(lora), "pt") as f:
         assert f.metadata()["recipe"] == "custom" and f.metadata()["steps"] == "12"
     caplog.set_level(logging.WARNING)

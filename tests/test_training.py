@@ -131,10 +131,12 @@ def test_cancel_stops_within_one_step_keeps_checkpoints(tiny, concept_data, base
         loop.train_lora(unet, concept_data, targets, cfg, base_dir / "models" / "loras", hooks)
     assert seen[-1] == 7
     folder = base_dir / "models" / "loras" / "cancelled_checkpoints"
-    names = sorted(p.name for p in folder.iterdir())
+    names = sorted(p.name for p in folder.glob("*.safetensors"))
     assert names == ["cancelled_step00003.safetensors", "cancelled_step00006.safetensors"]
-    for p in folder.iterdir():
+    for p in folder.glob("*.safetensors"):
         assert len(safetensors.torch.load_file(str(p))) == 3 * len(targets.modules)
+    assert sorted(p.name for p in folder.glob("*.trainstate")) == [  # the full states beside them (issue 8)
+        "cancelled_step00003.trainstate", "cancelled_step00006.trainstate"]
     assert torch.equal(_forward(unet, *probe), before)
     assert not hasattr(dm, "peft_config") and mm.in_training is False
 

@@ -5,6 +5,7 @@ Reads in the order of the work: check the model, place it, inject the layers, th
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -15,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from . import objective
+from . import objective, resume
 from .buckets import BucketBatchSampler
 from .checkpointing import block_options, inplace_safe_norms
 from .dataset import KleinDataset, stack_contexts
 from .lora import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
-from .paths import atomic_save_safetensors, unique_run_name
+from .paths import atomic_save_safetensors, remove_stale_temps, unique_run_name
 from .targets import KleinTargets
 
 OPTIMIZERS = ("AdamW", "Adafactor")
@@ -44,6 +45,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     recipe: str = "custom"
     compile_blocks: str = "auto"
+    resume_from: str = ""  # "latest", a checkpoint of the run, or "" for a new run (see trainer/resume.py)
+    keep_states: int = 2  # training states kept beside the checkpoints (0: all); each is ~3x the fp32 LoRA
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -59,6 +62,8 @@ class TrainConfig:
             raise ValueError(f"optimizer '{self.optimizer}' is not one of {list(OPTIMIZERS)}.")
         if self.compile_blocks not in COMPILE_CHOICES:
             raise ValueError(f"compile_blocks '{self.compile_blocks}' is not one of {list(COMPILE_CHOICES)}.")
+        if self.keep_states < 0:
+            raise ValueError(f"keep_states is {self.keep_states}: use 0 (keep all) or more.")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"save_dtype '{self.save_dtype}' is not one of {list(SAVE_DTYPES)}.")
 
@@ -184,24 +189,57 @@ def _dynamo_limits(enabled: bool):
             setattr(torch._dynamo.config, k, v)
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator):
-    """Endless shuffled index batches; every image once per epoch."""
-    order: list[int] = []
-    while True:
-        while len(order) < batch_size:
-            order += torch.randperm(n, generator=generator).tolist()
-        yield order[:batch_size]
-        order = order[batch_size:]
+class _BatchOrder:
+    """Endless index batches whose position can be saved and restored, so a resumed run sees the same batches.
+
+    One size, no repeats: every image once per epoch in an order drawn from the run's generator (the
+    remainder of the current permutation is the position). Several sizes (aspect buckets) or repeats:
+    the batches of BucketBatchSampler, one bucket at a time, reshuffled per epoch (epoch and index
+    within it are the position).
+    """
+
+    def __init__(self, dataset: KleinDataset, batch_size: int, generator: torch.Generator, seed: int) -> None:
+        assignment = dataset.bucket_assignment()
+        self.plain = len(assignment) == 1 and dataset.repeats == 1
+        self.n, self.batch_size, self.generator = len(dataset), batch_size, generator
+        self.sampler = None if self.plain else BucketBatchSampler(assignment, batch_size, seed=seed,
+                                                                  repeats=dataset.repeats)
+        self.order: list[int] = []
+        self.epoch, self.pos = 0, 0
+        self._epoch: list[list[int]] | None = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> list[int]:
+        if self.plain:
+            while len(self.order) < self.batch_size:
+                self.order += torch.randperm(self.n, generator=self.generator).tolist()
+            out, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+            return out
+        while True:
+            if self._epoch is None:
+                self._epoch = self.sampler.batches(self.epoch)
+            if self.pos < len(self._epoch):
+                self.pos += 1
+                return self._epoch[self.pos - 1]
+            self.epoch, self.pos, self._epoch = self.epoch + 1, 0, None
+
+    def state_dict(self) -> dict:
+        return {"plain": self.plain, "order": list(self.order), "epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A changed batch size keeps the epoch; the position within it then counts batches of the new size."""
+        if state["plain"] != self.plain:
+            raise ValueError("resume_from: the saved batch order is for a dataset with "
+                             f"{'one size' if state['plain'] else 'several sizes or repeats'}, this one has "
+                             f"{'one size' if self.plain else 'several sizes or repeats'}: resume with the same dataset.")
+        self.order, self.epoch, self.pos, self._epoch = list(state["order"]), state["epoch"], state["pos"], None
 
 
-def _dataset_batches(dataset: KleinDataset, batch_size: int, generator: torch.Generator, seed: int):
+def _dataset_batches(dataset: KleinDataset, batch_size: int, generator: torch.Generator, seed: int) -> _BatchOrder:
     """Endless index batches: from one size at a time when the dataset has several (aspect buckets), with repeats."""
-    assignment = dataset.bucket_assignment()
-    if len(assignment) == 1 and dataset.repeats == 1:
-        yield from _batches(len(dataset), batch_size, generator)
-    sampler = BucketBatchSampler(assignment, batch_size, seed=seed, repeats=dataset.repeats)
-    while True:
-        yield from sampler
+    return _BatchOrder(dataset, batch_size, generator, seed)
 
 
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
@@ -235,14 +273,25 @@ def train_step(dm, work, batch_x0, batch_ctx, generator, device, dtype, options,
 
 def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: TrainConfig, out_dir: Path,
                hooks: TrainHooks | None = None) -> TrainResult:
-    """Train, save checkpoints every `cfg.save_every` steps and the final LoRA; leave `patcher` as it was."""
+    """Train, save checkpoints (and the full training state) every `cfg.save_every` steps and the final LoRA;
+    leave `patcher` as it was. With `cfg.resume_from`, continue a saved run exactly where its state left it.
+    """
     hooks = hooks or TrainHooks()
     cfg.validate()
     check_klein(patcher)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: connect a Klein Dataset Loader with at least one image.")
-    run = unique_run_name(out_dir, cfg.output_name)
+    resumed, changes, state_file = None, {}, None
+    if cfg.resume_from.strip():
+        state_file = resume.find_state(out_dir, cfg.output_name, cfg.resume_from)
+        resumed = resume.load_state(state_file)
+        changes = resume.check_compatible(resumed, state_file, cfg, targets.modules, dataset)
+        run = resumed["run"]  # the run goes on under its own name, in its own folder
+    else:
+        run = unique_run_name(out_dir, cfg.output_name)
     ckpt_dir = out_dir / f"{run}_checkpoints"
+    remove_stale_temps(ckpt_dir, f"{run}_step")  # left by a killed writer: never renamed into place
+    remove_stale_temps(out_dir, f"{run}.safetensors")
     start = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
         work = _training_model(patcher)
@@ -267,27 +316,70 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
             buckets=[f"{w}x{h}:{len(v)}" for (w, h), v in dataset.bucket_assignment().items()],
             repeats=dataset.repeats, caption_dropout=dataset.caption_dropout,
             shuffle_tags=bool(dataset.context_variants))
+        if resumed is not None:
+            if resumed["meta"].get("base_model") != meta["base_model"]:
+                raise ValueError(f"resume_from {state_file.name}: the run trained a {resumed['meta'].get('base_model')}"
+                                 f" model, the MODEL input is {meta['base_model']}: connect the same base model.")
+            history = json.loads(resumed["meta"].get("resumed_from", "[]"))
+            meta["resumed_from"] = json.dumps([*history, {"state": state_file.name, "step": resumed["step"],
+                                                          "changes": changes}])
+            meta["resume_changes"] = json.dumps(changes)
         save_dtype = SAVE_DTYPES[cfg.save_dtype]
         generator = torch.Generator().manual_seed(cfg.seed)
         batches = _dataset_batches(dataset, cfg.batch_size, generator, cfg.seed)
         caption_rng = random.Random(f"{cfg.seed}:captions")  # dropout and tag-variant picks, apart from the noise
         losses: list[float] = []
         checkpoints: list[Path] = []
+        first = 1
         with lora_layers(dm, targets.modules, cfg.rank, cfg.alpha, seed=cfg.seed) as lora, \
                 (nullcontext() if compile_blocks else inplace_safe_norms(dm)), \
                 comfy_training_mode(cfg.gradient_checkpointing), _dynamo_limits(compile_blocks):
             params = lora.parameters()
             opt = _make_optimizer(cfg.optimizer, params, cfg.learning_rate)
-            for step in range(1, cfg.steps + 1):
+            if resumed is not None:
+                lora.load_state_dict(resumed["lora"])
+                opt.load_state_dict(resumed["optimizer"])
+                for group in opt.param_groups:
+                    group["lr"] = cfg.learning_rate  # a changed learning rate applies from here (noted in meta)
+                generator.set_state(resumed["generator"])
+                caption_rng.setstate(resumed["caption_rng"])
+                batches.load_state_dict(resumed["batches"])
+                resume.set_global_rng_state(resumed["global_rng"])
+                losses = list(resumed["losses"])
+                checkpoints = [ckpt_dir / n for n in resumed["checkpoints"] if (ckpt_dir / n).is_file()]
+                first = resumed["step"] + 1
+                logging.info("Klein LoRA: resuming run '%s' from %s at step %d of %d", run, state_file.name,
+                             resumed["step"], cfg.steps)
+
+            def save_state(step: int) -> None:
+                resume.save_state(resume.state_path(ckpt_dir, run, step), cfg=cfg, step=step, run=run,
+                                  lora=lora.state_dict(torch.float32), optimizer=opt.state_dict(),
+                                  generator=generator.get_state(), caption_rng=caption_rng.getstate(),
+                                  batches=batches.state_dict(), losses=list(losses),
+                                  checkpoints=[c.name for c in checkpoints], targets=list(targets.modules),
+                                  dataset=resume.dataset_signature(dataset), meta=dict(meta))
+                resume.prune_states(ckpt_dir, run, cfg.keep_states)
+
+            for step in range(first, cfg.steps + 1):
                 hooks.check_cancel()
                 idx = next(batches)
                 x0 = torch.stack([dataset.latents[i] for i in idx])
                 ctx = stack_contexts([dataset.context_for(i, caption_rng) for i in idx])
                 ref = torch.stack([dataset.references[i] for i in idx]) if dataset.references else None
-                loss = train_step(dm, work, x0, ctx, generator, device, dtype, options, autocast, ref)
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
+                oom = None
+                try:
+                    loss = train_step(dm, work, x0, ctx, generator, device, dtype, options, autocast, ref)
+                    if cfg.max_grad_norm > 0:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                    opt.step()  # AdamW allocates its moments here, on the first step
+                except torch.OutOfMemoryError as e:
+                    oom = str(e).splitlines()[0] if str(e) else "out of memory"
+                if oom is not None:  # raised outside the handler: the failed step's tensors are freed first
+                    opt.zero_grad(set_to_none=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    raise torch.OutOfMemoryError(_oom_message(step, cfg, x0, checkpoints, ckpt_dir, run) +
+                                                 f" (torch: {oom})")
                 opt.zero_grad(set_to_none=True)
                 losses.append(float(loss))
                 hooks.on_step(step, cfg.steps, losses[-1])
@@ -295,15 +387,32 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
                     path = _save(lora, ckpt_dir / f"{run}_step{step:05d}.safetensors", save_dtype,
                                  {**meta, "steps": str(step)})
                     checkpoints.append(path)
+                    save_state(step)
                     with torch.no_grad():
                         hooks.on_checkpoint(step, path, work)
             final = lora.state_dict(save_dtype)
             lora_path = atomic_save_safetensors(final, out_dir / f"{run}.safetensors", meta)
+            if cfg.save_every:
+                save_state(cfg.steps)  # lets a finished run be extended: resume it with more steps
             with torch.no_grad():
                 hooks.on_checkpoint(cfg.steps, lora_path, work)
-    logging.info("Klein LoRA: %d steps in %.1fs, final loss %.4f, saved %s", cfg.steps,
+    logging.info("Klein LoRA: %d steps in %.1fs, final loss %.4f, saved %s", cfg.steps - first + 1,
                  time.perf_counter() - start, losses[-1], lora_path)
     return TrainResult(final, losses, lora_path, checkpoints, run, time.perf_counter() - start)
+
+
+def _oom_message(step: int, cfg: TrainConfig, x0: torch.Tensor, checkpoints: list[Path], ckpt_dir: Path,
+                 run: str) -> str:
+    """What to lower, in the order that saves the most, and what is kept."""
+    h, w = x0.shape[-2] * 16, x0.shape[-1] * 16
+    states = resume.list_states(ckpt_dir, run)
+    kept = (f"the last checkpoint {checkpoints[-1].name} is kept" if checkpoints else "no checkpoint was saved yet")
+    how = ("; resume it with resume_from 'latest' after lowering batch_size or turning gradient_checkpointing on "
+           "(rank and the dataset must stay the same to resume)" if states else "")
+    ckpt = "on" if cfg.gradient_checkpointing else "off"
+    return (f"out of GPU memory in training step {step} (batch_size {cfg.batch_size}, {w}x{h} px, rank {cfg.rank}, "
+            f"gradient_checkpointing {ckpt}). Lower batch_size, the resolution (Dataset Loader), or rank, or turn "
+            f"gradient_checkpointing on (the low-VRAM mode: ~30% slower, much less memory); {kept}{how}.")
 
 
 def _save(lora: LoraHandle, path: Path, dtype: torch.dtype, meta: dict[str, str]) -> Path:

@@ -7,6 +7,7 @@ ComfyUI's models/ and output/ folders, under names that cannot climb out of them
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -36,6 +37,9 @@ def configured_dataset_roots(user_dir: str | None) -> list[Path]:
             except (ValueError, AttributeError) as e:
                 raise ValueError(f"{cfg} is not valid JSON with a 'dataset_roots' list: {e}. Fix or remove it.") from e
     return [Path(os.path.realpath(os.path.expanduser(r))) for r in roots]
+
+
+is_within = _is_within  # the public name, for the other modules
 
 
 def resolve_dataset_folder(folder: str, input_dir: str, extra_roots: list[Path]) -> Path:
@@ -84,23 +88,57 @@ def unique_run_name(folder: Path, name: str) -> str:
     return f"{name}_{i}"
 
 
+TMP_MARK = ".tmp-"
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def temp_name(path: Path) -> Path:
+    """The temp file `path` is written to first: hidden, beside it, named after it and this process."""
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
 def _atomic_write(path: Path, write) -> Path:
     """`write(tmp)` a temp file beside `path`, fsync it, then rename it over `path` in one step.
 
-    A crash leaves either the old file or the new one, never half of one; the temp file never stays.
+    A crash leaves either the old file or the new one, never half of one. An error removes the temp
+    file; a killed process (SIGKILL, power loss) can leave one, which remove_stale_temps clears when the
+    run is started or resumed again. A full disk is reported as such, naming the file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_name(path)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise OSError(e.errno, f"the disk is full: could not write {path} ({e.strerror or e}). Free space on "
+                                   f"{path.parent} (or save fewer checkpoints: raise save_every) and resume the run; "
+                                   "the earlier checkpoints are intact.", str(path)) from e
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def remove_stale_temps(folder: Path, stem: str) -> list[Path]:
+    """Delete temp files a killed writer left in `folder` for files starting with `stem`; returns them.
+
+    Only names of the form `.<stem>...tmp-<pid>` are touched: they were never renamed into place, so
+    they hold nothing a completed checkpoint does not.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir()
+             if p.name.startswith(f".{stem}") and TMP_MARK in p.name and p.is_file()]
+    for p in stale:
+        logging.info("Klein LoRA: removing %s, left by an interrupted write", p)
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> Path:
@@ -108,6 +146,13 @@ def atomic_save_safetensors(tensors: dict, path: Path, metadata: dict[str, str] 
 
     return _atomic_write(path, lambda tmp: safetensors.torch.save_file(
         {k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata))
+
+
+def atomic_save_torch(obj, path: Path) -> Path:
+    """torch.save, atomically (for the training state: optimizer and RNG states are not flat tensors)."""
+    import torch
+
+    return _atomic_write(path, lambda tmp: torch.save(obj, str(tmp)))
 
 
 def atomic_write_text(text: str, path: Path) -> Path:
