@@ -1,0 +1,208 @@
+"""The bad-input suite: one case per row, each through the node a user would wire, each an error naming the
+field or file and the fix, and nothing written outside ComfyUI's output and models folders."""
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from klein_lora_studio.tests import lora_kit
+from klein_lora_studio.tests.helpers import write_concept_dataset
+from PIL import Image
+
+pytestmark = pytest.mark.comfy
+
+
+def _files(root) -> set[str]:
+    return {os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs}
+
+
+@contextmanager
+def nothing_written_outside(base_dir):
+    """Everything outside base_dir/output and base_dir/models (and the repository) is left as it was."""
+    from klein_lora_studio.tests.conftest import REPO
+
+    watched = {"input": base_dir / "input", "user": base_dir / "user", "repo": REPO}
+    before = {k: _files(v) for k, v in watched.items()}
+    yield
+    after = {k: _files(v) for k, v in watched.items()}
+    for k in watched:
+        new = {f for f in after[k] - before[k] if "__pycache__" not in f and ".pytest_cache" not in f}
+        assert not new, f"files written into {k}: {sorted(new)[:5]}"
+
+
+@pytest.fixture
+def guarded(base_dir):
+    return lambda: nothing_written_outside(base_dir)
+
+
+def _folder(base_dir, name: str, make) -> str:
+    folder = base_dir / "input" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    make(folder)
+    return name
+
+
+def _img(folder, name="a.png", mode="RGB", size=(64, 64), caption="a thing"):
+    arr = np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    im = Image.fromarray(arr)
+    if mode == "CMYK":
+        im = im.convert("CMYK")
+        name = name.replace(".png", ".jpg")
+    elif mode == "I;16":
+        im = Image.fromarray(arr[..., 0].astype(np.uint16) * 257)
+    elif mode == "RGBA":
+        im = im.convert("RGBA")
+    im.save(folder / name)
+    if caption is not None:
+        (folder / name).with_suffix(".txt").write_text(caption, encoding="utf-8")
+
+
+def _load(comfy, tiny, folder: str, control: str = ""):
+    from klein_lora_studio.nodes.dataset_loader import KleinDatasetLoader
+
+    err = KleinDatasetLoader.validate_inputs(folder=folder, control_folder=control)
+    if err is not True:
+        raise ValueError(err)
+    with torch.inference_mode():
+        return KleinDatasetLoader.execute(folder, "zxq", 64, tiny.vae, tiny.clip, control_folder=control,
+                                          use_cache=False).args
+
+
+LOADER_ERRORS = [
+    ("empty folder", lambda f: None, "has no images"),
+    ("corrupt image", lambda f: (f / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nnope"), r"bad\.png cannot be read"),
+    ("zero-byte image", lambda f: (f / "zero.jpg").write_bytes(b""), r"zero\.jpg is an empty \(zero-byte\) file"),
+    ("non-UTF-8 caption", lambda f: (_img(f), (f / "a.txt").write_bytes(b"caf\xe9 \xff")), r"a\.txt is not UTF-8"),
+]
+
+
+@pytest.mark.parametrize("case,make,match", LOADER_ERRORS, ids=[c[0] for c in LOADER_ERRORS])
+def test_loader_refuses_bad_files_naming_them(comfy, tiny, base_dir, guarded, case, make, match):
+    name = _folder(base_dir, "bad_" + case.replace(" ", "_"), make)
+    with guarded(), pytest.raises(ValueError, match=match):
+        _load(comfy, tiny, name)
+
+
+CONVERTED = [("CMYK image", "CMYK", "converted from CMYK"), ("16-bit image", "I;16", "16-bit"),
+             ("alpha image", "RGBA", "transparency flattened")]
+
+
+@pytest.mark.parametrize("case,mode,note", CONVERTED, ids=[c[0] for c in CONVERTED])
+def test_loader_converts_odd_modes_with_a_note(comfy, tiny, base_dir, guarded, case, mode, note):
+    name = _folder(base_dir, "mode_" + mode.replace(";", ""), lambda f: _img(f, mode=mode))
+    with guarded():
+        _, report = _load(comfy, tiny, name)
+    assert note in report
+
+
+def test_missing_caption_is_reported_by_name(comfy, tiny, base_dir, guarded):
+    name = _folder(base_dir, "nocap", lambda f: (_img(f, "with.png"), _img(f, "without.png", caption=None)))
+    with guarded():
+        data, report = _load(comfy, tiny, name)
+    assert "without.png" in report and "trigger alone" in report and len(data) == 2
+
+
+def test_pairs_that_match_nothing_are_an_error(comfy, tiny, base_dir, guarded):
+    tgt = _folder(base_dir, "pairs_t", lambda f: _img(f, "001.png"))
+    ctl = _folder(base_dir, "pairs_c", lambda f: _img(f, "999.png", caption=None))
+    with guarded(), pytest.raises(ValueError, match="matches nothing|no .* match|001.png"):
+        _load(comfy, tiny, tgt, ctl)
+
+
+@pytest.mark.parametrize("folder,match", [("../../etc", "outside the allowed roots"), ("/etc", "outside the allowed roots"),
+                                          ("missing_folder", "does not exist")])
+def test_dataset_folder_outside_roots_or_missing_fails_at_queue_time(comfy, base_dir, guarded, folder, match):
+    from klein_lora_studio.nodes.dataset_loader import KleinDatasetLoader
+
+    with guarded():
+        assert match in KleinDatasetLoader.validate_inputs(folder=folder)
+
+
+def test_dataset_folder_through_a_symlink_out_of_the_roots(comfy, base_dir, guarded, tmp_path):
+    from klein_lora_studio.nodes.dataset_loader import KleinDatasetLoader
+
+    link = base_dir / "input" / "escape_link"
+    if not link.exists():
+        link.symlink_to(tmp_path, target_is_directory=True)
+    with guarded():
+        assert "outside the allowed roots" in KleinDatasetLoader.validate_inputs(folder="escape_link")
+
+
+@pytest.mark.parametrize("name", ["../x", "/abs/x", "a/b", "a\\b", "a:b", "a|b", "CON", ".."])
+def test_output_names_that_could_escape_fail_at_queue_time(comfy, guarded, name):
+    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
+
+    with guarded():
+        assert "not a plain file name" in KleinLoRATrainer.validate_inputs(output_name=name)
+
+
+@pytest.fixture(scope="module")
+def trainer_inputs(tiny, base_dir):
+    from klein_lora_studio.trainer import dataset as ds
+    from klein_lora_studio.trainer import targets as tg
+
+    folder = write_concept_dataset(base_dir / "input" / "bad_inputs_ds", n=2, size=64)
+    with torch.inference_mode():
+        data = ds.encode_folder(folder, tiny.vae, tiny.clip, 64, "zxq")
+    unet = tiny.unet()
+    return unet, data, tg.resolve_targets(["double"], "attention", tg.BlockCounts.of_model(unet.model.diffusion_model))
+
+
+TRAINER_ERRORS = [("rank 0", dict(rank=0), "rank 0 is below 1"),
+                  ("rank above the layer width", dict(rank=300), "rank 300 is larger than layer .* lower the rank"),
+                  ("learning rate 0", dict(learning_rate=0.0), "learning_rate is 0.0: it must be above 0"),
+                  ("learning rate below 0", dict(learning_rate=-1e-4), "learning_rate is -0.0001"),
+                  ("steps 0", dict(steps=0), "steps is 0: train for at least 1 step")]
+
+
+@pytest.mark.parametrize("case,change,match", TRAINER_ERRORS, ids=[c[0] for c in TRAINER_ERRORS])
+def test_trainer_settings_errors_name_the_field_and_fix(comfy, trainer_inputs, base_dir, guarded, case, change, match):
+    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
+
+    unet, data, targets = trainer_inputs
+    args = dict(rank=4, alpha=4.0, learning_rate=1e-4, steps=2)
+    args.update(change)
+    before = _files(base_dir / "models" / "loras")
+    with guarded(), pytest.raises(ValueError, match=match), torch.inference_mode():
+        KleinLoRATrainer.execute(unet, data, targets, "custom", args["rank"], args["alpha"], args["learning_rate"],
+                                 args["steps"], 1, 0, "AdamW", 0, False, "auto", f"bad_{case.replace(' ', '_')}", "bf16")
+    assert _files(base_dir / "models" / "loras") == before, "a refused run must write nothing"
+
+
+def test_a_learning_rate_above_1e_2_warns(comfy, trainer_inputs, caplog, guarded):
+    from klein_lora_studio.trainer import loop
+
+    caplog.set_level(logging.WARNING)
+    loop.TrainConfig(rank=4, alpha=4, learning_rate=0.05, steps=1).validate()
+    assert any("far above the recipes" in r.getMessage() for r in caplog.records)
+
+
+def test_a_non_klein_model_is_refused(comfy, trainer_inputs, base_dir, guarded):
+    """SD-style: a ModelPatcher around a model that is not Flux2."""
+    import comfy.model_patcher
+    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
+
+    _, data, targets = trainer_inputs
+    other = comfy.model_patcher.ModelPatcher(torch.nn.Conv2d(4, 4, 3), torch.device("cpu"), torch.device("cpu"))
+    with guarded(), pytest.raises(ValueError, match=r"not FLUX\.2 \[klein\].*UNETLoader"), torch.inference_mode():
+        KleinLoRATrainer.execute(other, data, targets, "custom", 4, 4.0, 1e-4, 2, 1, 0, "AdamW", 0, False, "auto",
+                                 "bad_model", "bf16")
+
+
+def test_loras_of_different_bases_into_merge(comfy, base_dir, guarded):
+    from klein_lora_studio.nodes.merge import KleinLoRAMerge
+
+    folder = base_dir / "models" / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    small = lora_kit.random_lora(1)
+    wide = {"double_blocks.0.img_attn.proj": (torch.randn(4, 3072), torch.randn(3072, 4))}  # a 4B-width layer
+    safetensors.torch.save_file(lora_kit.bfl_sd(small, 4.0), str(folder / "base_tiny.safetensors"))
+    safetensors.torch.save_file(lora_kit.bfl_sd(wide, 4.0), str(folder / "base_4b.safetensors"))
+    with guarded(), pytest.raises(ValueError, match="base_tiny|base_4b"):
+        KleinLoRAMerge.execute("exact", 8, "bad_merge", "comfyui", "auto", lora_1="base_tiny.safetensors",
+                               weight_1=1.0, lora_2="base_4b.safetensors", weight_2=1.0)
