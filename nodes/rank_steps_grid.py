@@ -5,7 +5,7 @@ from comfy_api.latest import io, ui
 
 from ..trainer import sampling as sp
 from .checkpoint_sampler import resolve_checkpoints
-from .types import CATEGORY
+from .types import CATEGORY, model_inputs, one_prompt_inputs
 
 
 class KleinRankStepsGrid(io.ComfyNode):
@@ -19,19 +19,11 @@ class KleinRankStepsGrid(io.ComfyNode):
             description="The seed's comparison grid: one prompt, one seed, one image per LoRA, rows by the LoRA's "
                         "rank and columns by its training steps (read from the trainer's metadata).",
             inputs=[
-                io.Model.Input("model", tooltip="The FLUX.2 [klein] Base model the LoRAs were trained on."),
-                io.Clip.Input("clip", tooltip="klein's text encoder (Qwen3)."),
-                io.Vae.Input("vae", tooltip="The FLUX.2 VAE."),
+                *model_inputs(),
                 io.String.Input("loras", multiline=True, default="",
                                 tooltip="LoRA files, one per line (trainer lora_path outputs or names in models/loras), "
                                         "e.g. runs at rank 8/16/32 x 250/500/1000 steps."),
-                io.String.Input("prompt", multiline=True, default="kln_concept, " + sp.DEFAULT_SUBJECTS[0][1],
-                                tooltip="The one prompt every cell uses (include the trigger)."),
-                io.Int.Input("steps", default=sp.BASE_STEPS, min=1, max=200, tooltip="Sampling steps (klein Base: 50)."),
-                io.Float.Input("cfg", default=sp.BASE_CFG, min=0.0, max=30.0, step=0.1,
-                               tooltip="CFG with an empty negative (klein Base: 4.0)."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="The one noise seed of every cell."),
-                io.Int.Input("resolution", default=1024, min=64, max=4096, step=16, tooltip="Square sample size."),
+                *one_prompt_inputs("kln_concept, " + sp.DEFAULT_SUBJECTS[0][1]),
                 *(io.String.Input(f"run_{i}", optional=True, force_input=True,
                                   tooltip="A trainer's `checkpoints` output (its checkpoints and final LoRA); added "
                                           "to the list above.") for i in (1, 2, 3)),
