@@ -89,6 +89,9 @@ class KleinCheckpointSampler(io.ComfyNode):
                                            "without it the loss is measured on the training dataset."),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="Optional CLIP vision model: adds concept strength measured on image embeddings."),
+                io.Model.Input("distilled_model", optional=True,
+                               tooltip="The distilled klein of the same size, if you generate with it: each checkpoint "
+                                       "is also shown on it (4 steps, CFG 1) beside Base. Metrics stay on Base."),
                 io.String.Input("run", optional=True, force_input=True,
                                 tooltip="A trainer's `checkpoints` output; its files are added to the list above."),
             ],
@@ -103,7 +106,7 @@ class KleinCheckpointSampler(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, checkpoints: str, trigger: str, prompts: str, steps: int, cfg: float, seed: int,
                 preview: bool, preview_steps: int, resolution: int, dataset=None, holdout=None,
-                clip_vision=None, run: str = "") -> io.NodeOutput:
+                clip_vision=None, distilled_model=None, run: str = "") -> io.NodeOutput:
         files = resolve_checkpoints("\n".join(s for s in (checkpoints, run) if s))
         suite = sp.prompt_suite(trigger.strip(), sp.parse_subjects(prompts))
         settings = sp.SampleSettings(preview_steps if preview else steps, cfg, seed, resolution, resolution)
@@ -131,6 +134,10 @@ class KleinCheckpointSampler(io.ComfyNode):
         text += f"\nReport: {written}"
         logging.info("Klein eval: %s", reason)
         title = f"{trigger} - {settings.steps} steps, CFG {cfg:g}, seed {seed}" + (" (preview)" if preview else "")
+        if distilled_model is not None:
+            sp.check_same_size(model, distilled_model)
+            columns = columns + sp.distilled_columns(distilled_model, clip, vae, files, suite, settings)
+            title += f" | distilled: {sp.DISTILLED_STEPS} steps, CFG {sp.DISTILLED_CFG:g}"
         grid = sp.to_image_tensor(sp.columns_grid(columns, suite, title))
         ui_out = {**ui.PreviewImage(grid, cls=cls).as_dict(), "text": (text,)}
         return io.NodeOutput(grid, text, pick.path if pick and pick.path else "", ui=ui_out)

@@ -141,3 +141,34 @@ def test_rank_steps_grid_node_places_loras_by_metadata(run, comfy, tiny):
                             ({"rank": "8", "steps": "250"}, im("green"))])
     assert g.getpixel((g.width - 5 - 16, g.height - 5 - 16)) == (128, 128, 128)  # rank 16 x 500: not trained
     assert g.getpixel((g.width - 5 - 16 - 36, g.height - 5 - 16)) == (0, 0, 255)  # rank 16 x 250
+
+
+def test_checkpoints_also_shown_on_the_distilled_model(run, comfy, tiny, base_dir):
+    """Train on Base, generate with the distilled klein: each checkpoint beside Base at 4 steps, CFG 1."""
+    import comfy.utils as cu
+    import folder_paths
+    from klein_lora_studio.devtools import tiny_models
+
+    distilled_file = "klein-tiny-distilled.safetensors"
+    path = base_dir / "models" / "diffusion_models" / distilled_file
+    if not path.exists():  # same architecture, other weights: what a distilled model of the same size is
+        cu.save_torch_file(tiny_models.flux2_state_dict(**tiny_models.TINY, seed=7), str(path))
+    folder_paths.filename_list_cache.clear()
+    distilled = comfy.UNETLoader().load_unet(distilled_file, "default")[0]
+    node = comfy.NODE_CLASS_MAPPINGS["KleinCheckpointSampler"]
+    ckpt = str(run["result"].checkpoints[0])
+    with torch.inference_mode():
+        plain = node.execute(run["unet"], tiny.clip, tiny.vae, ckpt, TRIGGER, "car: a red car", 2, 4.0, 5, True, 2, 64)
+        both = node.execute(run["unet"], tiny.clip, tiny.vae, ckpt, TRIGGER, "car: a red car", 2, 4.0, 5, True, 2, 64,
+                            distilled_model=distilled)
+    assert both.args[0].shape[2] > plain.args[0].shape[2] + 64  # 2 more columns: distilled base + checkpoint
+    assert both.args[1].split("Report:")[0] == plain.args[1].split("Report:")[0]  # metrics stay on Base
+    d = sp.distilled_columns(distilled, tiny.clip, tiny.vae, [ckpt], sp.prompt_suite(TRIGGER, [("car", "a red car")]),
+                             sp.SampleSettings(2, 4.0, 5, 64, 64))
+    assert [c.label for c in d] == ["distilled: base (no LoRA)", "distilled: step 10"]
+    wide = tiny_models.flux2_state_dict(hidden=384, double=1, single=2, context=192)
+    other = base_dir / "models" / "diffusion_models" / "klein-other-size.safetensors"
+    cu.save_torch_file(wide, str(other))
+    folder_paths.filename_list_cache.clear()
+    with pytest.raises(ValueError, match="same size"):
+        sp.check_same_size(run["unet"], comfy.UNETLoader().load_unet(other.name, "default")[0])

@@ -391,3 +391,29 @@ def strength_sweep(base_model, clip, vae, lora_a: dict, lora_b: dict | None, str
         cells.append(row)
     col_labels = [f"{names[1]} x {w:g}" for w in strengths] if lora_b is not None else [names[0]]
     return grid_image(cells, [f"{names[0]} x {w:g}" for w in strengths], col_labels, prompt[:80])
+
+
+DISTILLED_STEPS, DISTILLED_CFG = 4, 1.0  # klein's distilled models: a few steps, no CFG
+
+
+def check_same_size(base_model, distilled_model) -> None:
+    """A LoRA trained on Base applies to the distilled model of the same size only."""
+    def shape(m):
+        dm = m.model.diffusion_model
+        return len(dm.double_blocks), len(dm.single_blocks), dm.hidden_size
+
+    if shape(base_model) != shape(distilled_model):
+        (bd, bs, bh), (dd, ds, dh) = shape(base_model), shape(distilled_model)
+        raise ValueError(f"the distilled model is {dd}+{ds} blocks of width {dh}, the base {bd}+{bs} of width {bh}: "
+                         "connect the distilled klein of the same size (4B with 4B, 9B with 9B).")
+
+
+def distilled_columns(distilled_model, clip, vae, checkpoints: Sequence[Path], prompts: Sequence[SuitePrompt],
+                      settings: SampleSettings) -> list[Column]:
+    """The same checkpoints on the distilled model, at its own schedule (4 steps, CFG 1), same seeds."""
+    fast = SampleSettings(DISTILLED_STEPS, DISTILLED_CFG, settings.seed, settings.width, settings.height,
+                          settings.sampler)
+    columns = sample_checkpoints(distilled_model, clip, vae, checkpoints, prompts, fast)
+    for c in columns:
+        c.label = f"distilled: {c.label}"
+    return columns
