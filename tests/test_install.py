@@ -159,3 +159,50 @@ def test_every_import_of_the_pack_comes_from_comfyui_or_requirements_txt():
     missing = {m: f for m, f in third_party.items()
                if not {d.lower().replace("_", "-") for d in dists.get(m, [m])} & available}
     assert not missing, f"imported but neither in ComfyUI's nor the pack's requirements.txt: {missing}"
+
+
+def _site_without(exclude: tuple[str, ...], dest) -> None:
+    """A view of this environment's site-packages (symlinks) without the given distributions."""
+    import sysconfig
+
+    site = sysconfig.get_paths()["purelib"]
+    dest.mkdir()
+    for entry in os.listdir(site):
+        key = entry.lower().replace("-", "_")
+        if not key.startswith(exclude) and not key.endswith(".pth"):
+            (dest / entry).symlink_to(os.path.join(site, entry))
+
+
+@pytest.mark.comfy
+def test_a_clean_env_with_comfyuis_requirements_needs_only_requirements_txt(tmp_path):
+    """ComfyUI's requirements (this env minus the pack's own dependencies), a fresh venv, then only
+    `pip install -r requirements.txt`: ComfyUI boots with the pack and finds every node."""
+    ours = ("peft", "accelerate")
+    view = tmp_path / "comfy_requirements_only"
+    _site_without(ours, view)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    fresh_site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(fresh_site, "comfy_requirements.pth"), "w") as f:
+        f.write(str(view) + "\n")
+    gone = subprocess.run([py, "-c", "import peft"], capture_output=True, text=True)
+    assert gone.returncode != 0, "the clean environment must start without the pack's dependencies"
+    pip = subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-r",
+                          str(REPO / "requirements.txt")], capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    assert not [n for n in os.listdir(fresh_site) if n.lower().startswith("torch")], "torch must come from ComfyUI's env"
+    base = prepare_base(tmp_path / "base")
+    pack = base / "custom_nodes" / "klein_lora_studio"
+    out = subprocess.run([py, "-c", _PROBE, str(COMFYUI), str(base), str(pack)], cwd=COMFYUI,
+                         env=dict(os.environ, KLEIN_LORA_DEV_NODES="0"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["ok"], out.stderr[-3000:]
+    expected = {"KleinDatasetLoader", "KleinBlockTargetSelector", "KleinLoRATrainer", "KleinDatasetDoctor",
+                "KleinCheckpointSampler", "KleinRankStepsGrid", "KleinStrengthSweep", "KleinLoRAMerge",
+                "KleinLoRAResize", "KleinLoRAConvert", "KleinLoRABake"}
+    assert expected <= set(res["nodes"]), f"not registered: {expected - set(res['nodes'])}"
+    check = subprocess.run([py, "-c", "import peft, accelerate; print(peft.__file__)"], capture_output=True, text=True)
+    assert check.returncode == 0 and str(venv) in check.stdout, "peft must come from the fresh install"
