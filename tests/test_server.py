@@ -165,3 +165,19 @@ def test_history_route_serves_the_recorded_events(server):
         events = json.load(r)["events"]
     assert isinstance(events, list)
     assert all({"event", "data", "t"} <= set(e) and e["event"].startswith("klein_lora.") for e in events)
+
+
+@pytest.mark.slow
+def test_merge_strength_sweep_workflow_runs_headless(server, base_dir):
+    import safetensors.torch as st
+    from klein_lora_studio.tests import lora_kit
+
+    folder = base_dir / "models" / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, seed in (("klein_style", 21), ("klein_character", 22)):  # the names the workflow ships with
+        st.save_file(lora_kit.bfl_sd(lora_kit.random_lora(seed), alpha=4.0), str(folder / f"{name}.safetensors"))
+    wf = to_tiny(json.loads(api_path("klein_merge_strength_sweep").read_text()), "server_ds")
+    wf["4"]["inputs"]["strengths"] = "0.5, 1.0"
+    rc, text = _run(wf, server)
+    assert rc == 0, text
+    assert (folder / "klein_style_character.safetensors").is_file() and ".png" in text
