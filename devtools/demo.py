@@ -30,14 +30,15 @@ def _tiny_assets(base: Path, comfyui: Path) -> None:
     import subprocess
 
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import comfy.options; comfy.options.enable_args_parsing();"
-        "sys.argv=[sys.argv[0],'--cpu','--base-directory',sys.argv[2]]; import comfy.cli_args, folder_paths;"
+        "import sys, pathlib; comfyui, base = sys.argv[1], sys.argv[2]; sys.path.insert(0, comfyui);"
+        "import comfy.options; comfy.options.enable_args_parsing();"
+        "sys.argv = [sys.argv[0], '--cpu', '--base-directory', base]; import comfy.cli_args, folder_paths;"
         "from klein_lora_studio.devtools.tiny_models import write_tiny_models; write_tiny_models(folder_paths.models_dir);"
         "from klein_lora_studio.tests.helpers import write_concept_dataset;"
-        "write_concept_dataset(__import__('pathlib').Path(sys.argv[2])/'input'/'klein_style_dataset', n=6, size=64)"
+        "write_concept_dataset(pathlib.Path(base) / 'input' / 'klein_style_dataset', n=6, size=64)"
     )
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    pkg_parent = Path(__file__).resolve().parent.parent.parent  # holds the `klein_lora_studio` link demo.sh made
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), str(pkg_parent), os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", code, str(comfyui), str(base)], check=True, env=env)
 
 
