@@ -84,6 +84,28 @@ WARM, STEPS = 4, 10
 WARM_PLUS_STEPS = WARM + STEPS
 
 
+def random_patcher(pcn, name: str):
+    """A ComfyUI patcher of random weights at one of the real klein sizes (pcn.SIZES)."""
+    hidden, depth, single, ctx = pcn.SIZES[name]
+    return load_patcher({k: v.cpu() for k, v in pcn.random_sd(hidden, depth, single, ctx).items()})
+
+
+def random_run(pcn, name: str, patcher, res: int, n: int = 1):
+    """(dataset, attention targets of all groups) for `patcher`: n random latents and 512-token contexts."""
+    import torch
+    from klein_lora_studio.trainer.dataset import KleinDataset
+    from klein_lora_studio.trainer.targets import GROUPS, BlockCounts, linear_layer_names, resolve_targets
+
+    ctx_dim = pcn.SIZES[name][3]
+    h = res // 16
+    g = torch.Generator().manual_seed(0)
+    data = KleinDataset([torch.randn(128, h, h, generator=g) for _ in range(n)],
+                        [torch.randn(512, ctx_dim, generator=g) for _ in range(n)], ["bench"] * n,
+                        [f"bench{i}.png" for i in range(n)], res, "bench", "random")
+    dm = patcher.model.diffusion_model
+    return data, resolve_targets(GROUPS, "attention", BlockCounts.of_model(dm), linear_names=linear_layer_names(dm))
+
+
 def run_ours(pcn, patcher, name, res, gc, variant="base", warm=WARM, steps=STEPS, seed=0):
     """trainer.loop.train_lora itself (what KleinLoRATrainer calls), timed between its per-step callbacks.
 
@@ -95,16 +117,8 @@ def run_ours(pcn, patcher, name, res, gc, variant="base", warm=WARM, steps=STEPS
 
     import torch
     from klein_lora_studio.trainer import loop
-    from klein_lora_studio.trainer.dataset import KleinDataset
-    from klein_lora_studio.trainer.targets import GROUPS, BlockCounts, linear_layer_names, resolve_targets
 
-    _, _, _, ctx_dim = pcn.SIZES[name]
-    h = w = res // 16
-    gen = torch.Generator().manual_seed(0)
-    data = KleinDataset([torch.randn(128, h, w, generator=gen)], [torch.randn(512, ctx_dim, generator=gen)],
-                        ["bench"], ["bench.png"], res, "bench", "random")
-    dm = patcher.model.diffusion_model
-    targets = resolve_targets(GROUPS, "attention", BlockCounts.of_model(dm), linear_names=linear_layer_names(dm))
+    data, targets = random_run(pcn, name, patcher, res)
     cfg = loop.TrainConfig(rank=32, alpha=32.0, learning_rate=1e-4, steps=warm + steps, seed=seed,
                            gradient_checkpointing=gc, save_dtype="bf16", output_name="bench",
                            compile_blocks=VARIANTS[variant]["compile_blocks"])
@@ -279,7 +293,7 @@ def main():
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
             print(f"# {name}: random state dict in {time.perf_counter() - t:.1f}s", flush=True)
         if "ours" in impls or variants:
-            patcher = load_patcher(sd)
+            patcher = load_patcher(sd)  # the state dict is shared with the ComfyUI-native peer below
             for res, gc in configs:
                 key = dict(impl="ours", model=name, res=res, gc=gc)
                 if "ours" in impls:

@@ -36,17 +36,9 @@ def main() -> None:
     pcn = bench_step.setup_comfy()
     import torch
     from klein_lora_studio.trainer import loop
-    from klein_lora_studio.trainer.dataset import KleinDataset
-    from klein_lora_studio.trainer.targets import GROUPS, BlockCounts, linear_layer_names, resolve_targets
 
-    hidden, depth, single, ctx = pcn.SIZES["klein4b"]
-    patcher = bench_step.load_patcher({k: v.cpu() for k, v in pcn.random_sd(hidden, depth, single, ctx).items()})
-    h = a.res // 16
-    g = torch.Generator().manual_seed(0)
-    data = KleinDataset([torch.randn(128, h, h, generator=g)], [torch.randn(512, ctx, generator=g)], ["p"], ["p.png"],
-                        a.res, "p", "random")
-    dm = patcher.model.diffusion_model
-    targets = resolve_targets(GROUPS, "attention", BlockCounts.of_model(dm), linear_names=linear_layer_names(dm))
+    patcher = bench_step.random_patcher(pcn, "klein4b")
+    data, targets = bench_step.random_run(pcn, "klein4b", patcher, a.res, n=1)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA],
                                   schedule=torch.profiler.schedule(wait=5, warmup=1, active=2, repeat=1))
     cfg = loop.TrainConfig(rank=32, alpha=32, learning_rate=1e-4, steps=9, gradient_checkpointing=a.gc,

@@ -18,24 +18,25 @@ from .types import CATEGORY, KleinDataset, KleinTargets
 EVENT = "klein_lora.progress"
 
 
-def _send(event: str, data: dict) -> None:
-    """Push a websocket event to the page when a server is running (not in library use)."""
-    progress_log.record(event, data)  # kept for GET /klein_lora/history (page reload mid-run)
+def _server():
+    """ComfyUI's running server, or None when the pack is used as a library."""
     try:
         from server import PromptServer
     except ImportError:
-        return
-    if getattr(PromptServer, "instance", None) is not None:
-        PromptServer.instance.send_sync(event, data)
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+def _send(event: str, data: dict) -> None:
+    """Push a websocket event to the page (and keep it for GET /klein_lora/history, a reload mid-run)."""
+    progress_log.record(event, data)
+    if (srv := _server()) is not None:
+        srv.send_sync(event, data)
 
 
 def _progress_text(text: str, node_id) -> None:
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    if getattr(PromptServer, "instance", None) is not None and node_id is not None:
-        PromptServer.instance.send_progress_text(text, node_id)
+    if (srv := _server()) is not None and node_id is not None:
+        srv.send_progress_text(text, node_id)
 
 
 class KleinLoRATrainer(io.ComfyNode):
@@ -158,7 +159,7 @@ class KleinLoRATrainer(io.ComfyNode):
         checkpoints = "\n".join(str(p) for p in [*result.checkpoints, result.lora_path])
         evaluation = "connect clip and vae (and save_every > 0) to sample and judge the checkpoints"
         if monitor is not None:
-            evaluation, best, report = monitor.finish(result.lora_path)
+            evaluation, _, report = monitor.finish(result.lora_path)
             evaluation += f"\nreport: {report}"
         ui = {"lora_path": [str(result.lora_path)], "checkpoints": [str(p) for p in result.checkpoints],
               "final_loss": [result.losses[-1]]}

@@ -84,7 +84,7 @@ def test_image_to_image_workflow_trains_on_pairs_headless(server, base_dir):
     rc, text = _run(wf, server)
     assert rc == 0, text
     with safetensors.safe_open(str(base_dir / "models" / "loras" / "server_i2i.safetensors"), "pt") as f:
-        assert f.metadata()["task_kind"] == '"image-to-image"' or f.metadata()["task_kind"] == "image-to-image"
+        assert f.metadata()["task_kind"] == "image-to-image"
 
 
 @pytest.mark.slow
