@@ -80,6 +80,28 @@ def test_live_samples_match_the_saved_checkpoints(run, tiny):
     assert cols[2].images.shape == (1, 64, 64, 3)
 
 
+def test_compiled_sampling_matches_eager(run, tiny):
+    """The compiled blocks the live sampler uses on CUDA sample what the eager model samples (here on the CPU)."""
+    import comfy.sd
+    from torch._dynamo.utils import counters
+
+    sd, _ = sp.read_lora(run["result"].lora_path)
+    model, _ = comfy.sd.load_lora_for_models(run["unet"], None, sd, 1.0, 0)
+    options = repr(model.model_options)
+    eager = sp.LiveSampler(tiny.clip, tiny.vae, run["prompts"], run["live"].settings, compile_blocks=False)
+    compiled = sp.LiveSampler(tiny.clip, tiny.vae, run["prompts"], run["live"].settings, compile_blocks=True)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        eager(20, run["result"].lora_path, model)
+        compiled(20, run["result"].lora_path, model)
+        compiled(20, run["result"].lora_path, model)  # the second checkpoint reuses the compiled blocks
+    assert counters["stats"]["unique_graphs"] > graphs, "the blocks were not compiled"
+    a, b, c = eager.columns[0].latents[0], compiled.columns[0].latents[0], compiled.columns[1].latents[0]
+    assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert torch.equal(b, c)
+    assert repr(model.model_options) == options, "sampling must not patch the model it was given"
+
+
 def test_validation_loss_by_band_is_fixed_and_drops_with_training(run, tiny):
     import comfy.sd
 

@@ -24,7 +24,7 @@ from .lora import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
 from .paths import atomic_save_safetensors, remove_stale_temps, unique_run_name
 from .targets import KleinTargets
 
-OPTIMIZERS = ("AdamW", "Adafactor")
+OPTIMIZERS = ("AdamW", "Adafactor", "AdamW8bit")  # AdamW8bit: torchao's 8-bit optimizer states (low-VRAM mode)
 COMPILE_CHOICES = ("auto", "on", "off")  # auto: compile the blocks on CUDA, not on the CPU
 KNOWN_SIZES = {(5, 20, 3072): "flux2-klein-4b", (8, 24, 4096): "flux2-klein-9b"}
 
@@ -47,6 +47,15 @@ class TrainConfig:
     compile_blocks: str = "auto"
     resume_from: str = ""  # "latest", a checkpoint of the run, or "" for a new run (see trainer/resume.py)
     keep_states: int = 2  # training states kept beside the checkpoints (0: all); each is ~3x the fp32 LoRA
+    low_vram: bool = False  # gradient checkpointing + 8-bit AdamW; load the base with weight_dtype fp8 for the rest
+
+    @property
+    def recompute(self) -> bool:
+        return self.gradient_checkpointing or self.low_vram
+
+    @property
+    def optimizer_used(self) -> str:
+        return "AdamW8bit" if self.low_vram and self.optimizer == "AdamW" else self.optimizer
 
     def validate(self) -> None:
         if self.steps < 1:
@@ -245,6 +254,13 @@ def _dataset_batches(dataset: KleinDataset, batch_size: int, generator: torch.Ge
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "Adafactor":
         return torch.optim.Adafactor(params, lr=lr)
+    if name == "AdamW8bit":
+        try:
+            from torchao.optim import AdamW8bit  # block-wise 8-bit moments: 1/4 of AdamW's state memory
+        except ImportError as e:
+            raise ValueError("optimizer AdamW8bit (and low_vram) needs torchao: `pip install torchao`, or pick "
+                             "AdamW.") from e
+        return AdamW8bit(params, lr=lr, weight_decay=0.0)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
@@ -296,7 +312,11 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
     with torch.inference_mode(False), torch.enable_grad():
         work = _training_model(patcher)
         dm = work.model.diffusion_model
-        device, dtype = work.load_device, work.model.get_dtype()
+        # the compute dtype: fp8-stored weights (UNETLoader weight_dtype fp8_*) are cast per layer to this one
+        device, dtype = work.load_device, work.model.get_dtype_inference()
+        if cfg.low_vram and work.model.get_dtype().itemsize > 1:
+            logging.warning("Klein LoRA: low_vram with %s base weights; load the model with weight_dtype fp8_e4m3fn "
+                            "(Load Diffusion Model) to halve their memory.", work.model.get_dtype())
         autocast = (torch.autocast(device.type, dtype=dtype)
                     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else nullcontext())
         compile_blocks = cfg.compile_blocks == "on" or (cfg.compile_blocks == "auto" and device.type == "cuda")
@@ -304,14 +324,15 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
             # fp32 eager needs inplace_safe_norms; traced, the same in-place adds fail inside the compiler
             logging.warning("Klein LoRA: compiled blocks need a bf16/fp16 model on CUDA; training uncompiled.")
             compile_blocks = False
-        options = block_options(dm, cfg.gradient_checkpointing, compile_blocks)
+        options = block_options(dm, cfg.recompute, compile_blocks)
         meta = lora_metadata(
             format="comfyui-bfl-lora", base_model=klein_size(dm), base_model_file=base_model_file(patcher),
             rank=cfg.rank, alpha=cfg.alpha, learning_rate=cfg.learning_rate, steps=cfg.steps,
-            batch_size=cfg.batch_size, seed=cfg.seed, optimizer=cfg.optimizer, recipe=cfg.recipe,
+            batch_size=cfg.batch_size, seed=cfg.seed, optimizer=cfg.optimizer_used, recipe=cfg.recipe,
             trigger=dataset.trigger, dataset_size=len(dataset), resolution=dataset.resolution,
             target_groups=list(targets.groups), target_layers=targets.layers, targets=targets.modules,
-            gradient_checkpointing=cfg.gradient_checkpointing, compiled=compile_blocks, software="klein-lora-studio",
+            low_vram=cfg.low_vram, base_weight_dtype=str(work.model.get_dtype()).removeprefix("torch."),
+            gradient_checkpointing=cfg.recompute, compiled=compile_blocks, software="klein-lora-studio",
             task_kind="image-to-image" if dataset.references else "text-to-image",
             buckets=[f"{w}x{h}:{len(v)}" for (w, h), v in dataset.bucket_assignment().items()],
             repeats=dataset.repeats, caption_dropout=dataset.caption_dropout,
@@ -333,14 +354,17 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
         first = 1
         with lora_layers(dm, targets.modules, cfg.rank, cfg.alpha, seed=cfg.seed) as lora, \
                 (nullcontext() if compile_blocks else inplace_safe_norms(dm)), \
-                comfy_training_mode(cfg.gradient_checkpointing), _dynamo_limits(compile_blocks):
+                comfy_training_mode(cfg.recompute), _dynamo_limits(compile_blocks):
             params = lora.parameters()
-            opt = _make_optimizer(cfg.optimizer, params, cfg.learning_rate)
+            opt = _make_optimizer(cfg.optimizer_used, params, cfg.learning_rate)
             if resumed is not None:
                 lora.load_state_dict(resumed["lora"])
                 opt.load_state_dict(resumed["optimizer"])
-                for group in opt.param_groups:
-                    group["lr"] = cfg.learning_rate  # a changed learning rate applies from here (noted in meta)
+                for group in opt.param_groups:  # a changed learning rate applies from here (noted in meta)
+                    if isinstance(group["lr"], torch.Tensor):
+                        group["lr"].fill_(cfg.learning_rate)  # torchao keeps lr as a tensor and checks it stays one
+                    else:
+                        group["lr"] = cfg.learning_rate
                 generator.set_state(resumed["generator"])
                 caption_rng.setstate(resumed["caption_rng"])
                 batches.load_state_dict(resumed["batches"])
@@ -409,7 +433,7 @@ def _oom_message(step: int, cfg: TrainConfig, x0: torch.Tensor, checkpoints: lis
     kept = (f"the last checkpoint {checkpoints[-1].name} is kept" if checkpoints else "no checkpoint was saved yet")
     how = ("; resume it with resume_from 'latest' after lowering batch_size or turning gradient_checkpointing on "
            "(rank and the dataset must stay the same to resume)" if states else "")
-    ckpt = "on" if cfg.gradient_checkpointing else "off"
+    ckpt = "on" if cfg.recompute else "off"
     return (f"out of GPU memory in training step {step} (batch_size {cfg.batch_size}, {w}x{h} px, rank {cfg.rank}, "
             f"gradient_checkpointing {ckpt}). Lower batch_size, the resolution (Dataset Loader), or rank, or turn "
             f"gradient_checkpointing on (the low-VRAM mode: ~30% slower, much less memory); {kept}{how}.")

@@ -148,6 +148,11 @@ def check_compatible(state: dict, path: Path, cfg, modules: list[str], dataset) 
             raise ValueError(f"resume_from {path.name}: the run was trained with {key} {before.get(key)}, this run asks "
                              f"for {key} {getattr(cfg, key)}. Set {key} back to {before.get(key)} to resume, or leave "
                              "resume_from empty to train a new LoRA.")
+    used_before = "AdamW8bit" if before.get("low_vram") and before.get("optimizer") == "AdamW" else before.get("optimizer")
+    if used_before != cfg.optimizer_used:  # low_vram swaps AdamW's state for 8-bit moments: not interchangeable
+        raise ValueError(f"resume_from {path.name}: the run's optimizer state is {used_before}, this run would use "
+                         f"{cfg.optimizer_used} (low_vram {before.get('low_vram', False)} then, {cfg.low_vram} now). Set "
+                         "low_vram back to resume, or leave resume_from empty to train a new LoRA.")
     if list(state["targets"]) != list(modules):
         gone = sorted(set(state["targets"]) - set(modules))
         new = sorted(set(modules) - set(state["targets"]))

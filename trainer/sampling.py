@@ -233,6 +233,31 @@ def sample_checkpoints(base_model, clip, vae, checkpoints: Sequence[Path], promp
     return columns
 
 
+class CompiledBlocks:
+    """torch.compile'd block wrappers for sampling, built once per diffusion model and reused at every checkpoint.
+
+    Put on a clone of the model through ComfyUI's block-replace patches (as training does), so the model
+    itself is untouched and the stock sampler (CFG with cond and uncond in one batch) runs them. Building the
+    wrappers once matters: new wrappers would compile again (tens of seconds) at every checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self._dm = None
+        self._patches: dict = {}
+
+    def apply(self, model):
+        from .checkpointing import block_options
+
+        dm = model.model.diffusion_model
+        if self._dm is not dm:
+            self._patches = block_options(dm, recompute=False, compile_blocks=True)["patches_replace"]["dit"]
+            self._dm = dm
+        compiled = model.clone()
+        for (kind, index), patch in self._patches.items():
+            compiled.set_model_patch_replace(patch, "dit", kind, index)
+        return compiled
+
+
 class LiveSampler:
     """Samples the suite from the trainer's live model at each checkpoint (TrainHooks.on_checkpoint).
 
@@ -242,25 +267,33 @@ class LiveSampler:
     the images as PIL images in suite order.
     """
 
-    def __init__(self, clip, vae, prompts: Sequence[SuitePrompt], settings: SampleSettings):
+    def __init__(self, clip, vae, prompts: Sequence[SuitePrompt], settings: SampleSettings,
+                 compile_blocks: bool | None = None, conds: tuple[list, list] | None = None):
         settings.validate()
+        # compiled blocks on CUDA (as training): ~1.3x faster samples after one compilation
+        self.compiled = CompiledBlocks() if (torch.cuda.is_available() if compile_blocks is None else compile_blocks) \
+            else None
         self.vae = vae
         self.prompts = list(prompts)
         self.settings = settings
-        with torch.inference_mode():
-            self.conds = encode_prompts(clip, self.prompts)
+        if conds is None:
+            with torch.inference_mode():
+                conds = encode_prompts(clip, self.prompts)
+        self.conds = conds  # (positives in suite order, negative); given pre-encoded by the benchmarks
         self.columns: list[Column] = []
 
     def __call__(self, step: int, path: Path, live_model) -> list:
+        model = self.compiled.apply(live_model) if self.compiled else live_model
         with torch.no_grad():
-            col = sample_column(live_model, self.conds, self.vae, self.settings, f"step {step}", str(path), step)
+            col = sample_column(model, self.conds, self.vae, self.settings, f"step {step}", str(path), step)
         self.columns.append(col)
         return [to_pil(img) for img in col.images]
 
     def base_column(self, base_model) -> Column:
         """The base model's samples (the metrics' reference); sample it before training starts."""
+        model = self.compiled.apply(base_model) if self.compiled else base_model
         with torch.no_grad():
-            return sample_column(base_model, self.conds, self.vae, self.settings, BASE_LABEL, step=0)
+            return sample_column(model, self.conds, self.vae, self.settings, BASE_LABEL, step=0)
 
 
 def _font(size: int):

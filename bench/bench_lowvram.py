@@ -1,0 +1,90 @@
+"""Low-VRAM mode (issue 5 item 3): klein 4B/9B at 1024² with fp8-stored base weights + low_vram
+(gradient checkpointing, torchao 8-bit AdamW) against the bf16 run with checkpointing, same seed.
+
+Both through trainer.loop.train_lora (the node's path) on ComfyUI models of random weights; the fp8
+model is loaded the way UNETLoader's weight_dtype fp8_e4m3fn loads it (model_options dtype). Reports
+s/step (median after warm-up), peak allocated and reserved GPU memory, and the largest relative
+difference between the two loss curves (same seed: same data, noise and sigmas).
+
+usage: bench_lowvram.py [--models klein4b,klein9b] [--steps 10] [--warm 4]   (writes $OUT/bench_lowvram.json)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_step as bs  # noqa: E402
+
+MODES = {"bf16+ckpt": dict(dtype="bfloat16", low_vram=False), "fp8+low_vram": dict(dtype="float8_e4m3fn", low_vram=True)}
+
+
+def load_patcher(sd, dtype):
+    import comfy.sd
+
+    def load(disable_dynamic=False):
+        return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": dtype},
+                                                        disable_dynamic=disable_dynamic)
+    p = load()
+    p.cached_patcher_init = (load, ())
+    return p
+
+
+def run(pcn, sd, name: str, mode: str, warm: int, steps: int, res: int) -> dict:
+    import torch
+    from klein_lora_studio.trainer import loop
+
+    spec = MODES[mode]
+    patcher = load_patcher(sd, getattr(torch, spec["dtype"]))
+    data, targets = bs.random_run(pcn, name, patcher, res)
+    cfg = loop.TrainConfig(rank=32, alpha=32.0, learning_rate=1e-4, steps=warm + steps, seed=0,
+                           gradient_checkpointing=True, low_vram=spec["low_vram"], output_name="bench")
+    stamps: list[float] = []
+    hooks = loop.TrainHooks(on_step=lambda step, total, loss: stamps.append(time.perf_counter()))
+    bs.reset_peak()
+    with tempfile.TemporaryDirectory() as out, torch.inference_mode():
+        result = loop.train_lora(patcher, data, targets, cfg, Path(out), hooks)
+    times = [b - a for a, b in zip(stamps[warm - 1:-1], stamps[warm:], strict=True)]
+    row = dict(model=name, res=res, mode=mode, step_s=statistics.median(times), peak_gib=bs.peak_gib(),
+               reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
+               losses=result.losses, optimizer=cfg.optimizer_used, weight_dtype=spec["dtype"])
+    del patcher
+    bs.free_comfy()
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="klein4b,klein9b")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warm", type=int, default=4)
+    ap.add_argument("--res", type=int, default=1024)
+    a = ap.parse_args()
+    pcn = bs.setup_comfy()
+    rows = []
+    for name in a.models.split(","):
+        hidden, depth, single, ctx = pcn.SIZES[name]
+        sd = {k: v.cpu() for k, v in pcn.random_sd(hidden, depth, single, ctx).items()}
+        for mode in MODES:
+            rows.append(bs.guarded(run, dict(model=name, res=a.res, gc=True, mode=mode), pcn, sd, name, mode,
+                                   a.warm, a.steps, a.res))
+        base, low = rows[-2], rows[-1]
+        if "losses" in base and "losses" in low:
+            low["max_rel_loss_diff"] = max(abs(x - y) / abs(y) for x, y in zip(low["losses"], base["losses"],
+                                                                                 strict=True))
+            low["step_ratio"] = low["step_s"] / base["step_s"]
+            print(json.dumps({k: low[k] for k in ("model", "max_rel_loss_diff", "step_ratio", "peak_gib")}), flush=True)
+        del sd
+    out = dict(env=bs.env_info(), rows=rows)
+    with open(os.path.join(bs.OUT, "bench_lowvram.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
