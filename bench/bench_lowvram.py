@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step as bs  # noqa: E402
 
-MODES = {"bf16+ckpt": dict(dtype="bfloat16", low_vram=False), "fp8+low_vram": dict(dtype="float8_e4m3fn", low_vram=True)}
+MODES = {"bf16+ckpt": dict(dtype="bfloat16", low_vram=False), "fp8+low_vram": dict(dtype="float8_e4m3fn", low_vram=True),
+         "fp8+low_vram:eager": dict(dtype="float8_e4m3fn", low_vram=True, compile_blocks="off")}
 
 
 def load_patcher(sd, dtype):
@@ -44,16 +45,32 @@ def run(pcn, sd, name: str, mode: str, warm: int, steps: int, res: int) -> dict:
     patcher = load_patcher(sd, getattr(torch, spec["dtype"]))
     data, targets = bs.random_run(pcn, name, patcher, res)
     cfg = loop.TrainConfig(rank=32, alpha=32.0, learning_rate=1e-4, steps=warm + steps, seed=0,
-                           gradient_checkpointing=True, low_vram=spec["low_vram"], output_name="bench")
+                           gradient_checkpointing=True, low_vram=spec["low_vram"], output_name="bench",
+                           compile_blocks=spec.get("compile_blocks", "auto"))
     stamps: list[float] = []
-    hooks = loop.TrainHooks(on_step=lambda step, total, loss: stamps.append(time.perf_counter()))
+    mem: dict[str, float] = {}
+
+    def on_step(step, total, loss):
+        stamps.append(time.perf_counter())
+        if torch.cuda.is_available() and step in (1, warm):
+            # resident after the step (weights, LoRA, optimizer) and the peak so far; from `warm` on, the
+            # steady-state peak alone (loading and first-step compilation excluded)
+            mem[f"allocated_after_step{step}_gib"] = torch.cuda.memory_allocated() / 2**30
+            mem[f"peak_to_step{step}_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            if step == warm:
+                torch.cuda.reset_peak_memory_stats()
+    hooks = loop.TrainHooks(on_step=on_step)
     bs.reset_peak()
+    mem["weights_gib"] = sum(t.numel() * t.element_size() for t in patcher.model.diffusion_model.state_dict().values()) / 2**30
     with tempfile.TemporaryDirectory() as out, torch.inference_mode():
         result = loop.train_lora(patcher, data, targets, cfg, Path(out), hooks)
     times = [b - a for a, b in zip(stamps[warm - 1:-1], stamps[warm:], strict=True)]
-    row = dict(model=name, res=res, mode=mode, step_s=statistics.median(times), peak_gib=bs.peak_gib(),
+    steady = bs.peak_gib()
+    row = dict(model=name, res=res, mode=mode, step_s=statistics.median(times),
+               peak_gib=max(steady or 0.0, mem.get(f"peak_to_step{warm}_gib", 0.0)),
                reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
-               losses=result.losses, optimizer=cfg.optimizer_used, weight_dtype=spec["dtype"])
+               losses=result.losses, optimizer=cfg.optimizer_used, weight_dtype=spec["dtype"],
+               steady_peak_gib=steady, **mem)
     del patcher
     bs.free_comfy()
     return row
@@ -74,7 +91,7 @@ def main() -> None:
         for mode in MODES:
             rows.append(bs.guarded(run, dict(model=name, res=a.res, gc=True, mode=mode), pcn, sd, name, mode,
                                    a.warm, a.steps, a.res))
-        base, low = rows[-2], rows[-1]
+        base, low = rows[-3], rows[-2]
         if "losses" in base and "losses" in low:
             low["max_rel_loss_diff"] = max(abs(x - y) / abs(y) for x, y in zip(low["losses"], base["losses"],
                                                                                  strict=True))
