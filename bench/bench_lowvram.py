@@ -6,7 +6,8 @@ model is loaded the way UNETLoader's weight_dtype fp8_e4m3fn loads it (model_opt
 s/step (median after warm-up), peak allocated and reserved GPU memory, and the largest relative
 difference between the two loss curves (same seed: same data, noise and sigmas).
 
-usage: bench_lowvram.py [--models klein4b,klein9b] [--steps 10] [--warm 4]   (writes $OUT/bench_lowvram.json)
+usage: bench_lowvram.py [--models klein4b,klein9b] [--modes bf16+ckpt,fp8+low_vram] [--steps 10] [--warm 4]
+       (each config in its own process; writes $OUT/bench_lowvram.json)
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,28 +78,43 @@ def run(pcn, sd, name: str, mode: str, warm: int, steps: int, res: int) -> dict:
     return row
 
 
+def one(model: str, mode: str, warm: int, steps: int, res: int) -> None:
+    """One config in this process: a model loaded before it would still count towards the peak here."""
+    pcn = bs.setup_comfy()
+    hidden, depth, single, ctx = pcn.SIZES[model]
+    sd = {k: v.cpu() for k, v in pcn.random_sd(hidden, depth, single, ctx).items()}
+    row = bs.guarded(run, dict(model=model, res=res, gc=True, mode=mode), pcn, sd, model, mode, warm, steps, res)
+    print("ROW " + json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="klein4b,klein9b")
+    ap.add_argument("--modes", default="bf16+ckpt,fp8+low_vram")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--res", type=int, default=1024)
+    ap.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
-    pcn = bs.setup_comfy()
+    if a.one:
+        return one(*a.one, a.warm, a.steps, a.res)
     rows = []
     for name in a.models.split(","):
-        hidden, depth, single, ctx = pcn.SIZES[name]
-        sd = {k: v.cpu() for k, v in pcn.random_sd(hidden, depth, single, ctx).items()}
-        for mode in MODES:
-            rows.append(bs.guarded(run, dict(model=name, res=a.res, gc=True, mode=mode), pcn, sd, name, mode,
-                                   a.warm, a.steps, a.res))
-        base, low = rows[-3], rows[-2]
-        if "losses" in base and "losses" in low:
+        for mode in a.modes.split(","):
+            cmd = [sys.executable, __file__, "--one", name, mode, "--steps", str(a.steps), "--warm", str(a.warm),
+                   "--res", str(a.res)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            found = [ln[4:] for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+            row = json.loads(found[-1]) if found else dict(model=name, mode=mode, error=proc.stderr[-600:])
+            rows.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "losses"}), flush=True)
+        base = next((r for r in rows if r.get("model") == name and r.get("mode") == "bf16+ckpt"), None)
+        low = next((r for r in rows if r.get("model") == name and r.get("mode") == "fp8+low_vram"), None)
+        if base and low and "losses" in base and "losses" in low:
             low["max_rel_loss_diff"] = max(abs(x - y) / abs(y) for x, y in zip(low["losses"], base["losses"],
                                                                                  strict=True))
             low["step_ratio"] = low["step_s"] / base["step_s"]
             print(json.dumps({k: low[k] for k in ("model", "max_rel_loss_diff", "step_ratio", "peak_gib")}), flush=True)
-        del sd
     out = dict(env=bs.env_info(), rows=rows)
     with open(os.path.join(bs.OUT, "bench_lowvram.json"), "w") as f:
         json.dump(out, f, indent=1)
