@@ -50,6 +50,21 @@ def flux2_state_dict(hidden: int, double: int, single: int, context: int, seed: 
     return sd
 
 
+def flux1_state_dict(hidden: int = 256, double: int = 1, single: int = 1, context: int = 64) -> dict[str, torch.Tensor]:
+    """Zero weights of a tiny FLUX.1 [schnell]-layout model (BFL names): a model that is NOT klein, for the
+    tests of the queue-time model check (ComfyUI detects it as FluxSchnell)."""
+    import comfy.ldm.flux.model as fm
+
+    ops = types.SimpleNamespace(Linear=torch.nn.Linear, LayerNorm=torch.nn.LayerNorm, RMSNorm=torch.nn.RMSNorm)
+    with torch.device("meta"):
+        meta = fm.Flux(image_model="flux", operations=ops, in_channels=16, out_channels=16, vec_in_dim=64,
+                       context_in_dim=context, hidden_size=hidden, mlp_ratio=4.0, num_heads=hidden // 128, depth=double,
+                       depth_single_blocks=single, axes_dim=[16, 56, 56], theta=10000, patch_size=2, qkv_bias=True,
+                       guidance_embed=False, txt_ids_dims=[])
+    return {(k[:-7] + ".scale") if k.endswith("_norm.weight") else k: torch.zeros(v.shape)
+            for k, v in meta.state_dict().items()}
+
+
 def tiny_te_config() -> dict:
     return {"hidden_size": TE_WIDTH, "intermediate_size": 2 * TE_WIDTH, "num_hidden_layers": TE_LAYERS,
             "num_attention_heads": 2, "num_key_value_heads": 1}

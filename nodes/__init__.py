@@ -23,6 +23,13 @@ try:  # the history route for the web extension; a server-only extra, never a re
 except Exception:  # noqa: BLE001
     logging.exception("Klein LoRA: the /klein_lora/history route could not be registered; the chart will not replay")
 
+try:  # queue-time model and rank checks (nodes/queue_check.py); without them the run-time checks still stand
+    from .queue_check import register as _register_queue_check
+
+    _register_queue_check()
+except Exception:  # noqa: BLE001
+    logging.exception("Klein LoRA: the queue-time model check could not be registered; the run will check instead")
+
 DEV_NODES_ENV = "KLEIN_LORA_DEV_NODES"
 
 

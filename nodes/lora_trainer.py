@@ -12,7 +12,7 @@ from comfy_api.latest import io
 from ..trainer import loop, paths, recipes
 from ..trainer.lora import SAVE_DTYPES
 from ..trainer.monitor import TrainingMonitor
-from . import progress_log
+from . import progress_log, queue_check
 from .types import CATEGORY, KleinDataset, KleinTargets
 
 EVENT = "klein_lora.progress"
@@ -110,13 +110,15 @@ class KleinLoRATrainer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, output_name: str) -> bool | str:
-        """At queue time, before any model loads: a bad output name fails now, not after the encode."""
+    def validate_inputs(cls, output_name: str, model=None) -> bool | str:
+        """At queue time, before any model loads: a bad output name, and a MODEL that is not klein or a rank
+        wider than its targeted layers (found by nodes/queue_check.py from the prompt), fail now, not after
+        the encode. `model` is listed so ComfyUI attributes the error to it too (it is None at queue time)."""
         try:
             paths.safe_name(output_name)
         except ValueError as e:
             return str(e)
-        return True
+        return queue_check.problem(cls) or True
 
     @classmethod
     def execute(cls, model, dataset, targets, recipe: str, rank: int, alpha: float, learning_rate: float,

@@ -3,9 +3,10 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..trainer import targets as tg
+from . import queue_check
 from .types import CATEGORY, KleinTargets
 
-CUSTOM = "custom"
+CUSTOM = tg.CUSTOM
 
 
 class KleinBlockTargetSelector(io.ComfyNode):
@@ -39,7 +40,13 @@ class KleinBlockTargetSelector(io.ComfyNode):
                 KleinTargets.Output(display_name="targets"),
                 io.String.Output(display_name="description"),
             ],
+            hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, model=None) -> bool | str:
+        """At queue time: a MODEL traced to a file that is not klein fails now (see nodes/queue_check.py)."""
+        return queue_check.problem(cls) or True
 
     @classmethod
     def execute(cls, model, preset: str, double_blocks: bool, single_early: bool, single_mid: bool,
@@ -48,11 +55,8 @@ class KleinBlockTargetSelector(io.ComfyNode):
         if not hasattr(dm, "double_blocks") or not hasattr(dm, "single_blocks"):
             raise ValueError(f"the MODEL is a {type(model.model).__name__}, not FLUX.2 [klein]: connect a klein "
                              "diffusion model (UNETLoader).")
-        if preset != CUSTOM:
-            p = tg.PRESETS[preset]
-            groups, layers, streams = p.groups, p.layers, p.streams
-        else:
-            switches = zip(tg.GROUPS, (double_blocks, single_early, single_mid, single_late), strict=True)
-            groups = tuple(g for g, on in switches if on)
+        groups, layers, streams = tg.selection(preset, (double_blocks, single_early, single_mid, single_late), layers,
+                                               streams)
         t = tg.resolve_targets(groups, layers, tg.BlockCounts.of_model(dm), streams, tg.linear_layer_names(dm))
         return io.NodeOutput(t, t.describe())
+

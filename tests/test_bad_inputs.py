@@ -194,6 +194,22 @@ def test_a_non_klein_model_is_refused(comfy, trainer_inputs, base_dir, guarded):
                                  "bad_model", "bf16")
 
 
+def test_flux2_dev_is_refused_at_run_time_too(comfy):
+    """Same architecture class as klein in ComfyUI (model_base.Flux2), but 8 + 48 blocks of width 6144."""
+    import types
+
+    import comfy.model_base
+    from klein_lora_studio.trainer import loop
+
+    dev = comfy.model_base.Flux2.__new__(comfy.model_base.Flux2)
+    torch.nn.Module.__init__(dev)
+    dev.diffusion_model = types.SimpleNamespace(double_blocks=[None] * 8, single_blocks=[None] * 48, hidden_size=6144)
+    with pytest.raises(ValueError, match=r"MODEL input is FLUX\.2 \[dev\] \(32B.*not FLUX\.2 \[klein\].*klein Base 4B or 9B"):
+        loop.check_klein(types.SimpleNamespace(model=dev))
+    dev.diffusion_model.single_blocks = [None] * 24  # klein 9B's counts with dev's width: not dev, left to run
+    loop.check_klein(types.SimpleNamespace(model=dev))
+
+
 def test_loras_of_different_bases_into_merge(comfy, base_dir, guarded):
     from klein_lora_studio.nodes.merge import KleinLoRAMerge
 

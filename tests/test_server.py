@@ -5,6 +5,7 @@ import asyncio
 import io
 import json
 import logging
+import urllib.error
 import urllib.request
 
 import pytest
@@ -18,9 +19,16 @@ from klein_lora_studio.tests.helpers import write_concept_dataset
 pytestmark = pytest.mark.comfy
 
 
+FLUX1_FILE = "flux1-tiny.safetensors"  # a model that is not klein (ComfyUI detects FLUX.1 [schnell])
+
+
 @pytest.fixture(scope="module")
 def server(tiny, base_dir):
+    import comfy.utils
+    from klein_lora_studio.devtools.tiny_models import flux1_state_dict
+
     write_concept_dataset(base_dir / "input" / "server_ds", n=4, size=64)
+    comfy.utils.save_torch_file(flux1_state_dict(), str(base_dir / "models" / "diffusion_models" / FLUX1_FILE))
     with ComfyServer(COMFYUI, base_dir) as url:
         yield url
 
@@ -115,9 +123,56 @@ def test_bad_output_name_fails_at_queue_time_with_the_fix(server):
     assert rc == 1 and "not a plain file name" in text and "running node" not in text
 
 
-def test_node_error_exits_2_with_the_fix(server):
+def _post(workflow: dict, url: str) -> tuple[int, dict]:
+    """POST /prompt as the page does: (HTTP status, ComfyUI's answer)."""
+    req = urllib.request.Request(url + "/prompt", data=json.dumps({"prompt": workflow}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def _details(answer: dict, node: str) -> str:
+    return "\n".join(e.get("details", "") for e in answer["node_errors"][node]["errors"])
+
+
+def test_a_model_that_is_not_klein_is_refused_at_queue_time_on_the_trainer_and_selector(server):
+    wf = _tiny_style("never_flux1")
+    wf["1"]["inputs"]["unet_name"] = FLUX1_FILE
+    status, answer = _post(wf, server)
+    assert status == 400 and set(answer["node_errors"]) == {"5", "6"}, answer  # selector and trainer, nothing else
+    for node in ("5", "6"):
+        text = _details(answer, node)
+        assert f"'{FLUX1_FILE}' (node 1, Load Diffusion Model)" in text and "FLUX.1 [schnell]" in text
+        assert "not FLUX.2 [klein]" in text and "flux-2-klein-base-4b.safetensors" in text
+
+
+def test_a_rank_wider_than_the_targeted_layers_is_refused_at_queue_time(server):
+    wf = _tiny_style("never_rank")
+    wf["6"]["inputs"]["rank"] = 300  # the tiny model's layers are 256 wide
+    status, answer = _post(wf, server)
+    assert status == 400 and set(answer["node_errors"]) == {"6"}, answer
+    text = _details(answer, "6")
+    assert "rank 300 is larger than layer double_blocks.0.img_attn.qkv allows (256" in text
+    assert "lower the rank to at most 256" in text and "'klein-tiny.safetensors'" in text
+
+
+def test_a_valid_klein_prompt_passes_the_queue_time_check(server, base_dir):
+    wf = _tiny_style("queue_ok", steps=2, save_every=0)  # 2: the core loss graph divides by steps - 1
+    wf["6"]["inputs"]["rank"] = 256  # exactly the layer width: allowed
+    rc, text = _run(wf, server)
+    assert rc == 0, text
+    assert (base_dir / "models" / "loras" / "queue_ok.safetensors").is_file()
+
+
+def test_an_untraceable_model_is_left_to_the_run_time_check(server):
+    """A node between the loader and the trainer that the check does not know: queued, then the run refuses."""
     wf = _tiny_style("fails")
-    wf["6"]["inputs"]["rank"] = 300  # wider than the tiny model's 256-wide layers: known only at run time
+    wf["9"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": 1.73}}
+    wf["6"]["inputs"]["model"] = ["9", 0]
+    wf["6"]["inputs"]["rank"] = 300
     rc, text = _run(wf, server)
     assert rc == 2 and "rank 300 is larger than layer" in text and "lower the rank" in text
 

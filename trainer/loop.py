@@ -21,12 +21,12 @@ from .buckets import BucketBatchSampler
 from .checkpointing import block_options, inplace_safe_norms
 from .dataset import KleinDataset, stack_contexts
 from .lora import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
+from .model_check import KNOWN_SIZES, flux2_problem
 from .paths import atomic_save_safetensors, remove_stale_temps, unique_run_name
 from .targets import KleinTargets
 
 OPTIMIZERS = ("AdamW", "Adafactor", "AdamW8bit")  # AdamW8bit: torchao's 8-bit optimizer states (low-VRAM mode)
 COMPILE_CHOICES = ("auto", "on", "off")  # auto: compile the blocks on CUDA, not on the CPU
-KNOWN_SIZES = {(5, 20, 3072): "flux2-klein-4b", (8, 24, 4096): "flux2-klein-9b"}
 
 
 @dataclass
@@ -112,6 +112,9 @@ def check_klein(patcher) -> None:
         kind = type(model).__name__ if model is not None else type(patcher).__name__
         raise ValueError(f"the MODEL input is a {kind} model, not FLUX.2 [klein]: load a klein Base diffusion model "
                          "(e.g. flux-2-klein-base-4b) with Load Diffusion Model (UNETLoader).")
+    dm = model.diffusion_model
+    if (problem := flux2_problem(len(dm.double_blocks), len(dm.single_blocks), dm.hidden_size)) is not None:
+        raise ValueError(f"the MODEL input is {problem}.")
 
 
 def base_model_file(patcher) -> str:

@@ -20,17 +20,26 @@ PREFIX = "diffusion_model."
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def check_rank(diffusion_model: torch.nn.Module, modules: list[str], rank: int) -> None:
+def rank_problem(rank: int, widths: dict[str, int]) -> str | None:
+    """Why `rank` cannot train layers of these widths (min of in/out features per layer), or None."""
     if rank < 1:
-        raise ValueError(f"rank {rank} is below 1: use a rank of 1 or more (the recipes use 16-32).")
+        return f"rank {rank} is below 1: use a rank of 1 or more (the recipes use 16-32)."
+    if not widths:
+        return None
+    narrow = min(widths, key=widths.get)
+    if rank > widths[narrow]:
+        return (f"rank {rank} is larger than layer {narrow} allows ({widths[narrow]}, the smaller of its "
+                f"input and output widths): lower the rank to at most {widths[narrow]}.")
+    return None
+
+
+def check_rank(diffusion_model: torch.nn.Module, modules: list[str], rank: int) -> None:
     widths = {}
     for name in modules:
         m = diffusion_model.get_submodule(name)
         widths[name] = min(m.in_features, m.out_features)
-    narrow = min(widths, key=widths.get)
-    if rank > widths[narrow]:
-        raise ValueError(f"rank {rank} is larger than layer {narrow} allows ({widths[narrow]}, the smaller of its "
-                         f"input and output widths): lower the rank to at most {widths[narrow]}.")
+    if (problem := rank_problem(rank, widths)) is not None:
+        raise ValueError(problem)
 
 
 @dataclass

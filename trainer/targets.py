@@ -65,6 +65,18 @@ PRESETS: dict[str, TargetPreset] = {
 }
 
 
+CUSTOM = "custom"  # the selector's preset that uses its switches
+
+
+def selection(preset: str, switches: tuple[bool, ...], layers: str, streams: str) -> tuple[tuple[str, ...], str, str]:
+    """(groups, layers, streams) of the selector's widgets: the preset's, or with 'custom' the group switches'
+    (one per GROUPS entry) and the given layers and streams."""
+    if preset != CUSTOM:
+        p = PRESETS[preset]
+        return p.groups, p.layers, p.streams
+    return tuple(g for g, on in zip(GROUPS, switches, strict=True) if on), layers, streams
+
+
 @dataclass(frozen=True)
 class BlockCounts:
     double: int
