@@ -98,11 +98,11 @@ class Job:
     """A started run: `events()` yields its progress events; `stop()` ends it (checkpoints on disk stay)."""
 
     def __init__(self, config: Path, devices: list[str], extra: list[str] | None = None, log_prefix: str = "job"):
-        cmd, env = command(Path(config), devices, extra)
+        cmd, env = command(Path(config).resolve(), devices, extra)
         logging.info("Klein LoRA: starting %s", " ".join(cmd))
         self.config, self.devices, self.prefix = Path(config), devices, log_prefix
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     bufsize=1, start_new_session=os.name != "nt")
+                                     bufsize=1, start_new_session=os.name != "nt", cwd=str(import_root()))
         self._events: queue.Queue = queue.Queue()
         self.stderr_tail: deque[str] = deque(maxlen=40)
         self.error: dict | None = None

@@ -59,8 +59,8 @@ def find_comfyui(explicit: str | None, cfg: run_config.RunConfig | None = None) 
 
 def boot_comfyui(comfy_dir: Path, base_directory: str = "", cpu: bool = False) -> None:
     """Import ComfyUI as a library (no server, no custom nodes), with its folders under `base_directory`."""
-    if str(comfy_dir) not in sys.path:
-        sys.path.insert(1, str(comfy_dir))
+    # first on the path: a `nodes` package in the working directory (this pack has one) must not shadow ComfyUI's
+    sys.path.insert(0, str(comfy_dir))
     import comfy.options
 
     comfy.options.enable_args_parsing()
