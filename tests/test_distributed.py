@@ -290,3 +290,24 @@ def test_each_process_trains_its_half_and_the_halves_make_the_whole(exported):
                                save_every=0)
         loop.train_lora(unet, data, exported["targets"], cfg, exported["out"], ranks=RankZeroOfTwo(0, 2))
     assert seen == [(1, 2)] * 3
+
+
+@pytest.mark.comfy
+def test_cancel_stops_the_job_and_keeps_its_checkpoints(exported):
+    """Cancel (the node's check_cancel raising) ends the child processes; the checkpoints written so far stay."""
+    import comfy.model_management as mm
+
+    job = jobs.Job(_variant(exported["config"], "dp_cancel", steps=400), ["cpu", "cpu"])
+    seen = []
+
+    def check():
+        if any(e["klein_lora"] == "checkpoint" for e in seen):
+            raise mm.InterruptProcessingException()
+
+    with pytest.raises(mm.InterruptProcessingException):
+        for event in job.events(check):
+            seen.append(event)
+    assert job.proc.poll() is not None
+    first = next(e for e in seen if e["klein_lora"] == "checkpoint")
+    assert Path(first["path"]).is_file() and len(_lora(first["path"])) > 0
+    assert max(e["step"] for e in seen if e["klein_lora"] == "step") < 400
