@@ -311,3 +311,36 @@ def test_cancel_stops_the_job_and_keeps_its_checkpoints(exported):
     first = next(e for e in seen if e["klein_lora"] == "checkpoint")
     assert Path(first["path"]).is_file() and len(_lora(first["path"])) > 0
     assert max(e["step"] for e in seen if e["klein_lora"] == "step") < 400
+
+
+@pytest.mark.comfy
+@pytest.mark.slow
+def test_sweep_runs_the_grid_as_parallel_jobs_and_the_grid_node_reads_its_manifest(exported, comfy, tiny):
+    """rank 1,2 over two CPU slots: two jobs at once, a manifest with both LoRAs, and the Rank x Steps Grid node
+    lays out their checkpoints (rows rank 1/2, columns steps 1/2) from the manifest alone."""
+    base = _variant(exported["config"], "sw", steps=2, save_every=1)
+    _, env = jobs.command(base, ["cpu"])
+    cmd = [sys.executable, "-m", "klein_lora_studio.sweep", str(base), "--set", "rank=1,2", "--gpus", "cpu,cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(jobs.import_root()))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    manifest = Path(summary["manifest"])
+    assert manifest == base.parent / "sweep" / "sweep.json" and summary["failed"] == []
+    data = json.loads(manifest.read_text())
+    assert [(j["name"], j["overrides"], j["status"]) for j in data["jobs"]] == [
+        ("sw_r1", {"rank": 1}, "done"), ("sw_r2", {"rank": 2}, "done")]
+    a, b = data["jobs"]
+    assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]  # they ran at the same time
+    for job, rank in zip(data["jobs"], (1, 2), strict=True):
+        meta = safetensors.safe_open(job["lora_path"], "pt").metadata()
+        assert meta["rank"] == str(rank) and Path(job["checkpoints"][0]).name == f"{job['name']}_step00001.safetensors"
+        assert run_config.load(job["config"]).train.rank == rank
+
+    node = comfy.NODE_CLASS_MAPPINGS["KleinRankStepsGrid"]
+    rel = manifest.relative_to(exported["config"].parents[2])  # relative to the output folder
+    with torch.inference_mode():
+        grid = node.execute(exported["unet"], tiny.clip, tiny.vae, "", f"{TRIGGER}, a red car", 1, 4.0, 0, 64,
+                            sweep_manifest=str(rel)).args[0]
+    assert grid.shape[1] > 2 * 64 and grid.shape[2] > 2 * 64  # 2 rows (rank 1, 2) x 2 columns (step 1, 2)
+    with pytest.raises(ValueError, match="not a Klein LoRA sweep manifest"):
+        node.execute(exported["unet"], tiny.clip, tiny.vae, "", "x", 1, 4.0, 0, 64, sweep_manifest=str(base))
