@@ -78,6 +78,7 @@ def test_config_errors_name_the_field(tmp_path):
              ({"train": {**base["train"], "rank": "8"}}, "train.rank must be a whole number"),
              ({"train": {**base["train"], "steps": 0}}, "train: steps is 0"),
              ({"train": {**base["train"], "ranq": 8}}, r"train: unknown field\(s\) \['ranq'\]"),
+             ({"train": {**base["train"], "output_name": "../../etc/x"}}, "train.output_name '../../etc/x' is not a plain"),
              ({"dataset": {"folder": "imgs"}}, "dataset.folder 'imgs' needs dataset.vae and dataset.clip"),
              ({"model": {"file": "m", "weight_dtype": "int4"}}, "model.weight_dtype 'int4'"),
              ({"targets": {"groups": ["middle"]}}, r"targets.groups \['middle'\]"),

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import targets as tg
 from .loop import TrainConfig
+from .paths import safe_name
 
 VERSION = 1
 RUNS_FOLDER = "klein_lora_runs"  # under ComfyUI's output folder: exported configs and encoded datasets
@@ -132,6 +133,7 @@ class RunConfig:
             raise ConfigError("sampling: give both sampling.clip and sampling.vae to sample checkpoints, or neither.")
         try:
             self.train.validate()
+            safe_name(self.train.output_name, "train.output_name")  # the LoRA's file name: no folders, no '..'
         except ValueError as e:
             raise ConfigError(f"train: {e}") from e
 

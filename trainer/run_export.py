@@ -73,7 +73,7 @@ def export(patcher, data, targets, cfg: TrainConfig, clip=None, vae=None, sample
     spec = run_config.RunConfig(
         model=model_spec(patcher),
         dataset=run_config.DatasetSpec(
-            encoded=encoded.relative_to(output).as_posix(), folder=data.folder, trigger=data.trigger,
+            encoded=_encoded_ref(encoded, output), folder=data.folder, trigger=data.trigger,
             resolution=data.resolution, control_folder=data.control_folder, bucketing=data.bucketing,
             repeats=data.repeats, caption_dropout=data.caption_dropout, shuffle_tags=bool(data.context_variants)),
         train=cfg,
@@ -82,3 +82,13 @@ def export(patcher, data, targets, cfg: TrainConfig, clip=None, vae=None, sample
         sampling=sampling_spec(clip, vae, sample_steps),
         comfyui=run_config.ComfySpec(path=str(comfy_dir), base_directory=str(folder_paths.base_path)))
     return run_config.save(spec, folder / "run.json")
+
+
+def _encoded_ref(encoded: Path, output: Path) -> str:
+    """Relative to the output folder when that is the base directory's own (portable between machines with the
+    same layout), else absolute: a job booted with only --base-directory would not know a custom --output-directory."""
+    import folder_paths
+
+    if output.resolve() == (Path(folder_paths.base_path) / "output").resolve():
+        return encoded.relative_to(output).as_posix()
+    return str(encoded.resolve())

@@ -76,6 +76,11 @@ def boot_comfyui(comfy_dir: Path, base_directory: str = "", cpu: bool = False) -
         import nodes  # noqa: F401  (ComfyUI's loaders)
     finally:
         sys.argv = saved
+    extra = comfy_dir / "extra_model_paths.yaml"
+    if extra.is_file():  # model folders the user added, as ComfyUI's main.py reads them
+        from utils.extra_config import load_extra_path_config
+
+        load_extra_path_config(str(extra))
 
 
 def _full_path(kind: str, name: str, field: str) -> str:
