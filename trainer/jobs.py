@@ -47,7 +47,10 @@ def import_root() -> Path:
     """A folder on the child's PYTHONPATH where this pack imports as `klein_lora_studio`, whatever its folder name."""
     if PACK_DIR.name == PACKAGE:
         return PACK_DIR.parent
-    root = Path(tempfile.gettempdir()) / f"klein-lora-pkg-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    import hashlib
+
+    tag = hashlib.sha1(str(PACK_DIR).encode()).hexdigest()[:10]  # one folder per install: two never swap the link
+    root = Path(tempfile.gettempdir()) / f"klein-lora-pkg-{os.getuid() if hasattr(os, 'getuid') else 0}-{tag}"
     link = root / PACKAGE
     root.mkdir(exist_ok=True)
     if not (link.is_symlink() and link.resolve() == PACK_DIR):
