@@ -9,7 +9,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..trainer import loop, paths, recipes
+from ..trainer import jobs, loop, paths, recipes, run_export
 from ..trainer.lora import SAVE_DTYPES
 from ..trainer.monitor import TrainingMonitor
 from . import progress_log, queue_check
@@ -94,6 +94,15 @@ class KleinLoRATrainer(io.ComfyNode):
                                  tooltip="Consumer-GPU mode: gradient checkpointing and 8-bit AdamW moments (torchao). "
                                          "Load the model with weight_dtype fp8_e4m3fn (Load Diffusion Model) too: klein "
                                          "4B then trains at 1024x1024 in about 6 GiB, 9B in about 12 GiB."),
+                io.Boolean.Input("export_config", default=False, optional=True,
+                                 tooltip="Also write this run as a config (output/klein_lora_runs/<output_name>/"
+                                         "run.json + the encoded dataset) that `python -m klein_lora_studio.train` "
+                                         "and `accelerate launch` run without ComfyUI."),
+                io.String.Input("gpus", default="", optional=True,
+                                tooltip="Empty: train in this ComfyUI process. GPU numbers such as '1' or '0,1': "
+                                        "export the run and train it as a job on those GPUs (several: data parallel "
+                                        "under accelerate), streaming progress and samples here; Cancel stops it, "
+                                        "checkpoints stay. 'cpu' runs a CPU process (tests)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1)."),
@@ -110,12 +119,13 @@ class KleinLoRATrainer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, output_name: str, model=None) -> bool | str:
-        """At queue time, before any model loads: a bad output name, and a MODEL that is not klein or a rank
-        wider than its targeted layers (found by nodes/queue_check.py from the prompt), fail now, not after
+    def validate_inputs(cls, output_name: str, gpus: str = "", model=None) -> bool | str:
+        """At queue time, before any model loads: a bad output name or GPU list, and a MODEL that is not klein or
+        a rank wider than its targeted layers (found by nodes/queue_check.py from the prompt), fail now, not after
         the encode. `model` is listed so ComfyUI attributes the error to it too (it is None at queue time)."""
         try:
             paths.safe_name(output_name)
+            jobs.parse_devices(gpus or "")
         except ValueError as e:
             return str(e)
         return queue_check.problem(cls) or True
@@ -124,8 +134,8 @@ class KleinLoRATrainer(io.ComfyNode):
     def execute(cls, model, dataset, targets, recipe: str, rank: int, alpha: float, learning_rate: float,
                 steps: int, batch_size: int, seed: int, optimizer: str, save_every: int,
                 gradient_checkpointing: bool, compile_blocks: str, output_name: str, save_dtype: str,
-                sample_steps: int = 20,
-                clip=None, vae=None, resume_from: str = "", low_vram: bool = False) -> io.NodeOutput:
+                sample_steps: int = 20, clip=None, vae=None, resume_from: str = "", low_vram: bool = False,
+                export_config: bool = False, gpus: str = "") -> io.NodeOutput:
         rank, alpha, learning_rate, steps = recipes.apply_recipe(recipe, rank, alpha, learning_rate, steps)
         cfg = loop.TrainConfig(rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps,
                                batch_size=batch_size, seed=seed, optimizer=optimizer, save_every=save_every,
@@ -160,7 +170,14 @@ class KleinLoRATrainer(io.ComfyNode):
         hooks = loop.TrainHooks(on_step=on_step, on_checkpoint=on_checkpoint,
                                 check_cancel=comfy.model_management.throw_exception_if_processing_interrupted)
         out_dir = Path(folder_paths.get_folder_paths("loras")[0])
-        result = loop.train_lora(model, dataset, targets, cfg, out_dir, hooks)
+        devices = jobs.parse_devices(gpus or "")
+        if export_config or devices:
+            config = run_export.export(model, dataset, targets, cfg, clip, vae, sample_steps)
+            logging.info("Klein LoRA: run config written to %s", config)
+        if devices:
+            result = run_job(config, devices, model, hooks, node_id)
+        else:
+            result = loop.train_lora(model, dataset, targets, cfg, out_dir, hooks)
         trained, _ = comfy.sd.load_lora_for_models(model, None, result.lora, 1.0, 0)
         checkpoints = "\n".join(str(p) for p in [*result.checkpoints, result.lora_path])
         evaluation = "connect clip and vae (and save_every > 0) to sample and judge the checkpoints"
@@ -171,3 +188,29 @@ class KleinLoRATrainer(io.ComfyNode):
               "final_loss": [result.losses[-1]]}
         return io.NodeOutput(trained, result.lora, str(result.lora_path), {"loss": result.losses}, checkpoints,
                              evaluation, ui=ui)
+
+
+def run_job(config: Path, devices: list[str], model, hooks: loop.TrainHooks, node_id) -> loop.TrainResult:
+    """The exported run as a child process on `devices`: its progress drives the same hooks as an in-process run.
+
+    The job's config carries no sampling models (the node's clip and vae are live objects), so checkpoints are
+    sampled here, in ComfyUI, from the files the job writes: the MODEL with each checkpoint applied.
+    """
+    from ..trainer import sampling as sp
+
+    job = jobs.Job(config, devices, log_prefix=f"klein job {config.parent.name}")
+    _send("klein_lora.job", {"node": node_id, "config": str(config), "devices": devices})
+    for event in job.events(hooks.check_cancel):
+        kind = event["klein_lora"]
+        if kind == "step":
+            hooks.on_step(event["step"], event["total"], event["loss"])
+        elif kind == "checkpoint":
+            path = Path(event["path"])
+            sd, _ = sp.read_lora(path)
+            live, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0)
+            hooks.on_checkpoint(event["step"], path, live)
+    done = job.done
+    lora_path = Path(done["lora_path"])
+    lora, _ = sp.read_lora(lora_path)
+    return loop.TrainResult(lora, list(done["losses"]), lora_path, [Path(p) for p in done["checkpoints"]],
+                            done["run"], float(done["seconds"]))

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import comfy.sd
+import folder_paths
 from comfy_api.latest import io, ui
 
+from ..trainer import job_queue
 from ..trainer import sampling as sp
 from .checkpoint_sampler import resolve_checkpoints
 from .types import CATEGORY, model_inputs, one_prompt_inputs
@@ -27,14 +31,23 @@ class KleinRankStepsGrid(io.ComfyNode):
                 *(io.String.Input(f"run_{i}", optional=True, force_input=True,
                                   tooltip="A trainer's `checkpoints` output (its checkpoints and final LoRA); added "
                                           "to the list above.") for i in (1, 2, 3)),
+                io.String.Input("sweep_manifest", default="", optional=True,
+                                tooltip="A sweep's sweep.json (python -m klein_lora_studio.sweep), absolute or relative "
+                                        "to the output folder: the checkpoints and final LoRA of every finished job "
+                                        "are added to the list."),
             ],
             outputs=[io.Image.Output(display_name="grid", tooltip="Rows rank, columns training steps.")],
         )
 
     @classmethod
     def execute(cls, model, clip, vae, loras: str, prompt: str, steps: int, cfg: float, seed: int,
-                resolution: int, run_1: str = "", run_2: str = "", run_3: str = "") -> io.NodeOutput:
-        files = resolve_checkpoints("\n".join(s for s in (loras, run_1, run_2, run_3) if s))
+                resolution: int, run_1: str = "", run_2: str = "", run_3: str = "",
+                sweep_manifest: str = "") -> io.NodeOutput:
+        swept = ""
+        if (sweep_manifest or "").strip():
+            output = Path(folder_paths.get_output_directory())
+            swept = "\n".join(str(p) for p in job_queue.manifest_loras(Path(sweep_manifest.strip()), output))
+        files = resolve_checkpoints("\n".join(s for s in (loras, run_1, run_2, run_3, swept) if s))
         settings = sp.SampleSettings(steps, cfg, seed, resolution, resolution)
         conds = sp.encode_prompts(clip, [sp.SuitePrompt("prompt", "prompt", prompt, True)])
         entries = []

@@ -74,6 +74,8 @@ def test_recommend_stops_before_flexibility_collapses_or_leakage_rises():
     assert pick.step == 100 and "No checkpoint is flagged" in why  # 0.50 >= 0.9 * 0.52: the earlier one
     pick, why = mt.recommend([m(100, 0.5, 0.9, 0.9)])
     assert pick.step == 100 and "every checkpoint is flagged" in why
+    pick, _ = mt.recommend([m(100, -0.30, 0.1, 0.9), m(200, -0.25, 0.1, 0.9), m(300, float("nan"), 0.1, 0.9)])
+    assert pick.step == 200  # a barely trained run (strengths below zero) still gets a pick, near the best
 
 
 def test_report_is_written_atomically_next_to_the_run(tmp_path):

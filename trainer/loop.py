@@ -20,6 +20,7 @@ from . import objective, resume
 from .buckets import BucketBatchSampler
 from .checkpointing import block_options, inplace_safe_norms
 from .dataset import KleinDataset, stack_contexts
+from .distributed import Ranks
 from .lora import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
 from .model_check import KNOWN_SIZES, flux2_problem
 from .paths import atomic_save_safetensors, remove_stale_temps, unique_run_name
@@ -268,8 +269,12 @@ def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 
 
 def train_step(dm, work, batch_x0, batch_ctx, generator, device, dtype, options, autocast,
-               batch_ref: torch.Tensor | None = None) -> torch.Tensor:
+               batch_ref: torch.Tensor | None = None, part: slice | None = None) -> torch.Tensor:
     """One forward/backward on a batch; returns the (detached) loss.
+
+    `part` (data parallel, trainer/distributed.py): the sigmas and noise are drawn for the whole global
+    batch, as one process draws them, and only this process's slice of the batch is trained, so N
+    processes see exactly the samples, sigmas and noise of the one-process run.
 
     `batch_ref` (image-to-image) is the clean control latent of each item. It goes in exactly as ComfyUI's
     ReferenceLatent conditioning does at sampling time: `ref_latents=[ref]` on the flux model, which appends
@@ -278,7 +283,11 @@ def train_step(dm, work, batch_x0, batch_ctx, generator, device, dtype, options,
     """
     tokens = batch_x0.shape[-1] * batch_x0.shape[-2]
     sigma = objective.sample_sigmas(batch_x0.shape[0], tokens, generator, device)
-    noise = torch.randn(batch_x0.shape, generator=generator).to(device)
+    noise = torch.randn(batch_x0.shape, generator=generator)
+    if part is not None:
+        sigma, noise, batch_x0, batch_ctx = sigma[part], noise[part], batch_x0[part], batch_ctx[part]
+        batch_ref = batch_ref[part] if batch_ref is not None else None
+    noise = noise.to(device)
     x0 = batch_x0.to(device)
     xt, target = objective.noisy_input(x0, noise, sigma)
     timestep = work.model.model_sampling.timestep(sigma).float()
@@ -291,12 +300,18 @@ def train_step(dm, work, batch_x0, batch_ctx, generator, device, dtype, options,
 
 
 def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: TrainConfig, out_dir: Path,
-               hooks: TrainHooks | None = None) -> TrainResult:
+               hooks: TrainHooks | None = None, ranks: Ranks | None = None) -> TrainResult:
     """Train, save checkpoints (and the full training state) every `cfg.save_every` steps and the final LoRA;
     leave `patcher` as it was. With `cfg.resume_from`, continue a saved run exactly where its state left it.
+
+    `ranks` (data parallel, see trainer/distributed.py): each process trains its slice of every global batch of
+    `cfg.batch_size` and the LoRA gradients are averaged; rank 0 alone writes checkpoints and states and calls
+    `hooks.on_checkpoint`, the others wait for it. The saved state is the same for any process count.
     """
     hooks = hooks or TrainHooks()
+    ranks = ranks or Ranks()
     cfg.validate()
+    ranks.check_batch(cfg.batch_size)
     check_klein(patcher)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: connect a Klein Dataset Loader with at least one image.")
@@ -307,10 +322,11 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
         changes = resume.check_compatible(resumed, state_file, cfg, targets.modules, dataset)
         run = resumed["run"]  # the run goes on under its own name, in its own folder
     else:
-        run = unique_run_name(out_dir, cfg.output_name)
+        run = ranks.broadcast(unique_run_name(out_dir, cfg.output_name) if ranks.is_main else None)
     ckpt_dir = out_dir / f"{run}_checkpoints"
-    remove_stale_temps(ckpt_dir, f"{run}_step")  # left by a killed writer: never renamed into place
-    remove_stale_temps(out_dir, f"{run}.safetensors")
+    if ranks.is_main:
+        remove_stale_temps(ckpt_dir, f"{run}_step")  # left by a killed writer: never renamed into place
+        remove_stale_temps(out_dir, f"{run}.safetensors")
     start = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
         work = _training_model(patcher)
@@ -339,7 +355,7 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
             task_kind="image-to-image" if dataset.references else "text-to-image",
             buckets=[f"{w}x{h}:{len(v)}" for (w, h), v in dataset.bucket_assignment().items()],
             repeats=dataset.repeats, caption_dropout=dataset.caption_dropout,
-            shuffle_tags=bool(dataset.context_variants))
+            shuffle_tags=bool(dataset.context_variants), data_parallel_processes=ranks.world)
         if resumed is not None:
             if resumed["meta"].get("base_model") != meta["base_model"]:
                 raise ValueError(f"resume_from {state_file.name}: the run trained a {resumed['meta'].get('base_model')}"
@@ -393,9 +409,12 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
                 x0 = torch.stack([dataset.latents[i] for i in idx])
                 ctx = stack_contexts([dataset.context_for(i, caption_rng) for i in idx])
                 ref = torch.stack([dataset.references[i] for i in idx]) if dataset.references else None
+                part = ranks.shard(len(idx)) if ranks.distributed else None
                 oom = None
                 try:
-                    loss = train_step(dm, work, x0, ctx, generator, device, dtype, options, autocast, ref)
+                    loss = train_step(dm, work, x0, ctx, generator, device, dtype, options, autocast, ref, part)
+                    if part is not None:  # a rank that runs out of memory leaves the others waiting here
+                        loss = ranks.average_gradients(params, part.stop - part.start, len(idx), loss)
                     if cfg.max_grad_norm > 0:
                         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()  # AdamW allocates its moments here, on the first step
@@ -411,18 +430,23 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
                 losses.append(float(loss))
                 hooks.on_step(step, cfg.steps, losses[-1])
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    path = _save(lora, ckpt_dir / f"{run}_step{step:05d}.safetensors", save_dtype,
-                                 {**meta, "steps": str(step)})
+                    path = ckpt_dir / f"{run}_step{step:05d}.safetensors"
                     checkpoints.append(path)
-                    save_state(step)
-                    with torch.no_grad():
-                        hooks.on_checkpoint(step, path, work)
+                    if ranks.is_main:
+                        _save(lora, path, save_dtype, {**meta, "steps": str(step)})
+                        save_state(step)
+                        with torch.no_grad():
+                            hooks.on_checkpoint(step, path, work)
+                    ranks.barrier()
             final = lora.state_dict(save_dtype)
-            lora_path = atomic_save_safetensors(final, out_dir / f"{run}.safetensors", meta)
-            if cfg.save_every:
-                save_state(cfg.steps)  # lets a finished run be extended: resume it with more steps
-            with torch.no_grad():
-                hooks.on_checkpoint(cfg.steps, lora_path, work)
+            lora_path = out_dir / f"{run}.safetensors"
+            if ranks.is_main:
+                atomic_save_safetensors(final, lora_path, meta)
+                if cfg.save_every:
+                    save_state(cfg.steps)  # lets a finished run be extended: resume it with more steps
+                with torch.no_grad():
+                    hooks.on_checkpoint(cfg.steps, lora_path, work)
+            ranks.barrier()
     logging.info("Klein LoRA: %d steps in %.1fs, final loss %.4f, saved %s", cfg.steps - first + 1,
                  time.perf_counter() - start, losses[-1], lora_path)
     return TrainResult(final, losses, lora_path, checkpoints, run, time.perf_counter() - start)

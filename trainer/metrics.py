@@ -225,11 +225,11 @@ def recommend(metrics: Sequence[CheckpointMetrics], flex_min: float = FLEX_MIN,
         m = ordered[0]
         return m, (f"every checkpoint is flagged, from the first ({m.label}: {'; '.join(m.flags)}); {m.label} is the "
                    "least trained. Train again with fewer steps, a lower learning rate or save checkpoints earlier.")
-    strengths = [m.concept_strength for m in candidates]
-    if any(s is not None for s in strengths):
-        best = max(s for s in strengths if s is not None)
-        pick = next(m for m in candidates if m.concept_strength is not None
-                    and m.concept_strength >= NEAR_PEAK * best - 1e-9)
+    measured = [m for m in candidates if m.concept_strength is not None and math.isfinite(m.concept_strength)]
+    if measured:
+        best = max(m.concept_strength for m in measured)
+        near = best - (1 - NEAR_PEAK) * abs(best)  # not NEAR_PEAK * best: that is above best when best is negative
+        pick = next(m for m in measured if m.concept_strength >= near - 1e-9)
         why = (f"{pick.label} has concept strength {pick.concept_strength:.2f} "
                f"(best before any warning: {best:.2f})")
     else:

@@ -1,0 +1,58 @@
+"""Train a LoRA from a run config, outside the ComfyUI server: `python -m klein_lora_studio.train CONFIG`.
+
+The same training loop as the Klein LoRA Trainer node (trainer.loop.train_lora), on a model loaded
+through ComfyUI's own loaders (ComfyUI used as a library). Data parallel on several GPUs:
+
+    accelerate launch --num_processes 2 -m klein_lora_studio.train CONFIG
+    torchrun --nproc_per_node 2 -m klein_lora_studio.train CONFIG --cpu      (CPU processes, gloo)
+
+Progress is printed as JSON lines (see trainer/runner.py); logs go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m klein_lora_studio.train", description=__doc__.splitlines()[0])
+    parser.add_argument("config", help="run config (.json, .yaml): written by the trainer node's export_config")
+    parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: COMFYUI_PATH, the config's "
+                                                        "comfyui.path, or the ComfyUI this pack is installed in)")
+    parser.add_argument("--base-directory", default=None,
+                        help="ComfyUI's --base-directory (models/, input/, output/); default: the config's")
+    parser.add_argument("--cpu", action="store_true", help="train on the CPU (tests; torchrun for several processes)")
+    parser.add_argument("--resume-from", default=None, help="override train.resume_from ('latest' or a checkpoint)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+
+    import torch
+
+    from .trainer import distributed, run_config, runner
+
+    cpu = args.cpu or not torch.cuda.is_available()
+    ranks = distributed.from_accelerate(cpu=cpu)  # before ComfyUI: it takes the current CUDA device as its own
+    try:
+        cfg = run_config.load(args.config)
+        if args.resume_from is not None:
+            cfg.train.resume_from = args.resume_from.strip()
+        comfy_dir = runner.find_comfyui(args.comfyui, cfg)
+        runner.boot_comfyui(comfy_dir, args.base_directory or cfg.comfyui.base_directory, cpu)
+        runner.run(cfg, ranks)
+    except (ValueError, OSError) as e:  # ConfigError and the trainer's own clear errors: one line, no traceback
+        if ranks.is_main:
+            runner.emit_line("error", message=str(e), kind=type(e).__name__)
+        logging.error("Klein LoRA: %s", e)
+        return 2
+    finally:
+        if ranks.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Run a RunConfig outside the ComfyUI server: ComfyUI as a library, its own loaders, the node's training loop.
+
+`train.py` (python -m <pack>.train CONFIG) calls boot_comfyui then run. Progress goes out as JSON lines,
+one object per event with the key "klein_lora" naming it (start, step, checkpoint, samples, done, error),
+so a parent process (the trainer node's job mode, the sweep queue) can follow a run; anything else
+on stdout (ComfyUI's own messages) is not JSON with that key and is passed over.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import dataset_file, loop, run_config
+from .distributed import Ranks
+
+EVENT_KEY = "klein_lora"
+PACK_DIR = Path(__file__).resolve().parent.parent
+
+
+def emit_line(event: str, **data) -> None:
+    """One progress event as a JSON line on stdout."""
+    sys.stdout.write(json.dumps({EVENT_KEY: event, **data}) + "\n")
+    sys.stdout.flush()
+
+
+def parse_event(line: str) -> dict | None:
+    """The event of a progress line, None for any other output."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    return obj if isinstance(obj, dict) and EVENT_KEY in obj else None
+
+
+def find_comfyui(explicit: str | None, cfg: run_config.RunConfig | None = None) -> Path:
+    """ComfyUI's folder: --comfyui, else COMFYUI_PATH, else the config's comfyui.path, else the ComfyUI this
+    pack is installed in (the parent of its custom_nodes/ folder)."""
+    tried = []
+    for source, value in (("--comfyui", explicit), ("COMFYUI_PATH", os.environ.get("COMFYUI_PATH")),
+                          ("comfyui.path", cfg.comfyui.path if cfg else ""),
+                          ("the pack's custom_nodes parent", str(PACK_DIR.parent.parent)
+                           if PACK_DIR.parent.name == "custom_nodes" else "")):
+        if value:
+            if (Path(value) / "comfy").is_dir():
+                return Path(value).resolve()
+            tried.append(f"{source}={value}")
+    raise run_config.ConfigError("no ComfyUI found (" + (", ".join(tried) or "nothing set") + "): pass --comfyui "
+                                 "PATH or set COMFYUI_PATH to a ComfyUI folder (the one with comfy/ and main.py).")
+
+
+def boot_comfyui(comfy_dir: Path, base_directory: str = "", cpu: bool = False) -> None:
+    """Import ComfyUI as a library (no server, no custom nodes), with its folders under `base_directory`."""
+    # first on the path: a `nodes` package in the working directory (this pack has one) must not shadow ComfyUI's
+    sys.path.insert(0, str(comfy_dir))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    argv = [sys.argv[0], "--disable-api-nodes"] + (["--cpu"] if cpu else [])
+    if base_directory:
+        argv += ["--base-directory", str(base_directory)]
+    saved, sys.argv = sys.argv, argv
+    try:
+        import comfy.cli_args  # noqa: F401
+        import comfy.model_management  # noqa: F401
+        import folder_paths  # noqa: F401
+
+        import nodes  # noqa: F401  (ComfyUI's loaders)
+    finally:
+        sys.argv = saved
+    extra = comfy_dir / "extra_model_paths.yaml"
+    if extra.is_file():  # model folders the user added, as ComfyUI's main.py reads them
+        from utils.extra_config import load_extra_path_config
+
+        load_extra_path_config(str(extra))
+
+
+def _full_path(kind: str, name: str, field: str) -> str:
+    import folder_paths
+
+    if os.path.isabs(name):
+        if not os.path.isfile(name):
+            raise run_config.ConfigError(f"{field}: {name} does not exist.")
+        return name
+    path = folder_paths.get_full_path(kind, name)
+    if path is None:
+        have = folder_paths.get_filename_list(kind)[:8]
+        raise run_config.ConfigError(f"{field}: '{name}' is not in ComfyUI's models/{kind} (found: {have}); give a "
+                                     "file name there or an absolute path.")
+    return path
+
+
+def load_model(spec: run_config.ModelSpec):
+    """The diffusion model through ComfyUI's UNETLoader (names) or comfy.sd.load_diffusion_model (paths)."""
+    import comfy.sd
+
+    import nodes
+
+    path = _full_path("diffusion_models", spec.file, "model.file")
+    if not os.path.isabs(spec.file):
+        return nodes.UNETLoader().load_unet(spec.file, spec.weight_dtype)[0]
+    options = {}
+    if spec.weight_dtype.startswith("fp8_e4m3fn"):
+        options["dtype"] = torch.float8_e4m3fn
+        options["fp8_optimizations"] = spec.weight_dtype.endswith("_fast")
+    elif spec.weight_dtype == "fp8_e5m2":
+        options["dtype"] = torch.float8_e5m2
+    return comfy.sd.load_diffusion_model(path, model_options=options)
+
+
+def load_clip(files: list[str], clip_type: str, field: str):
+    import comfy.sd
+    import folder_paths
+
+    paths = [_full_path("text_encoders", f, field) for f in files]
+    if clip_type == run_config.DEV_CLIP_TYPE:
+        if os.environ.get("KLEIN_LORA_DEV_NODES") != "1":
+            raise run_config.ConfigError(f"{field}: clip type '{clip_type}' is for the pack's tests only.")
+        from ..devtools.tiny_models import tiny_clip
+
+        return tiny_clip(paths[0])
+    kind = getattr(comfy.sd.CLIPType, clip_type.upper(), None)
+    if kind is None:
+        raise run_config.ConfigError(f"{field}: unknown clip type '{clip_type}' (klein uses 'flux2').")
+    return comfy.sd.load_clip(ckpt_paths=paths, embedding_directory=folder_paths.get_folder_paths("embeddings"),
+                              clip_type=kind)
+
+
+def load_vae(name: str, field: str):
+    import comfy.sd
+    import comfy.utils
+
+    import nodes
+
+    if os.path.isabs(name):
+        sd, meta = comfy.utils.load_torch_file(_full_path("vae", name, field), return_metadata=True)
+        return comfy.sd.VAE(sd=sd, metadata=meta)
+    try:
+        return nodes.VAELoader().load_vae(name)[0]
+    except (FileNotFoundError, ValueError) as e:
+        raise run_config.ConfigError(f"{field}: {e}") from e
+
+
+def encoded_path(cfg: run_config.RunConfig) -> Path:
+    import folder_paths
+
+    raw = Path(cfg.dataset.encoded)
+    return raw if raw.is_absolute() else Path(folder_paths.get_output_directory()) / raw
+
+
+def build_dataset(cfg: run_config.RunConfig, ranks: Ranks):
+    """The encoded dataset: the exported file, else rank 0 encodes the folder (through the cache) into a file
+    that every rank then reads, so only one process loads the VAE and the text encoder."""
+    import folder_paths
+
+    if cfg.dataset.encoded:
+        return dataset_file.load_dataset(encoded_path(cfg))
+    target = (Path(folder_paths.get_output_directory()) / run_config.RUNS_FOLDER / cfg.train.output_name
+              / "dataset.job.safetensors")
+    if ranks.is_main:
+        data = encode_folder(cfg)
+        if not ranks.distributed:
+            return data
+        dataset_file.save_dataset(data, target)
+    ranks.barrier()
+    return dataset_file.load_dataset(target)
+
+
+def encode_folder(cfg: run_config.RunConfig):
+    import folder_paths
+
+    from . import cache, dataset, paths
+
+    d = cfg.dataset
+    input_dir = folder_paths.get_input_directory()
+    roots = paths.configured_dataset_roots(folder_paths.get_user_directory())
+    try:
+        where = paths.resolve_dataset_folder(d.folder, input_dir, roots)
+        control = paths.resolve_dataset_folder(d.control_folder, input_dir, roots) if d.control_folder else None
+    except ValueError as e:
+        raise run_config.ConfigError(f"dataset.folder: {e}") from e
+    vae, clip = load_vae(d.vae, "dataset.vae"), load_clip(d.clip, d.clip_type, "dataset.clip")
+    options = dict(control_folder=control, bucketing=d.bucketing, repeats=d.repeats,
+                   caption_dropout=d.caption_dropout, shuffle_tags=d.shuffle_tags)
+    if d.use_cache:
+        return cache.encode_folder_cached(where, vae, clip, d.resolution, d.trigger.strip(),
+                                          cache.default_cache_dir(), **options)
+    return dataset.encode_folder(where, vae, clip, d.resolution, d.trigger.strip(), **options)
+
+
+def run(cfg: run_config.RunConfig, ranks: Ranks, emit: Callable[..., None] = emit_line) -> loop.TrainResult:
+    """The node's training loop on the config's model, dataset and targets; rank 0 reports and samples."""
+    import folder_paths
+
+    def say(event: str, **data) -> None:
+        if ranks.is_main:
+            emit(event, **data)
+
+    with torch.inference_mode():  # as ComfyUI's executor runs the node: loaders and encoders in inference mode
+        model = load_model(cfg.model)
+        data = build_dataset(cfg, ranks)
+        targets = run_config.targets_for(cfg.targets, model.model.diffusion_model)
+        monitor = None
+        if cfg.sampling.enabled and ranks.is_main and cfg.train.save_every > 0:
+            from .monitor import TrainingMonitor
+
+            clip = load_clip(cfg.sampling.clip, cfg.sampling.clip_type, "sampling.clip")
+            vae = load_vae(cfg.sampling.vae, "sampling.vae")
+            samples = Path(folder_paths.get_output_directory()) / "klein_lora_samples"
+            monitor = TrainingMonitor(clip, vae, data, cfg.train.seed, cfg.sampling.sample_steps, samples)
+            monitor.before(model)
+        say("start", processes=ranks.world, steps=cfg.train.steps, batch_size=cfg.train.batch_size,
+            items=len(data), targets=len(targets.modules))
+
+        def on_checkpoint(step: int, path: Path, live) -> None:
+            say("checkpoint", step=step, path=str(path))
+            if monitor is not None:
+                _, file = monitor(step, path, live)
+                say("samples", step=step, file=str(file), subfolder="klein_lora_samples")
+
+        hooks = loop.TrainHooks(on_step=lambda step, total, loss: say("step", step=step, total=total, loss=loss),
+                                on_checkpoint=on_checkpoint)
+        out_dir = Path(folder_paths.get_folder_paths("loras")[0])
+        result = loop.train_lora(model, data, targets, cfg.train, out_dir, hooks, ranks)
+        evaluation = ""
+        if monitor is not None:
+            evaluation, _, report = monitor.finish(result.lora_path)
+            evaluation += f"\nreport: {report}"
+    say("done", run=result.run_name, lora_path=str(result.lora_path), checkpoints=[str(p) for p in result.checkpoints],
+        losses=result.losses, seconds=result.seconds, processes=ranks.world, evaluation=evaluation)
+    logging.info("Klein LoRA: run %s done on %d process(es)", result.run_name, ranks.world)
+    return result
