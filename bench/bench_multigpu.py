@@ -137,7 +137,9 @@ def _launch_cmd(procs: int, args: list[str], cpu: bool) -> list[str]:
 
 def launch(model: str, procs: int, batches: list[int], warm: int, steps: int, timeout: float, res: int = RES,
            cpu: bool = False) -> list[dict]:
-    env = {**os.environ, **CHILD_ENV, "CUDA_VISIBLE_DEVICES": "" if cpu else ",".join(str(i) for i in range(procs))}
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    cards = visible or [str(i) for i in range(procs)]  # the first `procs` of the cards this bench was given
+    env = {**os.environ, **CHILD_ENV, "CUDA_VISIBLE_DEVICES": "" if cpu else ",".join(cards[:procs])}
     cmd = _launch_cmd(procs, ["--worker", "--models", model, "--batches", ",".join(map(str, batches)),
                               "--warm", str(warm), "--steps", str(steps), "--res", str(res)] + (["--cpu"] if cpu else []),
                       cpu)
