@@ -134,8 +134,8 @@ class KleinLoRATrainer(io.ComfyNode):
     def execute(cls, model, dataset, targets, recipe: str, rank: int, alpha: float, learning_rate: float,
                 steps: int, batch_size: int, seed: int, optimizer: str, save_every: int,
                 gradient_checkpointing: bool, compile_blocks: str, output_name: str, save_dtype: str,
-                sample_steps: int = 20, clip=None, vae=None, resume_from: str = "", low_vram: bool = False,
-                export_config: bool = False, gpus: str = "") -> io.NodeOutput:
+                sample_steps: int = 20, clip=None, vae=None, resume_from: str = "", export_config: bool = False,
+                gpus: str = "", low_vram: bool = False) -> io.NodeOutput:
         rank, alpha, learning_rate, steps = recipes.apply_recipe(recipe, rank, alpha, learning_rate, steps)
         cfg = loop.TrainConfig(rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps,
                                batch_size=batch_size, seed=seed, optimizer=optimizer, save_every=save_every,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
+from klein_lora_studio.tests.helpers import TRIGGER, gloo_gradient_worker, write_concept_dataset
 from klein_lora_studio.trainer import jobs, run_config, runner
 from klein_lora_studio.trainer import targets as tg
 from klein_lora_studio.trainer.distributed import Ranks
@@ -33,21 +33,6 @@ def test_shards_cover_the_batch_once_and_differ_by_at_most_one():
         Ranks(0, 2).check_batch(1)
 
 
-def _gloo_worker(rank: int, world: int, port: int, out) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    ranks = Ranks(rank, world)
-    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # a global batch of 3 over 2 ranks: 2 + 1 rows
-    part = ranks.shard(3)
-    loss = ((x[part] @ w) ** 2).mean()
-    loss.backward()
-    total = ranks.average_gradients([w], part.stop - part.start, 3, loss.detach())
-    out.put((rank, w.grad.tolist(), float(total)))
-    dist.destroy_process_group()
-
-
 def test_uneven_shards_average_to_the_global_batch_gradient():
     """3 items over 2 ranks (2 + 1): the weighted all-reduce gives exactly the 1-process mean-loss gradient."""
     import torch.multiprocessing as mp
@@ -55,7 +40,7 @@ def test_uneven_shards_average_to_the_global_batch_gradient():
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = jobs.free_port()
-    procs = [ctx.Process(target=_gloo_worker, args=(r, 2, port, out)) for r in range(2)]
+    procs = [ctx.Process(target=gloo_gradient_worker, args=(r, 2, port, out)) for r in range(2)]
     for p in procs:
         p.start()
     got = sorted(out.get(timeout=120) for _ in procs)
