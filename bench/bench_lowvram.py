@@ -25,14 +25,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step as bs  # noqa: E402
 
 MODES = {"bf16+ckpt": dict(dtype="bfloat16", low_vram=False), "fp8+low_vram": dict(dtype="float8_e4m3fn", low_vram=True),
-         "fp8+low_vram:eager": dict(dtype="float8_e4m3fn", low_vram=True, compile_blocks="off")}
+         "fp8+low_vram:eager": dict(dtype="float8_e4m3fn", low_vram=True, compile_blocks="off"),
+         # ComfyUI's fp8 matmuls (UNETLoader weight_dtype fp8_e4m3fn_fast): speed rather than memory
+         "bf16": dict(dtype="bfloat16", low_vram=False, gc=False),
+         "fp8fast": dict(dtype="float8_e4m3fn", fast=True, low_vram=False, gc=False),
+         "fp8fast+low_vram": dict(dtype="float8_e4m3fn", fast=True, low_vram=True)}
 
 
-def load_patcher(sd, dtype):
+def load_patcher(sd, dtype, fast: bool = False):
     import comfy.sd
 
     def load(disable_dynamic=False):
-        return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": dtype},
+        return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": dtype,
+                                                                                 "fp8_optimizations": fast},
                                                         disable_dynamic=disable_dynamic)
     p = load()
     p.cached_patcher_init = (load, ())
@@ -44,10 +49,10 @@ def run(pcn, sd, name: str, mode: str, warm: int, steps: int, res: int) -> dict:
     from klein_lora_studio.trainer import loop
 
     spec = MODES[mode]
-    patcher = load_patcher(sd, getattr(torch, spec["dtype"]))
+    patcher = load_patcher(sd, getattr(torch, spec["dtype"]), spec.get("fast", False))
     data, targets = bs.random_run(pcn, name, patcher, res)
     cfg = loop.TrainConfig(rank=32, alpha=32.0, learning_rate=1e-4, steps=warm + steps, seed=0,
-                           gradient_checkpointing=True, low_vram=spec["low_vram"], output_name="bench",
+                           gradient_checkpointing=spec.get("gc", True), low_vram=spec["low_vram"], output_name="bench",
                            compile_blocks=spec.get("compile_blocks", "auto"))
     stamps: list[float] = []
     mem: dict[str, float] = {}
@@ -83,7 +88,8 @@ def one(model: str, mode: str, warm: int, steps: int, res: int) -> None:
     pcn = bs.setup_comfy()
     hidden, depth, single, ctx = pcn.SIZES[model]
     sd = {k: v.cpu() for k, v in pcn.random_sd(hidden, depth, single, ctx).items()}
-    row = bs.guarded(run, dict(model=model, res=res, gc=True, mode=mode), pcn, sd, model, mode, warm, steps, res)
+    gc = MODES[mode].get("gc", True) or MODES[mode]["low_vram"]
+    row = bs.guarded(run, dict(model=model, res=res, gc=gc, mode=mode), pcn, sd, model, mode, warm, steps, res)
     print("ROW " + json.dumps(row), flush=True)
 
 

@@ -101,3 +101,21 @@ def test_switching_low_vram_on_resume_is_a_clear_error(tiny, data, base_dir, run
     ckpt = runs["low"].checkpoints[0].name
     with pytest.raises(ValueError, match="low_vram"):
         _train(tiny.unet(), data, base_dir, "lowvram", False, save_every=6, resume_from=ckpt)
+
+
+def test_fp8_matmul_models_train_uncompiled_with_the_reason(comfy, caplog):
+    """fp8_e4m3fn_fast models (ComfyUI's fp8 matmul ops) fail inside torch.compile with gradients (measured on
+    an H200, bench/check_fp8_fast.py): 'auto' trains them uncompiled and says why; 'on' is a clear error."""
+    import comfy.ops
+
+    fast = torch.nn.Sequential(comfy.ops.fp8_ops.Linear(16, 16))
+    plain = torch.nn.Sequential(comfy.ops.manual_cast.Linear(16, 16))
+    assert loop.uses_fp8_matmuls(fast) and not loop.uses_fp8_matmuls(plain)
+    assert loop.resolve_compile("auto", "cuda", True, False) is True
+    assert loop.resolve_compile("auto", "cpu", True, False) is False
+    with caplog.at_level("WARNING"):
+        assert loop.resolve_compile("auto", "cuda", True, True) is False
+    assert "fp8_e4m3fn_fast" in caplog.text
+    with pytest.raises(ValueError, match="fp8_e4m3fn_fast"):
+        loop.resolve_compile("on", "cuda", True, True)
+    assert loop.resolve_compile("off", "cuda", True, True) is False

@@ -125,6 +125,30 @@ def base_model_file(patcher) -> str:
     return "unknown"
 
 
+def uses_fp8_matmuls(diffusion_model: torch.nn.Module) -> bool:
+    """Loaded with weight_dtype fp8_e4m3fn_fast: ComfyUI's fp8 matmul ops (they quantise inputs in place)."""
+    import comfy.ops
+
+    return any(isinstance(m, comfy.ops.fp8_ops.Linear) for m in diffusion_model.modules())
+
+
+def resolve_compile(choice: str, device_type: str, mixed_precision: bool, fp8_matmuls: bool) -> bool:
+    """Whether to compile the blocks: 'auto' means on CUDA, unless the model cannot be traced for training."""
+    why = None
+    if not mixed_precision:  # fp32 eager needs inplace_safe_norms; traced, the same in-place adds fail
+        why = "compiled blocks need a bf16/fp16 model on CUDA"
+    elif fp8_matmuls:  # measured on an H200: dynamo cannot trace their `clamp(out=...)` with gradients
+        why = ("the model was loaded with weight_dtype fp8_e4m3fn_fast, whose fp8 matmuls cannot be compiled for "
+               "training (load it with fp8_e4m3fn for compiled, low-VRAM training)")
+    if choice == "on" and why and fp8_matmuls:
+        raise ValueError(f"compile_blocks 'on': {why}. Set compile_blocks to 'auto' or 'off'.")
+    wanted = choice == "on" or (choice == "auto" and device_type == "cuda")
+    if wanted and why:
+        logging.warning("Klein LoRA: %s; training uncompiled.", why)
+        return False
+    return wanted
+
+
 def _training_model(patcher):
     """A patcher whose weights are plain tensors on the compute device (not dynamic VRAM views)."""
     import comfy.model_management as mm
@@ -338,11 +362,8 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
                             "(Load Diffusion Model) to halve their memory.", work.model.get_dtype())
         autocast = (torch.autocast(device.type, dtype=dtype)
                     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else nullcontext())
-        compile_blocks = cfg.compile_blocks == "on" or (cfg.compile_blocks == "auto" and device.type == "cuda")
-        if compile_blocks and isinstance(autocast, nullcontext):
-            # fp32 eager needs inplace_safe_norms; traced, the same in-place adds fail inside the compiler
-            logging.warning("Klein LoRA: compiled blocks need a bf16/fp16 model on CUDA; training uncompiled.")
-            compile_blocks = False
+        compile_blocks = resolve_compile(cfg.compile_blocks, device.type, not isinstance(autocast, nullcontext),
+                                         uses_fp8_matmuls(dm))
         options = block_options(dm, cfg.recompute, compile_blocks)
         meta = lora_metadata(
             format="comfyui-bfl-lora", base_model=klein_size(dm), base_model_file=base_model_file(patcher),
