@@ -95,6 +95,15 @@ def style_lora() -> list[N]:
     return recipe_lora("style")
 
 
+def style_lora_low_vram() -> list[N]:
+    """The style recipe for consumer GPUs: the base in fp8 (Load Diffusion Model) and the trainer's low_vram
+    (checkpointing + 8-bit AdamW): klein 4B at 1024² in ~6 GiB (bench/RESULTS.md)."""
+    nodes = recipe_lora("style")
+    nodes[0].values["weight_dtype"] = "fp8_e4m3fn"
+    nodes[5].values.update(low_vram=True, output_name="klein_style_low_vram")
+    return nodes
+
+
 def merge_strength_sweep() -> list[N]:
     """The seed's weight tuning: a style and a subject LoRA over a grid of weights, then merged at the pick."""
     return _base_loaders() + [
@@ -109,7 +118,8 @@ def merge_strength_sweep() -> list[N]:
 
 
 WORKFLOWS = {f"klein_{r}_lora": (lambda r=r: recipe_lora(r)) for r in ("style", "character", "object")}
-WORKFLOWS.update(klein_image_to_image_lora=image_to_image_lora, klein_style_evaluate=evaluate_lora,
+WORKFLOWS.update(klein_style_lora_low_vram=style_lora_low_vram, klein_image_to_image_lora=image_to_image_lora,
+                 klein_style_evaluate=evaluate_lora,
                  klein_rank_steps_grid=rank_steps_grid, klein_merge_strength_sweep=merge_strength_sweep)
 SEED_NAMES = ("seed", "noise_seed")  # the frontend adds a "control after generate" widget after these
 

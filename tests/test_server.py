@@ -76,6 +76,17 @@ def test_recipe_workflow_trains_headless(server, base_dir, recipe):
     assert "4/4" in text and (base_dir / "models" / "loras" / f"server_{recipe}.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_low_vram_workflow_trains_headless_on_fp8_weights(server, base_dir):
+    api = json.loads(api_path("klein_style_lora_low_vram").read_text())
+    assert api["1"]["inputs"]["weight_dtype"] == "fp8_e4m3fn" and api["6"]["inputs"]["low_vram"] is True
+    rc, text = _run(to_tiny(api, "server_ds", steps=4, save_every=2, output_name="server_low_vram"), server)
+    assert rc == 0, text
+    with safetensors.safe_open(str(base_dir / "models" / "loras" / "server_low_vram.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["base_weight_dtype"] == "float8_e4m3fn" and meta["optimizer"] == "AdamW8bit"
+
+
 def test_image_to_image_workflow_trains_on_pairs_headless(server, base_dir):
     from klein_lora_studio.tests.helpers import concept_image
 
