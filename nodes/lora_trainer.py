@@ -14,28 +14,20 @@ from ..trainer.lora import SAVE_DTYPES
 from ..trainer.monitor import TrainingMonitor
 from . import progress_log, queue_check
 from .types import CATEGORY, KleinDataset, KleinTargets
+from .web_routes import prompt_server
 
 EVENT = "klein_lora.progress"
-
-
-def _server():
-    """ComfyUI's running server, or None when the pack is used as a library."""
-    try:
-        from server import PromptServer
-    except ImportError:
-        return None
-    return getattr(PromptServer, "instance", None)
 
 
 def _send(event: str, data: dict) -> None:
     """Push a websocket event to the page (and keep it for GET /klein_lora/history, a reload mid-run)."""
     progress_log.record(event, data)
-    if (srv := _server()) is not None:
+    if (srv := prompt_server()) is not None:
         srv.send_sync(event, data)
 
 
 def _progress_text(text: str, node_id) -> None:
-    if (srv := _server()) is not None and node_id is not None:
+    if (srv := prompt_server()) is not None and node_id is not None:
         srv.send_progress_text(text, node_id)
 
 

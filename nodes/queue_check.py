@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from ..trainer import lora, model_check, recipes
 from ..trainer import targets as tg
+from .web_routes import prompt_server
 
 TRAINER, SELECTOR = "KleinLoRATrainer", "KleinBlockTargetSelector"
 # loader class -> (file widget, models folder, display name); their output 0 is the MODEL
@@ -153,11 +154,7 @@ def register() -> bool:
     global _registered
     if _registered:
         return True
-    try:
-        from server import PromptServer
-    except ImportError:
-        return False
-    server = getattr(PromptServer, "instance", None)
+    server = prompt_server()
     if server is None:
         return False
     server.add_on_prompt_handler(on_prompt)

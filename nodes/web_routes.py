@@ -13,19 +13,24 @@ ROUTE = "/klein_lora/history"
 _registered = False
 
 
+def prompt_server():
+    """ComfyUI's running server, or None when the pack is used as a library."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
 def register() -> bool:
     """Add the route once; False when no server runs."""
     global _registered
     if _registered:
         return True
-    try:
-        from aiohttp import web
-        from server import PromptServer
-    except ImportError:
-        return False
-    server = getattr(PromptServer, "instance", None)
+    server = prompt_server()
     if server is None:
         return False
+    from aiohttp import web
 
     @server.routes.get(ROUTE)
     async def history(request: web.Request) -> web.Response:
