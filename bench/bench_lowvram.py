@@ -32,24 +32,12 @@ MODES = {"bf16+ckpt": dict(dtype="bfloat16", low_vram=False), "fp8+low_vram": di
          "fp8fast+low_vram": dict(dtype="float8_e4m3fn", fast=True, low_vram=True)}
 
 
-def load_patcher(sd, dtype, fast: bool = False):
-    import comfy.sd
-
-    def load(disable_dynamic=False):
-        return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": dtype,
-                                                                                 "fp8_optimizations": fast},
-                                                        disable_dynamic=disable_dynamic)
-    p = load()
-    p.cached_patcher_init = (load, ())
-    return p
-
-
 def run(pcn, sd, name: str, mode: str, warm: int, steps: int, res: int) -> dict:
     import torch
     from klein_lora_studio.trainer import loop
 
     spec = MODES[mode]
-    patcher = load_patcher(sd, getattr(torch, spec["dtype"]), spec.get("fast", False))
+    patcher = bs.load_patcher(sd, getattr(torch, spec["dtype"]), spec.get("fast", False))
     data, targets = bs.random_run(pcn, name, patcher, res)
     cfg = loop.TrainConfig(rank=32, alpha=32.0, learning_rate=1e-4, steps=warm + steps, seed=0,
                            gradient_checkpointing=spec.get("gc", True), low_vram=spec["low_vram"], output_name="bench",

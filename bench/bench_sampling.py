@@ -38,14 +38,11 @@ def time_sample(model, positive, negative, settings, repeats: int) -> list[float
 
 
 def run(pcn, sd, name: str, variant: str, steps: int, res: int) -> dict:
-    import comfy.sd
     import torch
     from klein_lora_studio.trainer import sampling as sp
 
-    options = {"dtype": torch.bfloat16}
-    if variant == "fp8fast":  # ComfyUI's own fp8 matmul path (UNETLoader weight_dtype fp8_e4m3fn_fast)
-        options = {"dtype": torch.float8_e4m3fn, "fp8_optimizations": True}
-    model = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=options)
+    fast = variant == "fp8fast"  # ComfyUI's own fp8 matmul path (UNETLoader weight_dtype fp8_e4m3fn_fast)
+    model = bs.load_patcher(sd, torch.float8_e4m3fn if fast else torch.bfloat16, fast)
     ctx = pcn.SIZES[name][3]
     g = torch.Generator().manual_seed(0)
     positive = [[torch.randn(1, 512, ctx, generator=g), {}]]

@@ -152,12 +152,16 @@ def check_equivalence(rows: list[dict]) -> list[dict]:
     return out
 
 
-def load_patcher(sd):
+def load_patcher(sd, dtype=None, fast: bool = False):
+    """A ComfyUI patcher from a BFL state dict, as UNETLoader makes it (weight dtype bf16 unless given; `fast`:
+    weight_dtype fp8_e4m3fn_fast's fp8 matmuls), with cached_patcher_init set as the loader sets it."""
     import comfy.sd
     import torch
 
+    options = {"dtype": dtype or torch.bfloat16, "fp8_optimizations": fast}
+
     def load(disable_dynamic=False):
-        return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": torch.bfloat16},
+        return comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=options,
                                                         disable_dynamic=disable_dynamic)
     p = load()
     p.cached_patcher_init = (load, ())

@@ -15,15 +15,13 @@ import bench_step as bs  # noqa: E402
 
 
 def step(sd, fast: bool) -> dict:
-    import comfy.sd
     import torch
     from klein_lora_studio.trainer import loop
     from klein_lora_studio.trainer import targets as tg
     from klein_lora_studio.trainer.checkpointing import block_options
     from klein_lora_studio.trainer.lora import lora_layers
 
-    options = {"dtype": torch.float8_e4m3fn, "fp8_optimizations": fast}
-    patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=options)
+    patcher = bs.load_patcher(sd, torch.float8_e4m3fn, fast)
     with torch.inference_mode(False), torch.enable_grad():
         work = loop._training_model(patcher)
         dm = work.model.diffusion_model

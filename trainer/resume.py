@@ -148,7 +148,8 @@ def check_compatible(state: dict, path: Path, cfg, modules: list[str], dataset) 
             raise ValueError(f"resume_from {path.name}: the run was trained with {key} {before.get(key)}, this run asks "
                              f"for {key} {getattr(cfg, key)}. Set {key} back to {before.get(key)} to resume, or leave "
                              "resume_from empty to train a new LoRA.")
-    used_before = "AdamW8bit" if before.get("low_vram") and before.get("optimizer") == "AdamW" else before.get("optimizer")
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    used_before = type(cfg)(**{k: v for k, v in before.items() if k in fields}).optimizer_used
     if used_before != cfg.optimizer_used:  # low_vram swaps AdamW's state for 8-bit moments: not interchangeable
         raise ValueError(f"resume_from {path.name}: the run's optimizer state is {used_before}, this run would use "
                          f"{cfg.optimizer_used} (low_vram {before.get('low_vram', False)} then, {cfg.low_vram} now). Set "

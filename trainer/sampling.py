@@ -282,18 +282,19 @@ class LiveSampler:
         self.conds = conds  # (positives in suite order, negative); given pre-encoded by the benchmarks
         self.columns: list[Column] = []
 
+    def _sampled(self, model):
+        return self.compiled.apply(model) if self.compiled else model
+
     def __call__(self, step: int, path: Path, live_model) -> list:
-        model = self.compiled.apply(live_model) if self.compiled else live_model
         with torch.no_grad():
-            col = sample_column(model, self.conds, self.vae, self.settings, f"step {step}", str(path), step)
+            col = sample_column(self._sampled(live_model), self.conds, self.vae, self.settings, f"step {step}", str(path), step)
         self.columns.append(col)
         return [to_pil(img) for img in col.images]
 
     def base_column(self, base_model) -> Column:
         """The base model's samples (the metrics' reference); sample it before training starts."""
-        model = self.compiled.apply(base_model) if self.compiled else base_model
         with torch.no_grad():
-            return sample_column(model, self.conds, self.vae, self.settings, BASE_LABEL, step=0)
+            return sample_column(self._sampled(base_model), self.conds, self.vae, self.settings, BASE_LABEL, step=0)
 
 
 def _font(size: int):
