@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         comfy_dir = runner.find_comfyui(args.comfyui, cfg)
         runner.boot_comfyui(comfy_dir, args.base_directory or cfg.comfyui.base_directory, cpu)
         runner.run(cfg, ranks)
-    except (ValueError, OSError) as e:  # ConfigError and the trainer's own clear errors: one line, no traceback
+    except (ValueError, OSError, torch.OutOfMemoryError) as e:  # ConfigError, the trainer's clear errors: one line
         if ranks.is_main:
             runner.emit_line("error", message=str(e), kind=type(e).__name__)
         logging.error("Klein LoRA: %s", e)

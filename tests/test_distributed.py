@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 from klein_lora_studio.tests.helpers import TRIGGER, gloo_gradient_worker, write_concept_dataset
-from klein_lora_studio.trainer import jobs, run_config, runner
+from klein_lora_studio.trainer import jobs, run_config, runner, sharding
 from klein_lora_studio.trainer import targets as tg
 from klein_lora_studio.trainer.distributed import Ranks
 
@@ -182,6 +182,45 @@ def test_cli_equals_node_and_two_processes_equal_one_and_resume_across_process_c
     assert resumed["losses"][:2] == two["losses"][:2]
     meta = safetensors.safe_open(resumed["lora_path"], "pt").metadata()
     assert json.loads(meta["resumed_from"])[0]["step"] == 2
+
+
+@pytest.mark.comfy
+def test_two_processes_with_the_base_sharded_hold_half_of_it_and_train_the_same_lora(exported):
+    """FSDP over 2 gloo processes (shard_base on, blocks recomputed in backward): each process holds half of the
+    frozen weights, and the LoRA and losses are the node's one-process run's."""
+    done = _cli(_variant(exported["config"], "dp_sharded", shard_base="on", gradient_checkpointing=True),
+                ["cpu", "cpu"])
+    assert done["sharded_base"] is True and done["processes"] == 2
+    whole = sharding.weight_bytes(exported["unet"].model.diffusion_model)
+    assert 0.5 * whole <= done["base_bytes_per_process"] <= 0.52 * whole, (done["base_bytes_per_process"], whole)
+    _assert_close(_lora(done["lora_path"]), _lora(exported["lora"]))
+    assert done["losses"] == pytest.approx(exported["losses"], rel=1e-4)
+    meta = safetensors.safe_open(done["lora_path"], "pt").metadata()
+    assert meta["sharded_base"] == "true" and meta["data_parallel_processes"] == "2"
+
+
+def test_auto_shards_when_the_weights_take_over_half_the_card():
+    gib = 2**30
+    assert sharding.should_shard("auto", 2, 18 * gib, 24 * gib)        # 9B bf16 on 24 GB cards
+    assert not sharding.should_shard("auto", 2, 18 * gib, 80 * gib)    # ... on 80 GB cards
+    assert not sharding.should_shard("auto", 2, 18 * gib, None)        # CPU processes share one memory
+    assert not sharding.should_shard("auto", 1, 18 * gib, 8 * gib)     # one process: nothing to shard over
+    assert sharding.should_shard("on", 2, 1, 80 * gib) and not sharding.should_shard("off", 2, 18 * gib, 8 * gib)
+    with pytest.raises(ValueError, match="shard_base 'yes' is not one of"):
+        sharding.should_shard("yes", 2, 1, 1)
+
+
+def test_sharded_blocks_train_uncompiled_and_fp8_needs_nccl():
+    from klein_lora_studio.trainer import loop
+
+    assert not loop.resolve_compile("auto", "cuda", True, False, sharded=True)
+    assert loop.resolve_compile("auto", "cuda", True, False, sharded=False)
+    with pytest.raises(ValueError, match="compile_blocks 'on': blocks sharded .* or shard_base to 'off'"):
+        loop.resolve_compile("on", "cuda", True, False, sharded=True)
+    fp8 = torch.nn.Linear(4, 4, bias=False)
+    fp8.weight.data = fp8.weight.data.to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="float8_e4m3fn, which CPU processes \\(gloo\\) cannot all-gather"):
+        sharding.shard_model(fp8, torch.device("cpu"), 2)
 
 
 @pytest.mark.comfy

@@ -242,6 +242,24 @@ def test_out_of_memory_says_what_to_lower_and_keeps_the_checkpoint(setup, monkey
     assert torch.equal(_forward(setup["unet"], setup["probe"]), setup["before"])
 
 
+def test_a_base_model_too_big_for_the_card_says_how_to_fit_it(setup, monkeypatch):
+    """ComfyUI cannot put the whole model on the card: the error gives the weights' size and the two ways to fit."""
+    import comfy.model_management as mm
+
+    def full(*a, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 96.00 MiB")
+
+    monkeypatch.setattr(mm, "load_models_gpu", full)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        _train(setup, _cfg("too_big", 2))
+    msg = str(err.value)
+    size = sum(p.numel() * p.element_size() for p in setup["unet"].model.diffusion_model.parameters()) / 2**30
+    for needle in (f"({size:.1f} GiB of weights)", "weight_dtype fp8_e4m3fn", "low_vram", "shard_base",
+                   "Tried to allocate 96.00 MiB"):
+        assert needle in msg, (needle, msg)
+    assert not list(setup["out"].glob("too_big*")), "nothing is written for a run that could not start"
+
+
 def test_model_and_clones_unchanged_after_an_exception_mid_step(setup, monkeypatch):
     """The step fails after forward and backward (gradients exist, the optimizer has moments)."""
     unet = setup["unet"]

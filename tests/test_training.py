@@ -160,3 +160,23 @@ def test_bad_settings_are_clear_errors(tiny, concept_data, base_dir, field, valu
     setattr(cfg, field, value)
     with pytest.raises(ValueError, match=match), torch.inference_mode():
         loop.train_lora(unet, concept_data, targets, cfg, base_dir / "models" / "loras")
+
+
+def test_trains_a_model_loaded_in_inference_mode_and_moved_outside_it(tiny, concept_data, base_dir):
+    """ComfyUI's executor loads the model in inference mode and load_models_gpu moves it to the card outside it:
+    Module.to() then leaves weights that are not is_inference() yet have no version counter, and every matmul
+    with them fails (seen on an H200 through the command line). Here the move is a dtype round trip on the CPU."""
+    with torch.inference_mode():
+        unet = tiny.unet()
+    dm = unet.model.diffusion_model
+    dm.to(torch.float64).to(torch.float32)
+    weight = dm.img_in.weight
+    assert not weight.is_inference()
+    with pytest.raises(RuntimeError, match="version counter"):
+        weight._version  # noqa: B018 - the state the trainer has to repair
+    targets = tg.resolve_targets(["double"], "attention", tg.BlockCounts.of_model(dm))
+    cfg = loop.TrainConfig(rank=2, alpha=2, learning_rate=1e-3, steps=2, output_name="moved")
+    with torch.inference_mode():
+        result = loop.train_lora(unet, concept_data, targets, cfg, base_dir / "models" / "loras")
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in result.lora.items())

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import objective, resume
+from . import objective, resume, sharding
 from .buckets import BucketBatchSampler
 from .checkpointing import block_options, inplace_safe_norms
 from .dataset import KleinDataset, stack_contexts
@@ -49,6 +49,7 @@ class TrainConfig:
     resume_from: str = ""  # "latest", a checkpoint of the run, or "" for a new run (see trainer/resume.py)
     keep_states: int = 2  # training states kept beside the checkpoints (0: all); each is ~3x the fp32 LoRA
     low_vram: bool = False  # gradient checkpointing + 8-bit AdamW; load the base with weight_dtype fp8 for the rest
+    shard_base: str = "auto"  # several processes: shard the frozen base over them (FSDP, trainer/sharding.py)
 
     @property
     def recompute(self) -> bool:
@@ -76,6 +77,8 @@ class TrainConfig:
             raise ValueError(f"keep_states is {self.keep_states}: use 0 (keep all) or more.")
         if self.save_dtype not in SAVE_DTYPES:
             raise ValueError(f"save_dtype '{self.save_dtype}' is not one of {list(SAVE_DTYPES)}.")
+        if self.shard_base not in sharding.SHARD_CHOICES:
+            raise ValueError(f"shard_base '{self.shard_base}' is not one of {list(sharding.SHARD_CHOICES)}.")
 
 
 @dataclass
@@ -97,6 +100,8 @@ class TrainResult:
     checkpoints: list[Path] = field(default_factory=list)
     run_name: str = ""
     seconds: float = 0.0
+    sharded_base: bool = False
+    base_bytes_here: int = 0  # frozen base weights this process held (its shard when sharded)
 
 
 def klein_size(diffusion_model) -> str:
@@ -132,16 +137,20 @@ def uses_fp8_matmuls(diffusion_model: torch.nn.Module) -> bool:
     return any(isinstance(m, comfy.ops.fp8_ops.Linear) for m in diffusion_model.modules())
 
 
-def resolve_compile(choice: str, device_type: str, mixed_precision: bool, fp8_matmuls: bool) -> bool:
+def resolve_compile(choice: str, device_type: str, mixed_precision: bool, fp8_matmuls: bool,
+                    sharded: bool = False) -> bool:
     """Whether to compile the blocks: 'auto' means on CUDA, unless the model cannot be traced for training."""
     why = None
-    if not mixed_precision:  # fp32 eager needs inplace_safe_norms; traced, the same in-place adds fail
+    if sharded:  # the blocks' FSDP hooks (all-gather, free) run around each block call; not traced here
+        why = "blocks sharded over processes (shard_base) train uncompiled"
+    elif not mixed_precision:  # fp32 eager needs inplace_safe_norms; traced, the same in-place adds fail
         why = "compiled blocks need a bf16/fp16 model on CUDA"
     elif fp8_matmuls:  # measured on an H200: dynamo cannot trace their `clamp(out=...)` with gradients
         why = ("the model was loaded with weight_dtype fp8_e4m3fn_fast, whose fp8 matmuls cannot be compiled for "
                "training (load it with fp8_e4m3fn for compiled, low-VRAM training)")
-    if choice == "on" and why and fp8_matmuls:
-        raise ValueError(f"compile_blocks 'on': {why}. Set compile_blocks to 'auto' or 'off'.")
+    if choice == "on" and why and (fp8_matmuls or sharded):
+        raise ValueError(f"compile_blocks 'on': {why}. Set compile_blocks to 'auto' or 'off'"
+                         + (", or shard_base to 'off'." if sharded else "."))
     wanted = choice == "on" or (choice == "auto" and device_type == "cuda")
     if wanted and why:
         logging.warning("Klein LoRA: %s; training uncompiled.", why)
@@ -149,22 +158,55 @@ def resolve_compile(choice: str, device_type: str, mixed_precision: bool, fp8_ma
     return wanted
 
 
-def _training_model(patcher):
-    """A patcher whose weights are plain tensors on the compute device (not dynamic VRAM views)."""
+def _training_model(patcher, sharded_over: int = 0):
+    """A patcher whose weights are plain tensors on the compute device (not dynamic VRAM views).
+
+    `sharded_over` N > 1: instead of ComfyUI loading the whole model onto the card, this process keeps
+    1/N of the frozen weights there (trainer/sharding.py); the model stays sharded after the run (the
+    command line's processes own their model).
+    """
     import comfy.model_management as mm
 
     work = patcher
     if patcher.is_dynamic():
         logging.info("Klein LoRA: the MODEL uses dynamic VRAM; training on a non-dynamic copy of its weights.")
         work = patcher.clone(disable_dynamic=True)
-    mm.load_models_gpu([work], force_full_load=True)
+    if sharded_over > 1:
+        _make_differentiable(work.model.diffusion_model)
+        sharding.shard_model(work.model.diffusion_model, work.load_device, sharded_over)
+        work.model.model_sampling.to(work.load_device)
+        return work
+    try:
+        mm.load_models_gpu([work], force_full_load=True)
+    except torch.OutOfMemoryError as e:
+        size = sharding.weight_bytes(work.model.diffusion_model) / 2**30
+        raise torch.OutOfMemoryError(
+            f"out of GPU memory putting the base model ({size:.1f} GiB of weights) on {work.load_device}: load it with "
+            "weight_dtype fp8_e4m3fn and turn low_vram on (klein 9B then trains in ~11 GiB), or train it on several "
+            "GPUs with the base sharded over them (the trainer's gpus input or `accelerate launch`, shard_base "
+            f"'auto'/'on'; README, 'Several GPUs'). (torch: {str(e).splitlines()[0] if str(e) else 'out of memory'})"
+        ) from None
     _make_differentiable(work.model.diffusion_model)
     return work
 
 
+def _inference_backed(t: torch.Tensor) -> bool:
+    """An inference tensor, or one that only looks ordinary: `Module.to()` outside inference mode on weights
+    made inside it (ComfyUI's load_models_gpu moving a model its loader built in the executor's inference
+    mode) leaves parameters whose is_inference() is False but which have no version counter, so every
+    matmul with them fails ("Inference tensors do not track version counter"; measured on an H200)."""
+    if t.is_inference():
+        return True
+    try:
+        t._version  # noqa: B018 - the probe: it raises for such tensors
+    except RuntimeError:
+        return True
+    return False
+
+
 @torch.no_grad()
 def _make_differentiable(module: torch.nn.Module) -> None:
-    """Swap inference-mode weights for ordinary tensors with the same values, one tensor at a time.
+    """Swap inference-backed weights for ordinary tensors with the same values, one tensor at a time.
 
     ComfyUI's executor loads models under torch.inference_mode(); autograd cannot save such tensors
     for backward. ComfyUI's own trainer reloads a second full copy of the model instead; this costs
@@ -172,10 +214,10 @@ def _make_differentiable(module: torch.nn.Module) -> None:
     """
     for m in module.modules():
         for name, p in m._parameters.items():
-            if p is not None and p.is_inference():
+            if p is not None and _inference_backed(p):
                 m._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad)
         for name, b in m._buffers.items():
-            if b is not None and b.is_inference():
+            if b is not None and _inference_backed(b):
                 m._buffers[name] = b.clone()
 
 
@@ -353,7 +395,8 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
         remove_stale_temps(out_dir, f"{run}.safetensors")
     start = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
-        work = _training_model(patcher)
+        shard = sharding.decide(cfg.shard_base, patcher.model.diffusion_model, patcher.load_device, ranks)
+        work = _training_model(patcher, ranks.world if shard else 0)
         dm = work.model.diffusion_model
         # the compute dtype: fp8-stored weights (UNETLoader weight_dtype fp8_*) are cast per layer to this one
         device, dtype = work.load_device, work.model.get_dtype_inference()
@@ -363,7 +406,7 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
         autocast = (torch.autocast(device.type, dtype=dtype)
                     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else nullcontext())
         compile_blocks = resolve_compile(cfg.compile_blocks, device.type, not isinstance(autocast, nullcontext),
-                                         uses_fp8_matmuls(dm))
+                                         uses_fp8_matmuls(dm), shard)
         options = block_options(dm, cfg.recompute, compile_blocks)
         meta = lora_metadata(
             format="comfyui-bfl-lora", base_model=klein_size(dm), base_model_file=base_model_file(patcher),
@@ -376,7 +419,7 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
             task_kind="image-to-image" if dataset.references else "text-to-image",
             buckets=[f"{w}x{h}:{len(v)}" for (w, h), v in dataset.bucket_assignment().items()],
             repeats=dataset.repeats, caption_dropout=dataset.caption_dropout,
-            shuffle_tags=bool(dataset.context_variants), data_parallel_processes=ranks.world)
+            shuffle_tags=bool(dataset.context_variants), data_parallel_processes=ranks.world, sharded_base=shard)
         if resumed is not None:
             if resumed["meta"].get("base_model") != meta["base_model"]:
                 raise ValueError(f"resume_from {state_file.name}: the run trained a {resumed['meta'].get('base_model')}"
@@ -470,7 +513,8 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
             ranks.barrier()
     logging.info("Klein LoRA: %d steps in %.1fs, final loss %.4f, saved %s", cfg.steps - first + 1,
                  time.perf_counter() - start, losses[-1], lora_path)
-    return TrainResult(final, losses, lora_path, checkpoints, run, time.perf_counter() - start)
+    return TrainResult(final, losses, lora_path, checkpoints, run, time.perf_counter() - start, shard,
+                       sharding.local_bytes(dm))
 
 
 def _oom_message(step: int, cfg: TrainConfig, x0: torch.Tensor, checkpoints: list[Path], ckpt_dir: Path,

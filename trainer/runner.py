@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from . import dataset_file, loop, run_config
+from . import dataset_file, loop, run_config, sharding
 from .distributed import Ranks
 
 EVENT_KEY = "klein_lora"
@@ -209,7 +209,13 @@ def run(cfg: run_config.RunConfig, ranks: Ranks, emit: Callable[..., None] = emi
         data = build_dataset(cfg, ranks)
         targets = run_config.targets_for(cfg.targets, model.model.diffusion_model)
         monitor = None
-        if cfg.sampling.enabled and ranks.is_main and cfg.train.save_every > 0:
+        sharded = sharding.decide(cfg.train.shard_base, model.model.diffusion_model, model.load_device, ranks)
+        if sharded and cfg.sampling.enabled:  # rank 0 alone cannot run a model whose weights all ranks share
+            logging.warning("Klein LoRA: the base is sharded over %d processes, so the prompt suite is not sampled "
+                            "during the run; sample the checkpoints afterwards (Klein Checkpoint Sampler, or the "
+                            "Rank x Steps Grid), e.g. with the base loaded in fp8.", ranks.world)
+            say("warning", message="checkpoint samples are off: the base model is sharded over the processes")
+        elif cfg.sampling.enabled and ranks.is_main and cfg.train.save_every > 0:
             from .monitor import TrainingMonitor
 
             clip = load_clip(cfg.sampling.clip, cfg.sampling.clip_type, "sampling.clip")
@@ -235,6 +241,7 @@ def run(cfg: run_config.RunConfig, ranks: Ranks, emit: Callable[..., None] = emi
             evaluation, _, report = monitor.finish(result.lora_path)
             evaluation += f"\nreport: {report}"
     say("done", run=result.run_name, lora_path=str(result.lora_path), checkpoints=[str(p) for p in result.checkpoints],
-        losses=result.losses, seconds=result.seconds, processes=ranks.world, evaluation=evaluation)
+        losses=result.losses, seconds=result.seconds, processes=ranks.world, evaluation=evaluation,
+        sharded_base=result.sharded_base, base_bytes_per_process=result.base_bytes_here)
     logging.info("Klein LoRA: run %s done on %d process(es)", result.run_name, ranks.world)
     return result
