@@ -372,7 +372,9 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
 
     `ranks` (data parallel, see trainer/distributed.py): each process trains its slice of every global batch of
     `cfg.batch_size` and the LoRA gradients are averaged; rank 0 alone writes checkpoints and states and calls
-    `hooks.on_checkpoint`, the others wait for it. The saved state is the same for any process count.
+    `hooks.on_checkpoint`, the others wait for it. The saved state is the same for any process count. When the
+    base is sharded over the processes (`cfg.shard_base`, trainer/sharding.py) the model stays sharded afterwards:
+    that is for the command line's processes, which own their model.
     """
     hooks = hooks or TrainHooks()
     ranks = ranks or Ranks()

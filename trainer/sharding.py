@@ -24,7 +24,8 @@ import torch
 
 SHARD_CHOICES = ("auto", "on", "off")
 # auto shards when the frozen weights alone would take more than this share of a card: the rest has to hold
-# the activations of a training step (9B at 1024^2, checkpointed: ~4 GiB per image; not checkpointed: ~20)
+# a training step (measured, 9B at 1024^2 checkpointed, one image per card: 3.6 GiB above the weights;
+# uncheckpointed or at larger batches, several times that)
 AUTO_SHARE = 0.5
 
 
