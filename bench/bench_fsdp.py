@@ -184,15 +184,10 @@ def markdown(result: dict) -> str:
 
 
 def write_report(result: dict, results_md: str) -> None:
-    text = open(results_md, encoding="utf-8").read() if os.path.exists(results_md) else "# Results\n"
-    section = markdown(result)
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        text = head + section + rest.split(SECTION_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(results_md, "w", encoding="utf-8") as f:
-        f.write(text)
+    sys.path.insert(0, HERE)
+    from bench_multigpu import merge_section
+
+    merge_section(results_md, markdown(result), SECTION_START, SECTION_END)
 
 
 def main() -> int:

@@ -265,16 +265,20 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(result: dict, results_md: str) -> None:
+def merge_section(results_md: str, section: str, start: str = SECTION_START, end: str = SECTION_END) -> None:
+    """Replace the part of RESULTS.md between `start` and `end` with `section` (which carries both), or append it."""
     text = open(results_md, encoding="utf-8").read() if os.path.exists(results_md) else "# Results\n"
-    section = markdown(result)
-    if SECTION_START in text and SECTION_END in text:
-        head, rest = text.split(SECTION_START, 1)
-        text = head + section + rest.split(SECTION_END, 1)[1]
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + section + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     with open(results_md, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+def write_report(result: dict, results_md: str) -> None:
+    merge_section(results_md, markdown(result))
 
 
 def main() -> int:
