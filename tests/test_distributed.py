@@ -187,7 +187,7 @@ def test_cli_equals_node_and_two_processes_equal_one_and_resume_across_process_c
 @pytest.mark.comfy
 def test_two_processes_with_the_base_sharded_hold_half_of_it_and_train_the_same_lora(exported):
     """FSDP over 2 gloo processes (shard_base on, blocks recomputed in backward): each process holds half of the
-    frozen weights, and the LoRA and losses are the node's one-process run's."""
+    frozen weights, the LoRA and losses are the node's one-process run's, and one process resumes the run."""
     done = _cli(_variant(exported["config"], "dp_sharded", shard_base="on", gradient_checkpointing=True),
                 ["cpu", "cpu"])
     assert done["sharded_base"] is True and done["processes"] == 2
@@ -197,6 +197,11 @@ def test_two_processes_with_the_base_sharded_hold_half_of_it_and_train_the_same_
     assert done["losses"] == pytest.approx(exported["losses"], rel=1e-4)
     meta = safetensors.safe_open(done["lora_path"], "pt").metadata()
     assert meta["sharded_base"] == "true" and meta["data_parallel_processes"] == "2"
+    # its step-2 state resumes in one process, unsharded: the state holds only the LoRA and its optimizer
+    resumed = _cli(_variant(exported["config"], "dp_sharded", shard_base="on", gradient_checkpointing=True), ["cpu"],
+                   "--resume-from", "dp_sharded_step00002.safetensors")
+    assert resumed["sharded_base"] is False and resumed["losses"][:2] == done["losses"][:2]
+    _assert_close(_lora(resumed["lora_path"]), _lora(exported["lora"]))
 
 
 def test_auto_shards_when_the_weights_take_over_half_the_card():
