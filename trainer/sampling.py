@@ -193,6 +193,7 @@ def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return sd, meta
 
 
+@torch.no_grad()  # never differentiated; outside the executor's inference mode a GPU-moved VAE would fail otherwise
 def sample_column(model, clip_conds: tuple[list, list], vae, settings: SampleSettings, label: str,
                   path: str | None = None, step: int | None = None, meta: dict[str, str] | None = None,
                   on_cell: Callable[[int], None] | None = None) -> Column:
