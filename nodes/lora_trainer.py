@@ -93,8 +93,9 @@ class KleinLoRATrainer(io.ComfyNode):
                 io.String.Input("gpus", default="", optional=True,
                                 tooltip="Empty: train in this ComfyUI process. GPU numbers such as '1' or '0,1': "
                                         "export the run and train it as a job on those GPUs (several: data parallel "
-                                        "under accelerate), streaming progress and samples here; Cancel stops it, "
-                                        "checkpoints stay. 'cpu' runs a CPU process (tests)."),
+                                        "under accelerate; a model over half of a card is sharded over them), streaming "
+                                        "progress and samples here; Cancel stops it, checkpoints stay. 'cpu' runs a "
+                                        "CPU process (tests)."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1)."),
