@@ -24,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="ComfyUI's --base-directory (models/, input/, output/); default: the config's")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU (tests; torchrun for several processes)")
     parser.add_argument("--resume-from", default=None, help="override train.resume_from ('latest' or a checkpoint)")
+    parser.add_argument("--no-sampling", action="store_true", help="do not sample the config's prompt suite (the "
+                                                                   "trainer node's job mode samples in ComfyUI)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.train.resume_from = args.resume_from.strip()
         comfy_dir = runner.find_comfyui(args.comfyui, cfg)
         runner.boot_comfyui(comfy_dir, args.base_directory or cfg.comfyui.base_directory, cpu)
-        runner.run(cfg, ranks)
+        runner.run(cfg, ranks, sample=not args.no_sampling)
     except (ValueError, OSError, torch.OutOfMemoryError) as e:  # ConfigError, the trainer's clear errors: one line
         if ranks.is_main:
             runner.emit_line("error", message=str(e), kind=type(e).__name__)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import selectors
 import signal
 import statistics
 import subprocess
@@ -78,15 +77,12 @@ def config(name: str, model_file: str, encoded: str, gb: int, steps: int, shard:
 
 
 def launch(name: str, cfg: str, procs: int, cap_gib: float, warm: int, timeout: float, cpu: bool = False) -> dict:
-    script = os.path.join(HERE, "capped_train.py")
-    args = [cfg, "--base-directory", WORK] + (["--cpu"] if cpu else [])
-    if procs == 1:
-        cmd = [sys.executable, script, *args]
-    elif cpu:  # a smoke run of the driver on CPU processes (gloo)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), script, *args]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(procs),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", script, *args]
+    sys.path.insert(0, HERE)
+    from bench_multigpu import launch_cmd, output_lines
+    from klein_lora_studio.trainer.runner import parse_event
+
+    cmd = launch_cmd(procs, [cfg, "--base-directory", WORK] + (["--cpu"] if cpu else []), cpu,
+                      os.path.join(HERE, "capped_train.py"))
     env = {**os.environ, **CHILD_ENV, "KLEIN_BENCH_CAP_GIB": str(cap_gib),
            "CUDA_VISIBLE_DEVICES": "" if cpu else ",".join(str(i) for i in range(procs))}
     print(f"[bench_fsdp] {name}: {' '.join(cmd)}", flush=True)
@@ -96,26 +92,12 @@ def launch(name: str, cfg: str, procs: int, cap_gib: float, warm: int, timeout: 
     log = open(os.path.join(OUT, f"fsdp_{name}.log"), "w", encoding="utf-8")  # the launch's own output
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                             start_new_session=True)
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
     try:
-        while True:
-            if time.perf_counter() - t0 > timeout:
-                raise TimeoutError
-            if not sel.select(timeout=1.0):
-                if proc.poll() is not None:
-                    break
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                if proc.poll() is not None:
-                    break
-                continue
+        for line in output_lines(proc, t0 + timeout):
             if line.startswith("FSDP_PEAK "):
                 p = json.loads(line[len("FSDP_PEAK "):])
                 peaks[p["rank"]] = p["peak_gib"]
-            elif line.startswith('{"klein_lora"'):
-                event = json.loads(line)
+            elif (event := parse_event(line)) is not None:
                 events.append(event)
                 if event["klein_lora"] == "step":
                     stamps.append(time.perf_counter())

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -120,8 +121,9 @@ def worker(model: str, batches: list[int], warm: int, steps: int, res: int, cpu:
 
 # ---------------------------------------------------------------- driver
 
-def _launch_cmd(procs: int, args: list[str], cpu: bool) -> list[str]:
-    script = os.path.abspath(__file__)
+def launch_cmd(procs: int, args: list[str], cpu: bool, script: str | None = None) -> list[str]:
+    """`script args` as `procs` processes: plain python for one, torchrun on CPU, accelerate launch on GPUs."""
+    script = script or os.path.abspath(__file__)
     if procs == 1:
         return [sys.executable, script, *args]
     if cpu:  # accelerate's launcher starts one CPU process only (without an MPI host file)
@@ -140,7 +142,7 @@ def launch(model: str, procs: int, batches: list[int], warm: int, steps: int, ti
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     cards = visible or [str(i) for i in range(procs)]  # the first `procs` of the cards this bench was given
     env = {**os.environ, **CHILD_ENV, "CUDA_VISIBLE_DEVICES": "" if cpu else ",".join(cards[:procs])}
-    cmd = _launch_cmd(procs, ["--worker", "--models", model, "--batches", ",".join(map(str, batches)),
+    cmd = launch_cmd(procs, ["--worker", "--models", model, "--batches", ",".join(map(str, batches)),
                               "--warm", str(warm), "--steps", str(steps), "--res", str(res)] + (["--cpu"] if cpu else []),
                       cpu)
     print(f"[bench_multigpu] {model} on {procs} GPU(s): {' '.join(cmd)}", flush=True)
@@ -150,20 +152,7 @@ def launch(model: str, procs: int, batches: list[int], warm: int, steps: int, ti
                             start_new_session=True)
     deadline = t0 + timeout
     try:
-        import selectors
-
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while proc.poll() is None or sel.select(timeout=0):
-            if time.perf_counter() > deadline:
-                raise TimeoutError
-            if not sel.select(timeout=1.0):
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                if proc.poll() is not None:
-                    break
-                continue
+        for line in output_lines(proc, deadline):
             if line.startswith(MARK):
                 rows.append(json.loads(line[len(MARK):]))
                 print(f"[bench_multigpu] {_short(rows[-1])}", flush=True)
@@ -183,6 +172,28 @@ def launch(model: str, procs: int, batches: list[int], warm: int, steps: int, ti
     for r in rows:
         r["launch_s"] = time.perf_counter() - t0
     return rows
+
+
+def output_lines(proc: subprocess.Popen, deadline: float) -> Iterator[str]:
+    """The child's stdout lines as they come, until it exits; TimeoutError once time.perf_counter() passes
+    `deadline` (a hung launch must not hold the machine)."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    while True:
+        if time.perf_counter() > deadline:
+            raise TimeoutError
+        if not sel.select(timeout=1.0):
+            if proc.poll() is not None:
+                return
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                return
+            continue
+        yield line
 
 
 def _short(r: dict) -> str:

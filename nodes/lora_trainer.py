@@ -186,12 +186,12 @@ class KleinLoRATrainer(io.ComfyNode):
 def run_job(config: Path, devices: list[str], model, hooks: loop.TrainHooks, node_id) -> loop.TrainResult:
     """The exported run as a child process on `devices`: its progress drives the same hooks as an in-process run.
 
-    The job's config carries no sampling models (the node's clip and vae are live objects), so checkpoints are
-    sampled here, in ComfyUI, from the files the job writes: the MODEL with each checkpoint applied.
+    Checkpoints are sampled here, in ComfyUI, from the files the job writes (the MODEL with each checkpoint
+    applied, with the node's own clip and vae), so the job is told not to sample the config's suite as well.
     """
     from ..trainer import sampling as sp
 
-    job = jobs.Job(config, devices, log_prefix=f"klein job {config.parent.name}")
+    job = jobs.Job(config, devices, ["--no-sampling"], log_prefix=f"klein job {config.parent.name}")
     _send("klein_lora.job", {"node": node_id, "config": str(config), "devices": devices})
     for event in job.events(hooks.check_cancel):
         kind = event["klein_lora"]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from ..trainer import lora, model_check, recipes
 from ..trainer import targets as tg
-from .web_routes import prompt_server
+from .web_routes import install_once
 
 TRAINER, SELECTOR = "KleinLoRATrainer", "KleinBlockTargetSelector"
 # loader class -> (file widget, models folder, display name); their output 0 is the MODEL
@@ -32,7 +32,6 @@ LOADERS = {"UNETLoader": ("unet_name", "diffusion_models", "Load Diffusion Model
 PASS_THROUGH = {"LoraLoaderModelOnly": "model", "LoraLoader": "model", TRAINER: "model"}
 
 _findings: ContextVar[dict[str, str] | None] = ContextVar("klein_lora_queue_findings", default=None)
-_registered = False
 
 
 @dataclass(frozen=True)
@@ -151,12 +150,4 @@ def problem(node_cls) -> str | None:
 
 def register() -> bool:
     """Add the on_prompt handler once; False when no server runs (library use)."""
-    global _registered
-    if _registered:
-        return True
-    server = prompt_server()
-    if server is None:
-        return False
-    server.add_on_prompt_handler(on_prompt)
-    _registered = True
-    return True
+    return install_once("queue-time model check", lambda server: server.add_on_prompt_handler(on_prompt))

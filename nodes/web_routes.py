@@ -6,11 +6,12 @@ use (tests, scripts) there is nothing to register.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from . import progress_log
 
 ROUTE = "/klein_lora/history"
-_registered = False
+_installed: set[str] = set()
 
 
 def prompt_server():
@@ -22,20 +23,27 @@ def prompt_server():
     return getattr(PromptServer, "instance", None)
 
 
-def register() -> bool:
-    """Add the route once; False when no server runs."""
-    global _registered
-    if _registered:
+def install_once(name: str, install: Callable[[object], None]) -> bool:
+    """Run `install(server)` the first time it is asked for `name`; False when no server runs (library use)."""
+    if name in _installed:
         return True
     server = prompt_server()
     if server is None:
         return False
+    install(server)
+    _installed.add(name)
+    logging.debug("Klein LoRA: %s registered", name)
+    return True
+
+
+def _add_history_route(server) -> None:
     from aiohttp import web
 
     @server.routes.get(ROUTE)
     async def history(request: web.Request) -> web.Response:
         return web.json_response({"events": progress_log.events(request.query.get("node"))})
 
-    _registered = True
-    logging.debug("Klein LoRA: %s registered", ROUTE)
-    return True
+
+def register() -> bool:
+    """Add the route once; False when no server runs."""
+    return install_once(ROUTE, _add_history_route)

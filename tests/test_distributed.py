@@ -229,6 +229,25 @@ def test_sharded_blocks_train_uncompiled_and_fp8_needs_nccl():
 
 
 @pytest.mark.comfy
+def test_the_cli_samples_the_config_suite_unless_told_not_to(exported):
+    """A config with sampling models samples its prompt suite at every checkpoint (rank 0); the trainer node's job
+    mode passes --no-sampling because it samples each checkpoint in ComfyUI itself."""
+    from klein_lora_studio.devtools.tiny_models import TE_FILE
+
+    raw = json.loads(exported["config"].read_text())
+    raw["sampling"] = {"clip": [TE_FILE], "clip_type": run_config.DEV_CLIP_TYPE, "vae": "taef2", "sample_steps": 2}
+    config = exported["config"].with_name("dp_sampled.json")
+    config.write_text(json.dumps(raw))
+
+    def samples(*extra: str) -> list[int]:
+        job = jobs.Job(config, ["cpu"], list(extra))
+        return [e["step"] for e in job.events() if e["klein_lora"] == "samples"]
+
+    assert samples() == [2, 4]
+    assert samples("--no-sampling") == []
+
+
+@pytest.mark.comfy
 def test_cli_reports_a_bad_config_as_one_error_event(exported, tmp_path):
     raw = json.loads(exported["config"].read_text())
     raw["model"]["file"] = "no-such-model.safetensors"

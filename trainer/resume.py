@@ -28,8 +28,9 @@ VERSION = 1
 # A resumed run must match these: the saved tensors only fit a LoRA of the same shape and scale, and
 # the optimizer's saved moments only fit the same optimizer.
 FIXED = ("rank", "alpha", "optimizer")
-# Not compared: where the run came from and how it is saved next.
-IGNORED = ("resume_from", "output_name")
+# Not compared: where the run came from, how it is saved next, and how the frozen base is laid out over the
+# processes (sharded or not, the update is the same).
+IGNORED = ("resume_from", "output_name", "shard_base")
 _STEP = re.compile(r"^(?P<run>.+)_step(?P<step>\d+)$")
 
 

@@ -196,8 +196,10 @@ def encode_folder(cfg: run_config.RunConfig):
     return dataset.encode_folder(where, vae, clip, d.resolution, d.trigger.strip(), **options)
 
 
-def run(cfg: run_config.RunConfig, ranks: Ranks, emit: Callable[..., None] = emit_line) -> loop.TrainResult:
-    """The node's training loop on the config's model, dataset and targets; rank 0 reports and samples."""
+def run(cfg: run_config.RunConfig, ranks: Ranks, emit: Callable[..., None] = emit_line,
+        sample: bool = True) -> loop.TrainResult:
+    """The node's training loop on the config's model, dataset and targets; rank 0 reports and samples (unless
+    `sample` is off: the trainer node's job mode samples each checkpoint in ComfyUI itself)."""
     import folder_paths
 
     def say(event: str, **data) -> None:
@@ -210,12 +212,14 @@ def run(cfg: run_config.RunConfig, ranks: Ranks, emit: Callable[..., None] = emi
         targets = run_config.targets_for(cfg.targets, model.model.diffusion_model)
         monitor = None
         sharded = sharding.decide(cfg.train.shard_base, model.model.diffusion_model, model.load_device, ranks)
-        if sharded and cfg.sampling.enabled:  # rank 0 alone cannot run a model whose weights all ranks share
+        cfg.train.shard_base = "on" if sharded else "off"  # decided once: train_lora takes it as given
+        sample = sample and cfg.sampling.enabled
+        if sharded and sample:  # rank 0 alone cannot run a model whose weights all ranks share
             logging.warning("Klein LoRA: the base is sharded over %d processes, so the prompt suite is not sampled "
                             "during the run; sample the checkpoints afterwards (Klein Checkpoint Sampler, or the "
                             "Rank x Steps Grid), e.g. with the base loaded in fp8.", ranks.world)
             say("warning", message="checkpoint samples are off: the base model is sharded over the processes")
-        elif cfg.sampling.enabled and ranks.is_main and cfg.train.save_every > 0:
+        elif sample and ranks.is_main and cfg.train.save_every > 0:
             from .monitor import TrainingMonitor
 
             clip = load_clip(cfg.sampling.clip, cfg.sampling.clip_type, "sampling.clip")

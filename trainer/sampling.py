@@ -287,15 +287,13 @@ class LiveSampler:
         return self.compiled.apply(model) if self.compiled else model
 
     def __call__(self, step: int, path: Path, live_model) -> list:
-        with torch.no_grad():
-            col = sample_column(self._sampled(live_model), self.conds, self.vae, self.settings, f"step {step}", str(path), step)
+        col = sample_column(self._sampled(live_model), self.conds, self.vae, self.settings, f"step {step}", str(path), step)
         self.columns.append(col)
         return [to_pil(img) for img in col.images]
 
     def base_column(self, base_model) -> Column:
         """The base model's samples (the metrics' reference); sample it before training starts."""
-        with torch.no_grad():
-            return sample_column(self._sampled(base_model), self.conds, self.vae, self.settings, BASE_LABEL, step=0)
+        return sample_column(self._sampled(base_model), self.conds, self.vae, self.settings, BASE_LABEL, step=0)
 
 
 def _font(size: int):
