@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     "beside the config)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
-    from .trainer import job_queue
+    from .trainer.jobs import sweep as job_queue
 
     try:
         sets = job_queue.parse_sets(args.set)

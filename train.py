@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from .trainer import distributed, run_config, runner
+    from .trainer.jobs import config as run_config
+    from .trainer.jobs import runner
+    from .trainer.training import distributed
 
     cpu = args.cpu or not torch.cuda.is_available()
     ranks = distributed.from_accelerate(cpu=cpu)  # before ComfyUI: it takes the current CUDA device as its own

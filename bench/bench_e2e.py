@@ -56,10 +56,10 @@ def setup(pcn, name: str, res: int):
 
 def run_ours(pcn, name: str, res: int, steps: int, every: int, sample_steps: int) -> dict:
     import torch
-    from klein_lora_studio.trainer import loop
-    from klein_lora_studio.trainer import sampling as sp
-    from klein_lora_studio.trainer import targets as tg
-    from klein_lora_studio.trainer.dataset import KleinDataset
+    from klein_lora_studio.trainer.data.dataset import KleinDataset
+    from klein_lora_studio.trainer.evaluation import sampling as sp
+    from klein_lora_studio.trainer.model import targets as tg
+    from klein_lora_studio.trainer.training import loop
 
     sd, vae, latents, contexts, prompts, negative = setup(pcn, name, res)
     t0 = time.perf_counter()

@@ -42,8 +42,8 @@ def prepare(model: str, res: int, n: int) -> tuple[str, str]:
     pcn = bench_step.setup_comfy()
     from pathlib import Path
 
-    from klein_lora_studio.trainer import dataset_file
-    from klein_lora_studio.trainer.dataset import KleinDataset
+    from klein_lora_studio.trainer.data import dataset_file
+    from klein_lora_studio.trainer.data.dataset import KleinDataset
 
     os.makedirs(os.path.join(WORK, "models", "diffusion_models"), exist_ok=True)
     path = os.path.join(WORK, "models", "diffusion_models", f"{model}_random.safetensors")
@@ -79,7 +79,7 @@ def config(name: str, model_file: str, encoded: str, gb: int, steps: int, shard:
 def launch(name: str, cfg: str, procs: int, cap_gib: float, warm: int, timeout: float, cpu: bool = False) -> dict:
     sys.path.insert(0, HERE)
     from bench_multigpu import launch_cmd, output_lines
-    from klein_lora_studio.trainer.runner import parse_event
+    from klein_lora_studio.trainer.jobs.runner import parse_event
 
     cmd = launch_cmd(procs, [cfg, "--base-directory", WORK] + (["--cpu"] if cpu else []), cpu,
                       os.path.join(HERE, "capped_train.py"))

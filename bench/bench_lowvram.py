@@ -34,7 +34,7 @@ MODES = {"bf16+ckpt": dict(dtype="bfloat16", low_vram=False), "fp8+low_vram": di
 
 def run(pcn, sd, name: str, mode: str, warm: int, steps: int, res: int) -> dict:
     import torch
-    from klein_lora_studio.trainer import loop
+    from klein_lora_studio.trainer.training import loop
 
     spec = MODES[mode]
     patcher = bs.load_patcher(sd, getattr(torch, spec["dtype"]), spec.get("fast", False))

@@ -46,7 +46,7 @@ CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "
 
 def _ranks(cpu: bool):
     """Ranks of this launch through accelerate (as the CLI does); plain torch.distributed when it is missing."""
-    from klein_lora_studio.trainer import distributed
+    from klein_lora_studio.trainer.training import distributed
 
     try:
         return distributed.from_accelerate(cpu=cpu)
@@ -73,7 +73,7 @@ def worker(model: str, batches: list[int], warm: int, steps: int, res: int, cpu:
     pcn = bench_step.setup_comfy()
     from pathlib import Path
 
-    from klein_lora_studio.trainer import loop
+    from klein_lora_studio.trainer.training import loop
 
     t0 = time.perf_counter()
     patcher = bench_step.random_patcher(pcn, model)

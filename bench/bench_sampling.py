@@ -24,7 +24,7 @@ FWD_TFLOP_4B_1024 = 34.6
 
 def time_sample(model, positive, negative, settings, repeats: int) -> list[float]:
     import torch
-    from klein_lora_studio.trainer import sampling as sp
+    from klein_lora_studio.trainer.evaluation import sampling as sp
 
     out = []
     for _ in range(repeats):
@@ -39,7 +39,7 @@ def time_sample(model, positive, negative, settings, repeats: int) -> list[float
 
 def run(pcn, sd, name: str, variant: str, steps: int, res: int) -> dict:
     import torch
-    from klein_lora_studio.trainer import sampling as sp
+    from klein_lora_studio.trainer.evaluation import sampling as sp
 
     fast = variant == "fp8fast"  # ComfyUI's own fp8 matmul path (UNETLoader weight_dtype fp8_e4m3fn_fast)
     model = bs.load_patcher(sd, torch.float8_e4m3fn if fast else torch.bfloat16, fast)

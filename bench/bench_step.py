@@ -4,7 +4,7 @@ Runs on the GPU machine (see bench/README.md for the command). Random weights at
 sizes (no checkpoints are reachable there), batch 1, rank 32, bf16 base, 512 text tokens.
 
   ours      the node's code path: ComfyUI model from a BFL state dict (comfy.sd.load_diffusion_model_state_dict,
-            cached_patcher_init set) trained by klein_lora_studio.trainer.loop.train_lora itself, with the
+            cached_patcher_init set) trained by klein_lora_studio.trainer.training.loop.train_lora itself, with the
             node's default compile_blocks="auto" (compiled blocks on CUDA); attention targets of all groups.
   ours:eager the same with compile_blocks="off" (uncompiled blocks); its loss curve checks the compiled one.
   diffusers bench/peer_diffusers_peft.py (Flux2Transformer2DModel + peft, attention projections, AdamW).
@@ -93,8 +93,8 @@ def random_patcher(pcn, name: str):
 def random_run(pcn, name: str, patcher, res: int, n: int = 1):
     """(dataset, attention targets of all groups) for `patcher`: n random latents and 512-token contexts."""
     import torch
-    from klein_lora_studio.trainer.dataset import KleinDataset
-    from klein_lora_studio.trainer.targets import GROUPS, BlockCounts, linear_layer_names, resolve_targets
+    from klein_lora_studio.trainer.data.dataset import KleinDataset
+    from klein_lora_studio.trainer.model.targets import GROUPS, BlockCounts, linear_layer_names, resolve_targets
 
     ctx_dim = pcn.SIZES[name][3]
     h = res // 16
@@ -116,7 +116,7 @@ def run_ours(pcn, patcher, name, res, gc, variant="base", warm=WARM, steps=STEPS
     from pathlib import Path
 
     import torch
-    from klein_lora_studio.trainer import loop
+    from klein_lora_studio.trainer.training import loop
 
     data, targets = random_run(pcn, name, patcher, res)
     cfg = loop.TrainConfig(rank=32, alpha=32.0, learning_rate=1e-4, steps=warm + steps, seed=seed,

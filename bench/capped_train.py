@@ -21,7 +21,7 @@ def main() -> int:
     except ImportError:  # the GPU machine has no PyAV; ComfyUI's video types import it (as bench_step.setup_comfy)
         sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "avstub"))
     from klein_lora_studio import train
-    from klein_lora_studio.trainer import runner
+    from klein_lora_studio.trainer.jobs import runner
 
     cap = float(os.environ.get("KLEIN_BENCH_CAP_GIB", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))

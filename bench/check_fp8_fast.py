@@ -16,10 +16,10 @@ import bench_step as bs  # noqa: E402
 
 def step(sd, fast: bool) -> dict:
     import torch
-    from klein_lora_studio.trainer import loop
-    from klein_lora_studio.trainer import targets as tg
-    from klein_lora_studio.trainer.checkpointing import block_options
-    from klein_lora_studio.trainer.lora import lora_layers
+    from klein_lora_studio.trainer.lora.layers import lora_layers
+    from klein_lora_studio.trainer.model import targets as tg
+    from klein_lora_studio.trainer.model.checkpointing import block_options
+    from klein_lora_studio.trainer.training import loop
 
     patcher = bs.load_patcher(sd, torch.float8_e4m3fn, fast)
     with torch.inference_mode(False), torch.enable_grad():

@@ -61,9 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     import comfy.sd
     import folder_paths
     from klein_lora_studio.devtools import tiny_models
-    from klein_lora_studio.trainer import dataset as ds
-    from klein_lora_studio.trainer import loop
-    from klein_lora_studio.trainer import targets as tg
+    from klein_lora_studio.trainer.data import dataset as ds
+    from klein_lora_studio.trainer.model import targets as tg
+    from klein_lora_studio.trainer.training import loop
 
     files = tiny_models.write_tiny_models(folder_paths.models_dir)
     unet = comfy.sd.load_diffusion_model(str(files["unet"]))

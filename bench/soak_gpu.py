@@ -26,7 +26,7 @@ def main() -> None:
     a = ap.parse_args()
     pcn = bench_step.setup_comfy()
     import torch
-    from klein_lora_studio.trainer import loop
+    from klein_lora_studio.trainer.training import loop
 
     patcher = bench_step.random_patcher(pcn, "klein4b")
     data, targets = bench_step.random_run(pcn, "klein4b", patcher, a.res, n=4)

@@ -43,7 +43,7 @@ TRIGGERS = {"style": "kln_style", "character": "kln_person", "object": "kln_obje
 
 def recipe_lora(recipe: str) -> list[N]:
     """Dataset -> block targets (the recipe's preset) -> trainer (the recipe's values) -> loss graph."""
-    from ..trainer.recipes import RECIPES
+    from ..trainer.training.recipes import RECIPES
 
     r = RECIPES[recipe]
     return _base_loaders() + [

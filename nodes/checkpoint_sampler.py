@@ -9,8 +9,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..trainer import metrics as mt
-from ..trainer import sampling as sp
+from ..trainer.evaluation import metrics as mt
+from ..trainer.evaluation import sampling as sp
 from .types import CATEGORY, KleinDataset
 
 DEFAULT_PROMPTS = "\n".join(f"{label}: {text}" for label, text in sp.DEFAULT_SUBJECTS)

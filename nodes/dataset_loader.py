@@ -6,7 +6,8 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..trainer import cache, dataset, doctor, paths
+from ..trainer import paths
+from ..trainer.data import cache, dataset, doctor
 from .types import CATEGORY, KleinDataset
 
 

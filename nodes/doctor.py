@@ -5,8 +5,9 @@ import logging
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..trainer import doctor, paths
-from ..trainer.recipes import RECIPES
+from ..trainer import paths
+from ..trainer.data import doctor
+from ..trainer.training.recipes import RECIPES
 from .types import CATEGORY
 
 NO_TASK = "none"

@@ -9,9 +9,12 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..trainer import jobs, loop, paths, recipes, run_export
-from ..trainer.lora import SAVE_DTYPES
-from ..trainer.monitor import TrainingMonitor
+from ..trainer import paths
+from ..trainer.evaluation.monitor import TrainingMonitor
+from ..trainer.jobs import export as run_export
+from ..trainer.jobs import launch as jobs
+from ..trainer.lora.layers import SAVE_DTYPES
+from ..trainer.training import loop, recipes
 from . import progress_log, queue_check
 from .types import CATEGORY, KleinDataset, KleinTargets
 from .web_routes import prompt_server
@@ -189,7 +192,7 @@ def run_job(config: Path, devices: list[str], model, hooks: loop.TrainHooks, nod
     Checkpoints are sampled here, in ComfyUI, from the files the job writes (the MODEL with each checkpoint
     applied, with the node's own clip and vae), so the job is told not to sample the config's suite as well.
     """
-    from ..trainer import sampling as sp
+    from ..trainer.evaluation import sampling as sp
 
     job = jobs.Job(config, devices, ["--no-sampling"], log_prefix=f"klein job {config.parent.name}")
     _send("klein_lora.job", {"node": node_id, "config": str(config), "devices": devices})

@@ -7,8 +7,10 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from ..trainer import lora_formats, lora_merge, paths
-from ..trainer.lora import SAVE_DTYPES
+from ..trainer import paths
+from ..trainer.lora import formats as lora_formats
+from ..trainer.lora import merge as lora_merge
+from ..trainer.lora.layers import SAVE_DTYPES
 from .types import CATEGORY
 
 SLOTS = 4

@@ -20,8 +20,10 @@ import logging
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from ..trainer import lora, model_check, recipes
-from ..trainer import targets as tg
+from ..trainer.lora import layers as lora
+from ..trainer.model import model_check
+from ..trainer.model import targets as tg
+from ..trainer.training import recipes
 from .web_routes import install_once
 
 TRAINER, SELECTOR = "KleinLoRATrainer", "KleinBlockTargetSelector"

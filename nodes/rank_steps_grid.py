@@ -6,8 +6,8 @@ import comfy.sd
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..trainer import job_queue
-from ..trainer import sampling as sp
+from ..trainer.evaluation import sampling as sp
+from ..trainer.jobs import sweep as job_queue
 from .checkpoint_sampler import resolve_checkpoints
 from .types import CATEGORY, model_inputs, one_prompt_inputs
 

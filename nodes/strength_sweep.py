@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..trainer import lora_formats
-from ..trainer import sampling as sp
+from ..trainer.evaluation import sampling as sp
+from ..trainer.lora import formats as lora_formats
 from .merge import NONE, _load, _lora_choices
 from .types import CATEGORY, model_inputs, one_prompt_inputs
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..trainer import targets as tg
+from ..trainer.model import targets as tg
 from . import queue_check
 from .types import CATEGORY, KleinTargets
 

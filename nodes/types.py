@@ -15,7 +15,7 @@ def model_inputs() -> list:
 
 def one_prompt_inputs(default_prompt: str) -> list:
     """One prompt, one seed, klein Base sampling settings: the grid nodes' shared widgets."""
-    from ..trainer import sampling as sp
+    from ..trainer.evaluation import sampling as sp
 
     return [io.String.Input("prompt", multiline=True, default=default_prompt,
                             tooltip="The one prompt every cell uses (include the trigger)."),

@@ -35,7 +35,7 @@ def gloo_gradient_worker(rank: int, world: int, port: int, out) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    from klein_lora_studio.trainer.distributed import Ranks
+    from klein_lora_studio.trainer.training.distributed import Ranks
 
     ranks = Ranks(rank, world)
     w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))

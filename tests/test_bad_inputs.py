@@ -143,8 +143,8 @@ def test_output_names_that_could_escape_fail_at_queue_time(comfy, guarded, name)
 
 @pytest.fixture(scope="module")
 def trainer_inputs(tiny, base_dir):
-    from klein_lora_studio.trainer import dataset as ds
-    from klein_lora_studio.trainer import targets as tg
+    from klein_lora_studio.trainer.data import dataset as ds
+    from klein_lora_studio.trainer.model import targets as tg
 
     folder = write_concept_dataset(base_dir / "input" / "bad_inputs_ds", n=2, size=64)
     with torch.inference_mode():
@@ -175,7 +175,7 @@ def test_trainer_settings_errors_name_the_field_and_fix(comfy, trainer_inputs, b
 
 
 def test_a_learning_rate_above_1e_2_warns(comfy, trainer_inputs, caplog, guarded):
-    from klein_lora_studio.trainer import loop
+    from klein_lora_studio.trainer.training import loop
 
     caplog.set_level(logging.WARNING)
     loop.TrainConfig(rank=4, alpha=4, learning_rate=0.05, steps=1).validate()
@@ -199,7 +199,7 @@ def test_flux2_dev_is_refused_at_run_time_too(comfy):
     import types
 
     import comfy.model_base
-    from klein_lora_studio.trainer import loop
+    from klein_lora_studio.trainer.training import loop
 
     dev = comfy.model_base.Flux2.__new__(comfy.model_base.Flux2)
     torch.nn.Module.__init__(dev)

@@ -5,7 +5,7 @@ import random
 from collections import Counter
 
 import pytest
-from klein_lora_studio.trainer import buckets as bk
+from klein_lora_studio.trainer.data import buckets as bk
 from PIL import Image
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 from klein_lora_studio.tests.helpers import concept_image, write_concept_dataset
-from klein_lora_studio.trainer import cache as ch
+from klein_lora_studio.trainer.data import cache as ch
 
 
 class CountingVAE:

@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from klein_lora_studio.trainer import dataset as ds
+from klein_lora_studio.trainer.data import dataset as ds
 from PIL import Image
 
 TRIGGER = "zxq"
@@ -133,8 +133,8 @@ def test_loader_node_buckets_cache_and_doctor_warnings(comfy, tiny, base_dir):
 
 @pytest.mark.comfy
 def test_training_batches_never_mix_buckets(tiny, base_dir, monkeypatch):
-    from klein_lora_studio.trainer import loop
-    from klein_lora_studio.trainer import targets as tg
+    from klein_lora_studio.trainer.model import targets as tg
+    from klein_lora_studio.trainer.training import loop
 
     folder = _mixed_aspect_folder(base_dir / "input" / "mixed_train", n_wide=2, n_tall=2, n_square=0)
     with torch.inference_mode():

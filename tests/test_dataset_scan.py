@@ -1,6 +1,6 @@
 """Caption folder reading: trigger insertion, missing captions, clear errors (no ComfyUI needed)."""
 import pytest
-from klein_lora_studio.trainer import dataset as ds
+from klein_lora_studio.trainer.data import dataset as ds
 from PIL import Image
 
 

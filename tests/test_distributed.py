@@ -11,9 +11,12 @@ import pytest
 import safetensors.torch
 import torch
 from klein_lora_studio.tests.helpers import TRIGGER, gloo_gradient_worker, write_concept_dataset
-from klein_lora_studio.trainer import jobs, run_config, runner, sharding
-from klein_lora_studio.trainer import targets as tg
-from klein_lora_studio.trainer.distributed import Ranks
+from klein_lora_studio.trainer.jobs import config as run_config
+from klein_lora_studio.trainer.jobs import launch as jobs
+from klein_lora_studio.trainer.jobs import runner
+from klein_lora_studio.trainer.model import targets as tg
+from klein_lora_studio.trainer.training import sharding
+from klein_lora_studio.trainer.training.distributed import Ranks
 
 torch.set_num_threads(1)
 # fp32 tiny model: 2 x batch 1 against 1 x batch 2 differs in summation order only (measured 3e-5 of the tensor's
@@ -124,7 +127,7 @@ def _variant(config: Path, name: str, **train) -> Path:
 def exported(comfy, tiny, base_dir):
     """The trainer node's in-process run with export_config on: its LoRA and the config it wrote."""
     from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
-    from klein_lora_studio.trainer import dataset as ds
+    from klein_lora_studio.trainer.data import dataset as ds
 
     folder = write_concept_dataset(base_dir / "input" / "dp", n=4, size=64)
     with torch.inference_mode():
@@ -148,7 +151,7 @@ def test_exported_config_is_complete_and_valid(exported, tiny):
     assert cfg.dataset.encoded == f"{run_config.RUNS_FOLDER}/dp_node/dataset.safetensors"
     assert cfg.dataset.trigger == TRIGGER and cfg.dataset.resolution == 64
     assert not cfg.sampling.enabled  # the tiny text encoder has no file ComfyUI's loaders recorded
-    from klein_lora_studio.trainer import dataset_file
+    from klein_lora_studio.trainer.data import dataset_file
 
     back = dataset_file.load_dataset(runner.encoded_path(cfg))
     for a, b in zip(back.latents + back.contexts, exported["data"].latents + exported["data"].contexts, strict=True):
@@ -216,7 +219,7 @@ def test_auto_shards_when_the_weights_take_over_half_the_card():
 
 
 def test_sharded_blocks_train_uncompiled_and_fp8_needs_nccl():
-    from klein_lora_studio.trainer import loop
+    from klein_lora_studio.trainer.training import loop
 
     assert not loop.resolve_compile("auto", "cuda", True, False, sharded=True)
     assert loop.resolve_compile("auto", "cuda", True, False, sharded=False)
@@ -290,9 +293,9 @@ def test_each_process_trains_its_half_and_the_halves_make_the_whole(exported):
     """train_step on the two halves of a batch (weights 1/2 each) gives the whole batch's gradient, and each half
     alone does not; the loop hands every rank its own half (rank 0 of 2: one image of two, every step)."""
     import comfy.model_management as mm
-    from klein_lora_studio.trainer import loop
-    from klein_lora_studio.trainer.dataset import stack_contexts
-    from klein_lora_studio.trainer.lora import lora_layers
+    from klein_lora_studio.trainer.data.dataset import stack_contexts
+    from klein_lora_studio.trainer.lora.layers import lora_layers
+    from klein_lora_studio.trainer.training import loop
 
     data, unet = exported["data"], exported["unet"]
     x0 = torch.stack(data.latents[:2])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from klein_lora_studio.trainer import doctor as dr
+from klein_lora_studio.trainer.data import doctor as dr
 from PIL import Image, ImageDraw, ImageFont
 
 

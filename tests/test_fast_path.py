@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
-from klein_lora_studio.trainer import dataset as ds
-from klein_lora_studio.trainer import loop
-from klein_lora_studio.trainer import targets as tg
-from klein_lora_studio.trainer.checkpointing import block_options, inplace_safe_norms
-from klein_lora_studio.trainer.lora import lora_layers
+from klein_lora_studio.trainer.data import dataset as ds
+from klein_lora_studio.trainer.lora.layers import lora_layers
+from klein_lora_studio.trainer.model import targets as tg
+from klein_lora_studio.trainer.model.checkpointing import block_options, inplace_safe_norms
+from klein_lora_studio.trainer.training import loop
 
 pytestmark = pytest.mark.comfy
 

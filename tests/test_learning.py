@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
-from klein_lora_studio.trainer import dataset as ds
-from klein_lora_studio.trainer import loop
-from klein_lora_studio.trainer import targets as tg
+from klein_lora_studio.trainer.data import dataset as ds
+from klein_lora_studio.trainer.model import targets as tg
+from klein_lora_studio.trainer.training import loop
 
 pytestmark = pytest.mark.comfy
 

@@ -9,7 +9,7 @@ import pytest
 import safetensors
 import torch
 from klein_lora_studio.tests import lora_kit as kit
-from klein_lora_studio.trainer import lora_formats as lf
+from klein_lora_studio.trainer.lora import formats as lf
 
 pytestmark = pytest.mark.comfy
 
@@ -148,7 +148,7 @@ def test_diffusers_export_loads_in_diffusers_flux2_with_the_same_deltas(setup, t
     from diffusers import Flux2Transformer2DModel
     from diffusers.loaders.lora_pipeline import Flux2LoraLoaderMixin
     from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers
-    from klein_lora_studio.trainer import lora_merge
+    from klein_lora_studio.trainer.lora import merge as lora_merge
 
     unet = setup["unet"]
     a = lf.from_state_dict(kit.bfl_sd(setup["w"], ALPHA), {"trainer_note": "x"}, name="a")

@@ -10,8 +10,8 @@ import pytest
 import safetensors
 import torch
 from klein_lora_studio.tests import lora_kit as kit
-from klein_lora_studio.trainer import lora_formats as lf
-from klein_lora_studio.trainer import lora_merge as lm
+from klein_lora_studio.trainer.lora import formats as lf
+from klein_lora_studio.trainer.lora import merge as lm
 
 pytestmark = pytest.mark.comfy
 

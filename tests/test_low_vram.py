@@ -6,9 +6,9 @@ import pytest
 import safetensors
 import torch
 from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
-from klein_lora_studio.trainer import dataset as ds
-from klein_lora_studio.trainer import loop, resume
-from klein_lora_studio.trainer import targets as tg
+from klein_lora_studio.trainer.data import dataset as ds
+from klein_lora_studio.trainer.model import targets as tg
+from klein_lora_studio.trainer.training import loop, resume
 
 pytestmark = pytest.mark.comfy
 pytest.importorskip("torchao")

@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
-from klein_lora_studio.trainer import dataset as ds
-from klein_lora_studio.trainer import loop
-from klein_lora_studio.trainer import metrics as mt
-from klein_lora_studio.trainer import sampling as sp
-from klein_lora_studio.trainer import targets as tg
+from klein_lora_studio.trainer.data import dataset as ds
+from klein_lora_studio.trainer.evaluation import metrics as mt
+from klein_lora_studio.trainer.evaluation import sampling as sp
+from klein_lora_studio.trainer.model import targets as tg
+from klein_lora_studio.trainer.training import loop
 
 
 @pytest.fixture

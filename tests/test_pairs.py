@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from klein_lora_studio.trainer import dataset as ds
+from klein_lora_studio.trainer.data import dataset as ds
 from PIL import Image
 
 TRIGGER = "zxq"
@@ -120,8 +120,8 @@ def _edit_sample(comfy, model, clip, prompt: str, ref: torch.Tensor, seed: int, 
 @pytest.mark.comfy
 def test_pair_training_feeds_the_stock_edit_graph(comfy, tiny, base_dir):
     import comfy.sd as comfy_sd
-    from klein_lora_studio.trainer import loop
-    from klein_lora_studio.trainer import targets as tg
+    from klein_lora_studio.trainer.model import targets as tg
+    from klein_lora_studio.trainer.training import loop
 
     target, control = write_pairs(base_dir / "input" / "i2i", n=8, size=64)
     held_t, held_c = write_pairs(base_dir / "input" / "i2i_held", n=2, size=64, seed0=8 * 10 + 1)  # 2 new colours

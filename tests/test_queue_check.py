@@ -12,8 +12,8 @@ import torch
 from klein_lora_studio.devtools import tiny_models
 from klein_lora_studio.devtools.workflows import api_path, to_tiny
 from klein_lora_studio.tests.helpers import write_concept_dataset
-from klein_lora_studio.trainer import model_check
-from klein_lora_studio.trainer.model_check import ModelFacts
+from klein_lora_studio.trainer.model import model_check
+from klein_lora_studio.trainer.model.model_check import ModelFacts
 
 pytestmark = pytest.mark.comfy
 FLUX1 = "qc-flux1.safetensors"

@@ -20,9 +20,9 @@ import pytest
 import safetensors.torch
 import torch
 from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
-from klein_lora_studio.trainer import dataset as ds
-from klein_lora_studio.trainer import loop, resume
-from klein_lora_studio.trainer import targets as tg
+from klein_lora_studio.trainer.data import dataset as ds
+from klein_lora_studio.trainer.model import targets as tg
+from klein_lora_studio.trainer.training import loop, resume
 
 pytestmark = pytest.mark.comfy
 torch.set_num_threads(1)
@@ -293,7 +293,9 @@ comfy.options.enable_args_parsing()
 sys.argv = [sys.argv[0], "--cpu", "--base-directory", sys.argv[3], "--disable-api-nodes"]
 import comfy.cli_args, comfy.model_management, comfy.sd, folder_paths
 from pathlib import Path
-from klein_lora_studio.trainer import dataset as ds, loop, targets as tg
+from klein_lora_studio.trainer.data import dataset as ds
+from klein_lora_studio.trainer.training import loop
+from klein_lora_studio.trainer.model import targets as tg
 torch.set_num_threads(1)
 saved = torch.load(spec, weights_only=True)
 data = ds.KleinDataset(saved["latents"], saved["contexts"], ["c"] * 3, ["f"] * 3, 64, "zxq", "f")

@@ -5,8 +5,9 @@ import pytest
 import safetensors.torch
 import torch
 from klein_lora_studio.tests import lora_kit
-from klein_lora_studio.trainer import lora_formats, lora_merge
-from klein_lora_studio.trainer import sampling as sp
+from klein_lora_studio.trainer.evaluation import sampling as sp
+from klein_lora_studio.trainer.lora import formats as lora_formats
+from klein_lora_studio.trainer.lora import merge as lora_merge
 
 pytestmark = pytest.mark.comfy
 

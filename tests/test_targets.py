@@ -1,6 +1,6 @@
 """The block map: groups, proportional 9B bands, layer kinds, presets, and the empty-selection error."""
 import pytest
-from klein_lora_studio.trainer import targets as tg
+from klein_lora_studio.trainer.model import targets as tg
 
 K4B = tg.BlockCounts(5, 20)
 K9B = tg.BlockCounts(8, 24)

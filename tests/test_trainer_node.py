@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
-from klein_lora_studio.trainer import dataset as ds
-from klein_lora_studio.trainer import targets as tg
+from klein_lora_studio.trainer.data import dataset as ds
+from klein_lora_studio.trainer.model import targets as tg
 
 pytestmark = pytest.mark.comfy
 
@@ -37,7 +37,7 @@ def test_trainer_node_samples_each_checkpoint_and_recommends(comfy, tiny, base_d
 
 def test_recipe_overrides_the_custom_values(comfy, tiny, base_dir):
     from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
-    from klein_lora_studio.trainer.recipes import RECIPES, apply_recipe
+    from klein_lora_studio.trainer.training.recipes import RECIPES, apply_recipe
 
     folder = write_concept_dataset(base_dir / "input" / "node_recipe", n=1, size=64)
     with torch.inference_mode():

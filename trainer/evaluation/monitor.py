@@ -33,7 +33,7 @@ class TrainingMonitor:
 
     def __call__(self, step: int, path: Path, live_model):
         """Sample with the live model; returns (grid image, file) for previews."""
-        from .paths import atomic_save_image
+        from ..paths import atomic_save_image
 
         self.sampler(step, path, live_model)
         columns = [self.base, self.sampler.columns[-1]] if self.base else [self.sampler.columns[-1]]

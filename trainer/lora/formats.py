@@ -362,7 +362,7 @@ def to_diffusers_state_dict(lora: KleinLora, dtype: torch.dtype | None = None
 def save_lora(lora: KleinLora, path: str | Path, fmt: str = "comfyui", dtype: torch.dtype | None = None,
               extra_metadata: dict[str, str] | None = None) -> Path:
     """Write atomically in ComfyUI/BFL (default) or diffusers layout; the source metadata is kept."""
-    from .paths import atomic_save_safetensors
+    from ..paths import atomic_save_safetensors
 
     if fmt not in FORMATS:
         raise ValueError(f"format '{fmt}' is not one of {FORMATS}.")

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from . import dataset, paths
+from .. import paths
+from . import dataset
 
 CACHE_FOLDER = "klein_lora_cache"  # under ComfyUI's output directory
 FORMAT = "1"  # bump when what an entry holds changes: old entries then miss instead of misleading

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .lora_formats import KleinLora, LoraDelta
+from .formats import KleinLora, LoraDelta
 
 # hidden width -> model, for error messages
 KNOWN_WIDTHS = {3072: "klein 4B", 4096: "klein 9B"}
@@ -250,7 +250,7 @@ def bake_file(model_path: str | Path, loras: list[KleinLora], weights: list[floa
 
     from safetensors import safe_open
 
-    from .paths import atomic_save_safetensors
+    from ..paths import atomic_save_safetensors
 
     model_path = Path(model_path)
     with safe_open(str(model_path), framework="pt", device="cpu") as f:

@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import jobs, paths, run_config
+from .. import paths
+from . import config as run_config
+from . import launch as jobs
 
 MANIFEST = "sweep.json"
 FORMAT = "klein-lora-sweep"

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-from . import dataset_file, loop, run_config, sharding
-from .distributed import Ranks
+from ..data import dataset_file
+from ..training import loop, sharding
+from ..training.distributed import Ranks
+from . import config as run_config
 
 EVENT_KEY = "klein_lora"
 PACK_DIR = Path(__file__).resolve().parent.parent
@@ -124,7 +126,7 @@ def load_clip(files: list[str], clip_type: str, field: str):
     if clip_type == run_config.DEV_CLIP_TYPE:
         if os.environ.get("KLEIN_LORA_DEV_NODES") != "1":
             raise run_config.ConfigError(f"{field}: clip type '{clip_type}' is for the pack's tests only.")
-        from ..devtools.tiny_models import tiny_clip
+        from ...devtools.tiny_models import tiny_clip
 
         return tiny_clip(paths[0])
     kind = getattr(comfy.sd.CLIPType, clip_type.upper(), None)
@@ -177,7 +179,8 @@ def build_dataset(cfg: run_config.RunConfig, ranks: Ranks):
 def encode_folder(cfg: run_config.RunConfig):
     import folder_paths
 
-    from . import cache, dataset, paths
+    from .. import paths
+    from ..data import cache, dataset
 
     d = cfg.dataset
     input_dir = folder_paths.get_input_directory()
@@ -220,7 +223,7 @@ def run(cfg: run_config.RunConfig, ranks: Ranks, emit: Callable[..., None] = emi
                             "Rank x Steps Grid), e.g. with the base loaded in fp8.", ranks.world)
             say("warning", message="checkpoint samples are off: the base model is sharded over the processes")
         elif sample and ranks.is_main and cfg.train.save_every > 0:
-            from .monitor import TrainingMonitor
+            from ..evaluation.monitor import TrainingMonitor
 
             clip = load_clip(cfg.sampling.clip, cfg.sampling.clip_type, "sampling.clip")
             vae = load_vae(cfg.sampling.vae, "sampling.vae")

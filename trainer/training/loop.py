@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
+from ..data.buckets import BucketBatchSampler
+from ..data.dataset import KleinDataset, stack_contexts
+from ..lora.layers import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
+from ..model.checkpointing import block_options, inplace_safe_norms
+from ..model.model_check import KNOWN_SIZES, flux2_problem
+from ..model.targets import KleinTargets
+from ..paths import atomic_save_safetensors, remove_stale_temps, unique_run_name
 from . import objective, resume, sharding
-from .buckets import BucketBatchSampler
-from .checkpointing import block_options, inplace_safe_norms
-from .dataset import KleinDataset, stack_contexts
 from .distributed import Ranks
-from .lora import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
-from .model_check import KNOWN_SIZES, flux2_problem
-from .paths import atomic_save_safetensors, remove_stale_temps, unique_run_name
-from .targets import KleinTargets
 
 OPTIMIZERS = ("AdamW", "Adafactor", "AdamW8bit")  # AdamW8bit: torchao's 8-bit optimizer states (low-VRAM mode)
 COMPILE_CHOICES = ("auto", "on", "off")  # auto: compile the blocks on CUDA, not on the CPU

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
+from ..training.recipes import RECIPES
 from .dataset import IMAGE_SUFFIXES, has_trigger
-from .recipes import RECIPES
 
 ANALYSIS_SIZE = 256  # long side of the copy every check looks at: enough for hashes and corners, fast on CPU
 HASH_BITS = 64

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .paths import atomic_save_torch, is_within
+from ..paths import atomic_save_torch, is_within
 
 # Not ".pt": ComfyUI lists .pt files in models/loras as LoRAs, and a state is not one.
 STATE_SUFFIX = ".trainstate"

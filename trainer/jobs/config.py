@@ -22,9 +22,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import targets as tg
-from .loop import TrainConfig
-from .paths import safe_name
+from ..model import targets as tg
+from ..paths import safe_name
+from ..training.loop import TrainConfig
 
 VERSION = 1
 RUNS_FOLDER = "klein_lora_runs"  # under ComfyUI's output folder: exported configs and encoded datasets
@@ -228,7 +228,7 @@ def load(path: str | Path) -> RunConfig:
 
 def save(cfg: RunConfig, path: Path) -> Path:
     """Validate and write atomically as JSON."""
-    from .paths import atomic_write_text
+    from ..paths import atomic_write_text
 
     cfg.validate()
     return atomic_write_text(cfg.to_json() + "\n", Path(path))

@@ -164,7 +164,7 @@ def validation_loss(patcher, latents: Sequence[torch.Tensor], contexts: Sequence
     """
     import comfy.model_management as mm
 
-    from . import objective
+    from ..training import objective
 
     if not latents:
         raise ValueError("validation needs at least one held-out latent: connect a dataset with images.")
@@ -280,7 +280,7 @@ def build_report(metrics: Sequence[CheckpointMetrics], pick: CheckpointMetrics |
 
 def write_report(report: dict, path: Path) -> Path:
     """Atomically write the JSON report (a reader never sees half a file)."""
-    from .paths import atomic_write_text
+    from ..paths import atomic_write_text
 
     return atomic_write_text(json.dumps(report, indent=2), Path(path))
 

@@ -84,7 +84,7 @@ def parse_subjects(text: str) -> list[tuple[str, str]]:
 def prompt_suite(trigger: str, subjects: Sequence[tuple[str, str]] | None = None,
                  untriggered: bool = True) -> list[SuitePrompt]:
     """Each subject with the trigger first (as the captions have it) and, when asked, without it."""
-    from .dataset import with_trigger
+    from ..data.dataset import with_trigger
 
     rows = []
     for label, text in subjects or DEFAULT_SUBJECTS:
@@ -247,7 +247,7 @@ class CompiledBlocks:
         self._patches: dict = {}
 
     def apply(self, model):
-        from .checkpointing import block_options
+        from ..model.checkpointing import block_options
 
         dm = model.model.diffusion_model
         if self._dm is not dm:

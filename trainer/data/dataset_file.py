@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..paths import atomic_save_safetensors
 from .dataset import KleinDataset
-from .paths import atomic_save_safetensors
 
 FORMAT = "klein-lora-encoded-dataset"
 VERSION = 1

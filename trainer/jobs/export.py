@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from . import dataset_file, run_config
-from .loop import TrainConfig
+from ..data import dataset_file
+from ..training.loop import TrainConfig
+from . import config as run_config
 
 _DTYPES = {torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}
 
