@@ -44,18 +44,26 @@ class SmallDisk:
             return
         names = {str(paths.temp_name(Path(p))) for p in failing}
         for p in failing:
-            paths.temp_name(Path(p)).symlink_to("/dev/full")  # the kernel answers every write with ENOSPC
+            if Path(p).suffix in (".json", ".png"):  # written by Python and PIL, which follow the link
+                paths.temp_name(Path(p)).symlink_to("/dev/full")  # the kernel answers every write with ENOSPC
         import safetensors.torch as st
 
-        real = st.serialize_file
+        real_serialize, real_save = st.serialize_file, torch.save
 
         def serialize(tensors, filename, metadata=None):
             if str(filename) in names:  # what safetensors 0.8 raises on a full disk (seen on the tmpfs)
                 raise safetensors.SafetensorError(
                     "Error while serializing: I/O error: No space left on device (os error 28)")
-            return real(tensors, filename, metadata=metadata)
+            return real_serialize(tensors, filename, metadata=metadata)
+
+        def save(obj, f, *args, **kwargs):
+            if getattr(f, "name", None) in names:
+                with open("/dev/full", "wb") as full:
+                    return real_save(obj, full, *args, **kwargs)
+            return real_save(obj, f, *args, **kwargs)
 
         self._mp.setattr(st, "serialize_file", serialize)
+        self._mp.setattr(torch, "save", save)
 
     def files(self) -> dict[str, str]:
         """Every file under the folder but the filler: {relative path: sha256}."""
@@ -127,3 +135,124 @@ def test_written_files_get_the_umask_permissions(tmp_path, umask, mode):
             assert (tmp_path / name).stat().st_mode & 0o777 == mode, kind
     finally:
         os.umask(old)
+
+
+@pytest.fixture(scope="module")
+def trainer_inputs(tiny, base_dir):
+    from klein_lora_studio.tests.helpers import write_concept_dataset
+    from klein_lora_studio.trainer.data import dataset as ds
+    from klein_lora_studio.trainer.model import targets as tg
+
+    folder = write_concept_dataset(base_dir / "input" / "hardening_files_ds", n=2, size=64)
+    with torch.inference_mode():
+        data = ds.encode_folder(folder, tiny.vae, tiny.clip, 64, "zxq")
+    unet = tiny.unet()
+    return unet, data, tg.resolve_targets(["double"], "attention", tg.BlockCounts.of_model(unet.model.diffusion_model))
+
+
+def _train(trainer_inputs, name: str):
+    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
+
+    unet, data, targets = trainer_inputs
+    with torch.inference_mode():  # 2 steps: a checkpoint (LoRA + state) at step 1, the final LoRA + state
+        return KleinLoRATrainer.execute(unet, data, targets, "custom", 4, 4.0, 1e-3, 2, 1, 0, "AdamW", 1, False,
+                                        "auto", name, "bf16").args
+
+
+@pytest.mark.comfy
+def test_the_trainer_on_a_full_disk_names_the_file_and_keeps_the_earlier_run(comfy, trainer_inputs, small_disk,
+                                                                              monkeypatch):
+    """models/loras on a small disk (another drive in extra_model_paths.yaml): the user's view of a full disk."""
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(small_disk.folder)], folder_paths.folder_names_and_paths["loras"][1]))
+    old = os.umask(0o022)
+    try:
+        first = Path(_train(trainer_inputs, "full")[2])
+    finally:
+        os.umask(old)
+    ckpts = small_disk.folder / "full_checkpoints"
+    assert {p.stat().st_mode & 0o777 for p in [first, *ckpts.iterdir()]} == {0o644}  # were 0600 (safetensors)
+    before = small_disk.files()
+    assert len(before) == 4  # the final LoRA, the step-1 checkpoint and the states of steps 1 and 2
+    lora_bytes = (ckpts / "full_step00001.safetensors").stat().st_size
+    state_bytes = (ckpts / "full_step00001.trainstate").stat().st_size
+    room = (lora_bytes // 4096 + 2) * 4096  # the next run's checkpoint fits, its state does not
+    assert state_bytes > room + 4096, (lora_bytes, state_bytes)
+    state = small_disk.folder / "full_2_checkpoints" / "full_2_step00001.trainstate"
+    small_disk.fill(leave=room, failing=(state,))
+    with pytest.raises(OSError, match=f"the disk is full: could not write {state}"):
+        _train(trainer_inputs, "full")  # before: RuntimeError: unexpected pos ... vs ...
+    after = small_disk.files()
+    assert {k: after[k] for k in before} == before
+    assert set(after) - set(before) <= {"full_2_checkpoints/full_2_step00001.safetensors"}
+    assert not [p for p in small_disk.folder.rglob(".*")]  # no temp file left
+    lora = small_disk.folder / "full_3_checkpoints" / "full_3_step00001.safetensors"
+    small_disk.fill(failing=(lora,))
+    with pytest.raises(OSError, match=f"the disk is full: could not write {lora}"):
+        _train(trainer_inputs, "full")  # before: safetensors' "No space left on device (os error 28)"
+    assert {k: small_disk.files()[k] for k in before} == before
+    assert not [p for p in small_disk.folder.rglob(".*")]
+
+
+HIDE_TRITON = '''
+import importlib.abc, sys
+
+class NoTriton(importlib.abc.MetaPathFinder):  # as on the Windows portable ComfyUI: no Triton to import
+    def find_spec(self, name, path=None, target=None):
+        if name == "triton" or name.startswith("triton."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTriton())
+'''
+
+COMPILE_CHECK = '''
+import logging, torch
+from klein_lora_studio.trainer.model import compile_support as cs
+
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+cuda = torch.device("cuda")
+print("problem:", cs.compile_problem(cuda))
+print("auto:", cs.usable("auto", cuda, True), "off:", cs.usable("off", cuda, False))
+try:
+    cs.usable("on", cuda, True)
+except ValueError as e:
+    print("on:", e)
+if torch.cuda.is_available():  # what the probe foretells: inductor itself fails on the first call
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=cuda))
+        print("compiled: ran")
+    except Exception as e:
+        print("compiled: failed", type(e).__name__)
+'''
+
+
+def _python(code: str) -> str:
+    import sys
+
+    from klein_lora_studio.tests.conftest import _PKG_DIR
+
+    env = {**os.environ, "PYTHONPATH": str(_PKG_DIR)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_without_triton_auto_compile_trains_eagerly_with_a_notice_and_on_is_refused():
+    """Before: 'auto' compiled on any CUDA device and the first step failed inside inductor without Triton."""
+    out = _python(HIDE_TRITON + COMPILE_CHECK)
+    assert "problem: Triton is not installed, and torch.compile needs it on the GPU" in out
+    assert "auto: False off: False" in out
+    notices = [line for line in out.splitlines() if "training uncompiled (compile_blocks 'auto')" in line]
+    assert len(notices) == 1 and "triton-windows" in notices[0]
+    assert "on: compile_blocks 'on': Triton is not installed" in out and "Set compile_blocks to 'auto'" in out
+    if torch.cuda.is_available():
+        assert "compiled: failed" in out  # so eager is the only way to train there
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: with Triton, the probe must allow compile")
+def test_with_triton_on_a_gpu_compile_is_kept():
+    out = _python(COMPILE_CHECK)
+    assert "problem: None" in out and "auto: True" in out and "compiled: ran" in out
