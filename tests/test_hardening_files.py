@@ -256,3 +256,123 @@ def test_without_triton_auto_compile_trains_eagerly_with_a_notice_and_on_is_refu
 def test_with_triton_on_a_gpu_compile_is_kept():
     out = _python(COMPILE_CHECK)
     assert "problem: None" in out and "auto: True" in out and "compiled: ran" in out
+
+
+# ---- devices and model checks at queue time, through a real ComfyUI server ----
+
+DISTILLED = "flux-2-klein-4b.safetensors"  # BFL's name for the distilled klein 4B (Base: flux-2-klein-base-4b)
+
+
+@pytest.fixture(scope="module")
+def server(tiny, base_dir):
+    import shutil
+
+    from klein_lora_studio.devtools.server import ComfyServer
+    from klein_lora_studio.tests.conftest import COMFYUI
+    from klein_lora_studio.tests.helpers import write_concept_dataset
+
+    write_concept_dataset(base_dir / "input" / "hardening_ds", n=2, size=64)
+    shutil.copyfile(tiny.files["unet"], base_dir / "models" / "diffusion_models" / DISTILLED)
+    log = base_dir / "hardening-comfyui.log"
+    with ComfyServer(COMFYUI, base_dir, log=log) as url:
+        yield url, log
+
+
+def _workflow(name: str, **trainer) -> dict:
+    import json
+
+    from klein_lora_studio.devtools.workflows import api_path, to_tiny
+
+    wf = to_tiny(json.loads(api_path("klein_style_lora").read_text()), "hardening_ds", output_name=name)
+    wf["6"]["inputs"].update(trainer)
+    return wf
+
+
+def _post(workflow: dict, url: str) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + "/prompt", data=json.dumps({"prompt": workflow}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+@pytest.mark.comfy
+@pytest.mark.parametrize("gpus", ["99999", "0", "0,99999"])
+def test_a_gpu_that_does_not_exist_is_refused_at_queue_time(server, gpus):
+    """Before: gpus '99999' was queued, exported and trained on the CPU without a word."""
+    status, answer = _post(_workflow("never_gpus", gpus=gpus), server[0])
+    assert status == 400 and set(answer["node_errors"]) == {"6"}, answer
+    text = "\n".join(e.get("details", "") for e in answer["node_errors"]["6"]["errors"])
+    assert f"gpus '{gpus}'" in text
+    if torch.cuda.is_available():
+        assert "does not exist" in text and "numbered 0 to" in text
+    else:  # this machine: any GPU list is refused rather than run on the CPU
+        assert "no CUDA GPU that PyTorch can use" in text and "Leave gpus empty" in text and "'cpu'" in text
+
+
+def test_gpu_numbers_are_checked_against_the_count(monkeypatch):
+    from klein_lora_studio.trainer.jobs import launch
+
+    monkeypatch.setattr(launch, "gpu_count", lambda: 2)  # the count itself needs GPUs; the rule does not
+    assert launch.job_devices("0,1") == ["0", "1"] and launch.job_devices("cpu") == ["cpu"] and launch.job_devices("") == []
+    with pytest.raises(ValueError, match=r"gpus '1,2': GPU 2 does not exist; this machine has 2 GPUs, numbered 0 to 1"):
+        launch.job_devices("1,2")
+    with pytest.raises(ValueError, match="not GPU numbers"):  # the syntax check still comes first
+        launch.job_devices("0,gpu1")
+
+
+@pytest.mark.parametrize("name,warned", [
+    ("flux-2-klein-4b.safetensors", "4B"), ("flux-2-klein-9b-fp8.safetensors", "9B"), ("FLUX2_klein_4b.safetensors", "4B"),
+    ("flux-2-klein-base-4b.safetensors", None), ("flux-2-klein-base-9b-fp8.safetensors", None),
+    ("klein-tiny.safetensors", None), ("my_klein_4b_base.safetensors", None)])
+def test_a_base_named_as_the_distilled_klein_is_warned_about(name, warned):
+    from klein_lora_studio.trainer.model import model_check
+
+    note = model_check.distilled_warning(name, "node 1, Load Diffusion Model")
+    assert (note is None) == (warned is None), note
+    if warned:
+        assert f"'{name}' (node 1, Load Diffusion Model)" in note and f"distilled FLUX.2 [klein] {warned}" in note
+        assert f"flux-2-klein-base-{warned[0]}b.safetensors" in note and "sample the LoRA on the distilled" in note
+
+
+@pytest.mark.comfy
+def test_the_distilled_name_warns_at_queue_time_without_blocking_the_prompt(server):
+    import asyncio
+    import io
+
+    from klein_lora_studio import run as runner
+
+    url, log = server
+    wf = _workflow("distilled_named", steps=2, save_every=0)
+    wf["1"]["inputs"]["unet_name"] = DISTILLED
+    out = io.StringIO()
+    rc = asyncio.run(runner.run(wf, url, out=out))
+    assert rc == 0, out.getvalue()  # queued and trained: a warning, not an error
+    text = log.read_text()
+    assert f"trainer node 6: the MODEL comes from '{DISTILLED}' (node 1, Load Diffusion Model)" in text
+    assert "distilled FLUX.2 [klein] 4B" in text
+
+
+@pytest.mark.comfy
+def test_the_distilled_name_is_in_the_evaluation_text(comfy, trainer_inputs, base_dir):
+    import shutil
+
+    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
+
+    _, data, targets = trainer_inputs
+    target = base_dir / "models" / "diffusion_models" / DISTILLED
+    if not target.exists():
+        from klein_lora_studio.devtools import tiny_models
+
+        shutil.copyfile(base_dir / "models" / "diffusion_models" / tiny_models.UNET_FILE, target)
+    unet = comfy.UNETLoader().load_unet(DISTILLED, "default")[0]
+    with torch.inference_mode():
+        evaluation = KleinLoRATrainer.execute(unet, data, targets, "custom", 4, 4.0, 1e-3, 1, 1, 0, "AdamW", 0, False,
+                                              "auto", "distilled_eval", "bf16").args[5]
+    assert evaluation.startswith(f"WARNING: the MODEL comes from '{DISTILLED}', which by its name is the distilled")
