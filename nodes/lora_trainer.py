@@ -164,10 +164,11 @@ class KleinLoRATrainer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, output_name: str, gpus: str = "", model=None) -> bool | str:
+    def validate_inputs(cls, output_name: str, gpus: str = "", model=None, recipe: dict | None = None) -> bool | str:
         """At queue time, before any model loads: a bad output name or GPU list, and a MODEL that is not klein or
         a rank wider than its targeted layers (found by nodes/queue_check.py from the prompt), fail now, not after
-        the encode. `model` is listed so ComfyUI attributes the error to it too (it is None at queue time)."""
+        the encode. `model` is listed so ComfyUI attributes the error to it too (it is None at queue time); ComfyUI
+        passes the recipe (a DynamicCombo) whatever the signature, its values are checked when the run starts."""
         try:
             paths.safe_name(output_name)
             launch.parse_devices(gpus or "")

@@ -162,7 +162,7 @@ def test_a_model_that_is_not_klein_is_refused_at_queue_time_on_the_trainer_and_s
 
 def test_a_rank_wider_than_the_targeted_layers_is_refused_at_queue_time(server):
     wf = _tiny_style("never_rank")
-    wf["6"]["inputs"]["rank"] = 300  # the tiny model's layers are 256 wide
+    wf["6"]["inputs"]["recipe.rank"] = 300  # the tiny model's layers are 256 wide
     status, answer = _post(wf, server)
     assert status == 400 and set(answer["node_errors"]) == {"6"}, answer
     text = _details(answer, "6")
@@ -172,7 +172,7 @@ def test_a_rank_wider_than_the_targeted_layers_is_refused_at_queue_time(server):
 
 def test_a_valid_klein_prompt_passes_the_queue_time_check(server, base_dir):
     wf = _tiny_style("queue_ok", steps=2, save_every=0)  # 2: the core loss graph divides by steps - 1
-    wf["6"]["inputs"]["rank"] = 256  # exactly the layer width: allowed
+    wf["6"]["inputs"]["recipe.rank"] = 256  # exactly the layer width: allowed
     rc, text = _run(wf, server)
     assert rc == 0, text
     assert (base_dir / "models" / "loras" / "queue_ok.safetensors").is_file()
@@ -183,7 +183,7 @@ def test_an_untraceable_model_is_left_to_the_run_time_check(server):
     wf = _tiny_style("fails")
     wf["9"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": 1.73}}
     wf["6"]["inputs"]["model"] = ["9", 0]
-    wf["6"]["inputs"]["rank"] = 300
+    wf["6"]["inputs"]["recipe.rank"] = 300
     rc, text = _run(wf, server)
     assert rc == 2 and "rank 300 is larger than layer" in text and "lower the rank" in text
 
