@@ -57,6 +57,31 @@ def _recipe_input() -> io.DynamicCombo.Input:
                                  tooltip=recipe_tooltip())
 
 
+def _expert_inputs() -> list[io.Input]:
+    """Inputs most runs leave as they are: shown behind the frontend's advanced toggle."""
+    return [
+        io.String.Input("gpus", default="", optional=True, advanced=True,
+                        tooltip="Empty: train in this ComfyUI process. GPU numbers such as '1' or '0,1': "
+                                "export the run and train it as a job on those GPUs (several: data parallel "
+                                "under accelerate; a model over half of a card is sharded over them), streaming "
+                                "progress and samples here; Cancel stops it, checkpoints stay. 'cpu' runs a "
+                                "CPU process (tests)."),
+        io.Boolean.Input("export_config", default=False, optional=True, advanced=True,
+                         tooltip="Also write this run as a config (output/klein_lora_runs/<output_name>/"
+                                 "run.json + the encoded dataset) that `python -m klein_lora_studio.train` "
+                                 "and `accelerate launch` run without ComfyUI."),
+        io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW", optional=True, advanced=True,
+                       tooltip="AdamW (the recipes'), Adafactor or AdamW8bit (torchao; less optimizer memory)."),
+        io.Boolean.Input("gradient_checkpointing", default=False, optional=True, advanced=True,
+                         tooltip="Recompute block activations in backward: much less memory, ~30% slower."),
+        io.Combo.Input("compile_blocks", options=list(COMPILE_CHOICES), default="auto", optional=True,
+                       advanced=True, tooltip="torch.compile the transformer blocks: ~1.4x faster steps on an "
+                                              "H100 after 20-40 s of compilation. auto = on CUDA only."),
+        io.Combo.Input("save_dtype", options=list(SAVE_DTYPE_NAMES), default="bf16", optional=True,
+                       advanced=True, tooltip="Precision of the saved LoRA tensors."),
+    ]
+
+
 def train_config(recipe: dict, **train) -> TrainConfig:
     """The run's settings from the node's inputs: the recipe's rank/alpha/lr/steps unless it is 'custom'."""
     name = recipe["recipe"]
@@ -129,25 +154,7 @@ class KleinLoRATrainer(io.ComfyNode):
                                  tooltip="Consumer-GPU mode: gradient checkpointing and 8-bit AdamW moments (torchao). "
                                          "Load the model with weight_dtype fp8_e4m3fn (Load Diffusion Model) too: klein "
                                          "4B then trains at 1024x1024 in about 6 GiB, 9B in about 12 GiB."),
-                io.String.Input("gpus", default="", optional=True, advanced=True,
-                                tooltip="Empty: train in this ComfyUI process. GPU numbers such as '1' or '0,1': "
-                                        "export the run and train it as a job on those GPUs (several: data parallel "
-                                        "under accelerate; a model over half of a card is sharded over them), streaming "
-                                        "progress and samples here; Cancel stops it, checkpoints stay. 'cpu' runs a "
-                                        "CPU process (tests)."),
-                io.Boolean.Input("export_config", default=False, optional=True, advanced=True,
-                                 tooltip="Also write this run as a config (output/klein_lora_runs/<output_name>/"
-                                         "run.json + the encoded dataset) that `python -m klein_lora_studio.train` "
-                                         "and `accelerate launch` run without ComfyUI."),
-                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="AdamW", optional=True, advanced=True,
-                               tooltip="AdamW (the recipes'), Adafactor or AdamW8bit (torchao; less optimizer memory)."),
-                io.Boolean.Input("gradient_checkpointing", default=False, optional=True, advanced=True,
-                                 tooltip="Recompute block activations in backward: much less memory, ~30% slower."),
-                io.Combo.Input("compile_blocks", options=list(COMPILE_CHOICES), default="auto", optional=True,
-                               advanced=True, tooltip="torch.compile the transformer blocks: ~1.4x faster steps on an "
-                                                      "H100 after 20-40 s of compilation. auto = on CUDA only."),
-                io.Combo.Input("save_dtype", options=list(SAVE_DTYPE_NAMES), default="bf16", optional=True,
-                               advanced=True, tooltip="Precision of the saved LoRA tensors."),
+                *_expert_inputs(),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1)."),
