@@ -178,7 +178,7 @@ class KleinLoRATrainer(io.ComfyNode):
         passes the recipe (a DynamicCombo) whatever the signature, its values are checked when the run starts."""
         try:
             paths.safe_name(output_name)
-            launch.parse_devices(gpus or "")
+            launch.job_devices(gpus or "")
         except ValueError as e:
             return str(e)
         return queue_check.problem(cls) or True
@@ -193,7 +193,7 @@ class KleinLoRATrainer(io.ComfyNode):
                            gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks,
                            output_name=paths.safe_name(output_name), save_dtype=save_dtype,
                            resume_from=(resume_from or "").strip(), low_vram=bool(low_vram))
-        devices = launch.parse_devices(gpus or "")
+        devices = launch.job_devices(gpus or "")
         job = None
         if export_config or devices:
             config = run_export.export(model, dataset, targets, cfg, clip, vae, sample_steps)

@@ -92,10 +92,23 @@ def run_session(model, dataset, targets, cfg: TrainConfig, out_dir: Path, report
         result = run_job(job, model, hooks)
     else:
         result = train_lora(model, dataset, targets, cfg, Path(out_dir), hooks, ranks)
+    warning = _distilled_warning(model)
     if monitor is None:
-        return SessionResult(result, NOT_SAMPLED)
+        return SessionResult(result, warning + NOT_SAMPLED)
     text, _, report = monitor.finish(result.lora_path)
-    return SessionResult(result, f"{text}\nreport: {report}", report, sampled=True)
+    return SessionResult(result, f"{warning}{text}\nreport: {report}", report, sampled=True)
+
+
+def _distilled_warning(model) -> str:
+    """A base named as the distilled klein (said at queue time too, nodes/queue_check.py) stays with the result."""
+    from ..model import model_check
+    from ..training.loop import base_model_file
+
+    distilled = model_check.distilled_warning(base_model_file(model))
+    if distilled is None:
+        return ""
+    logging.warning("Klein LoRA: %s", distilled)
+    return f"WARNING: {distilled}\n"
 
 
 def run_job(job: Job, model, hooks: TrainHooks) -> TrainResult:

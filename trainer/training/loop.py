@@ -18,6 +18,7 @@ import torch
 
 from ..data.dataset import KleinDataset, stack_contexts
 from ..lora.layers import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
+from ..model import compile_support
 from ..model.checkpointing import block_options, inplace_safe_norms
 from ..model.model_check import KNOWN_SIZES, flux2_problem
 from ..model.targets import KleinTargets
@@ -371,7 +372,8 @@ def _place(patcher, cfg: TrainConfig, ranks: Ranks) -> _Placed:
                         "(Load Diffusion Model) to halve their memory.", work.model.get_dtype())
     mixed = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     autocast = torch.autocast(device.type, dtype=dtype) if mixed else nullcontext()
-    compiled = resolve_compile(cfg.compile_blocks, device.type, mixed, uses_fp8_matmuls(dm), shard)
+    compiled = compile_support.usable(cfg.compile_blocks, device, resolve_compile(
+        cfg.compile_blocks, device.type, mixed, uses_fp8_matmuls(dm), shard))
     return _Placed(work, device, dtype, autocast, compiled, block_options(dm, cfg.recompute, compiled), shard)
 
 
