@@ -47,7 +47,7 @@ def _load(name: str, field: str) -> lora_formats.KleinLora:
     path = folder_paths.get_full_path("loras", name)
     if path is None:
         raise ValueError(f"{field}: '{name}' is not in models/loras ({folder_paths.get_folder_paths('loras')}).")
-    return lora_formats.load_lora_file(path)
+    return lora_formats.load_lora_file(path, field)
 
 
 def _dtype(choice: str, loras: list[lora_formats.KleinLora]):
