@@ -204,3 +204,46 @@ def test_an_eval_report_for_a_linked_lora_stays_inside_comfyuis_folders(comfy, b
     own = loras / "own.safetensors"
     own.write_bytes(b"x")
     assert sp.report_path_within(mt.report_path(own), roots, fallback) == Path(os.path.realpath(loras)) / "own_eval.json"
+
+
+# ------------------------------------------------------------------ issue 14: re-run when the folder changes
+
+
+def _post_and_wait(url: str, prompt: dict, timeout: float = 300) -> dict:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        prompt_id = json.load(r)["prompt_id"]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with urllib.request.urlopen(f"{url}/history/{prompt_id}", timeout=30) as r:
+            entry = json.load(r).get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            return entry
+        time.sleep(0.3)
+    raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout} s")
+
+
+def _cached(entry: dict) -> set[str]:
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    return {n for kind, data in entry["status"]["messages"] if kind == "execution_cached" for n in data["nodes"]}
+
+
+def test_doctor_and_loader_rerun_when_a_caption_changes_and_only_then(tiny, base_dir):
+    from klein_lora_studio.devtools.server import ComfyServer
+    from klein_lora_studio.tests.conftest import COMFYUI
+
+    folder = write_concept_dataset(base_dir / "input" / "hd_fingerprint", n=3, size=64)
+    for p in folder.glob("*.txt"):
+        p.write_text("zxq, " + p.read_text(encoding="utf-8"), encoding="utf-8")
+    prompt = {"1": {"class_type": "KleinDatasetDoctor",
+                    "inputs": {"folder": "hd_fingerprint", "trigger": "zxq", "resolution": 64, "task": "none"}}}
+    with ComfyServer(COMFYUI, base_dir) as url:
+        assert "1" not in _cached(_post_and_wait(url, prompt))
+        assert "1" in _cached(_post_and_wait(url, prompt)), "an unchanged folder must come from the cache"
+        (folder / "001.txt").write_text("a caption edited without the trigger", encoding="utf-8")
+        assert "1" not in _cached(_post_and_wait(url, prompt)), "an edited caption must re-run the node"
+        assert "1" in _cached(_post_and_wait(url, prompt))
