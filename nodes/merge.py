@@ -86,7 +86,8 @@ class KleinLoRAMerge(io.ComfyNode):
                     io.Combo.Input("format", options=list(lora_formats.FORMATS), default="comfyui",
                                    tooltip="comfyui: BFL names + alpha (ComfyUI, this pack). diffusers: transformer.* "
                                            "names for diffusers' load_lora_weights (diff tensors are left out)."),
-                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP)],
+                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP,
+                                   advanced=True)],
             outputs=_outputs())
 
     @classmethod
@@ -119,7 +120,8 @@ class KleinLoRAResize(io.ComfyNode):
                     io.String.Input("output_name", default="klein_resized", tooltip=_NAME_TIP),
                     io.Combo.Input("format", options=list(lora_formats.FORMATS), default="comfyui",
                                    tooltip="Layout of the written file."),
-                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP)],
+                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP,
+                                   advanced=True)],
             outputs=_outputs())
 
     @classmethod
@@ -141,7 +143,8 @@ class KleinLoRAConvert(io.ComfyNode):
                     io.Combo.Input("format", options=list(lora_formats.FORMATS), default="comfyui",
                                    tooltip="comfyui: BFL names + alpha. diffusers: transformer.* names, q/k/v split."),
                     io.String.Input("output_name", default="klein_converted", tooltip=_NAME_TIP),
-                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP)],
+                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP,
+                                   advanced=True)],
             outputs=_outputs())
 
     @classmethod

@@ -93,7 +93,7 @@ def test_caption_variants_are_seeded_distinct_and_keep_the_trigger_first():
     cap = "zxq, red car, night, rain, neon"
     v = captions.caption_variants(cap, TRIGGER)
     assert v == captions.caption_variants(cap, TRIGGER)  # same every run: the cache hits
-    assert v[0] == cap and len(v) == ds.SHUFFLE_VARIANTS == len(set(v))
+    assert v[0] == cap and len(v) == captions.SHUFFLE_VARIANTS == len(set(v))
     assert all(x.startswith("zxq, ") and sorted(x.split(", ")) == sorted(cap.split(", ")) for x in v)
     assert captions.caption_variants("zxq, one tag", TRIGGER) == ["zxq, one tag"]  # nothing to shuffle
 
