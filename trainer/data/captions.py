@@ -11,6 +11,7 @@ reproducible and the variants (and their cache entries) are the same every run.
 """
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
@@ -54,12 +55,14 @@ def read_caption(path: Path) -> str:
 
 @lru_cache(maxsize=1)
 def _comfy_tokenizer():
-    """klein's tokenizer (Qwen) from the files ComfyUI ships; None where ComfyUI is not importable."""
+    """klein's tokenizer (Qwen) from the files ComfyUI ships; None where ComfyUI cannot be imported (not booted)."""
     try:
         from comfy.text_encoders.flux import Qwen3Tokenizer
-    except ImportError:
+
+        return Qwen3Tokenizer().tokenizer
+    except Exception:  # noqa: BLE001 - ImportError, or ComfyUI failing to start outside a booted process
+        logging.debug("Klein dataset: no klein tokenizer to count caption tokens with", exc_info=True)
         return None
-    return Qwen3Tokenizer().tokenizer
 
 
 def encoder_tokenizer(clip):
