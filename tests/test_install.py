@@ -60,15 +60,10 @@ def test_web_extension_is_plain_es_module_without_build_step():
 
 
 _PROBE = textwrap.dedent("""
-    import asyncio, json, sys, time
+    import asyncio, json, runpy, sys, time
     comfyui, base, pack = sys.argv[1:4]
-    sys.path.insert(0, comfyui)
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    sys.argv = [sys.argv[0], "--cpu", "--base-directory", base, "--disable-api-nodes"]
-    import comfy.cli_args, comfy.model_management, folder_paths
-    import nodes
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    boot = runpy.run_path(pack + "/trainer/jobs/comfy_library.py")["boot"]  # by path: the pack is not imported
+    nodes = boot(comfyui, base, cpu=True, builtin_nodes=True, extra_model_paths=False)
     before = set(nodes.NODE_CLASS_MAPPINGS)
     t0 = time.perf_counter()
     ok = asyncio.run(nodes.load_custom_node(pack))
