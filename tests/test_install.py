@@ -111,38 +111,16 @@ def _req_names(path) -> set[str]:
     return names
 
 
-def _closure(names: set[str]) -> set[str]:
-    """The distributions pip would bring for `names` (as installed here), dependencies included."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
-    seen, todo = set(), list(names)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            reqs = metadata.requires(name) or []
-        except metadata.PackageNotFoundError:
-            continue
-        for r in reqs:
-            req = Requirement(r)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name.lower().replace("_", "-"))
-    return seen
+RUNTIME_GLOBS = ("*.py", "nodes/*.py", "trainer/**/*.py")  # what ComfyUI and the CLIs import (not tests, devtools)
+LEFT_TO_COMFYUI = {"torch"}  # its CUDA build is ComfyUI's choice; the pack must not pin it
 
 
-@pytest.mark.comfy
-def test_every_import_of_the_pack_comes_from_comfyui_or_requirements_txt():
-    """A venv with ComfyUI's requirements plus `pip install -r requirements.txt` has every module the pack imports."""
+def _third_party_imports() -> dict[str, str]:
+    """{top-level module: a file importing it} for every absolute import of the pack's runtime code."""
     import ast
-    from importlib import metadata
 
-    runtime = [REPO / "__init__.py", REPO / "run.py", *(REPO / "nodes").glob("*.py"), *(REPO / "trainer").glob("*.py")]
     imported: dict[str, str] = {}
-    for path in runtime:
+    for path in sorted({p for g in RUNTIME_GLOBS for p in REPO.glob(g)}):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 mods = [a.name for a in node.names]
@@ -151,14 +129,33 @@ def test_every_import_of_the_pack_comes_from_comfyui_or_requirements_txt():
             else:
                 continue
             for m in mods:
-                imported.setdefault(m.split(".")[0], path.name)
-    third_party = {m: f for m, f in imported.items()
-                   if m not in sys.stdlib_module_names and m not in COMFY_MODULES and m != "__future__"}
-    available = _closure(_req_names(COMFYUI / "requirements.txt") | _req_names(REPO / "requirements.txt"))
-    dists = metadata.packages_distributions()
-    missing = {m: f for m, f in third_party.items()
-               if not {d.lower().replace("_", "-") for d in dists.get(m, [m])} & available}
-    assert not missing, f"imported but neither in ComfyUI's nor the pack's requirements.txt: {missing}"
+                imported.setdefault(m.split(".")[0], path.relative_to(REPO).as_posix())
+    return {m: f for m, f in imported.items()
+            if m not in sys.stdlib_module_names and m not in COMFY_MODULES and m != "__future__"}
+
+
+def _distribution(module: str) -> str:
+    from importlib import metadata
+
+    return metadata.packages_distributions().get(module, [module])[0].lower().replace("_", "-")
+
+
+def test_every_third_party_import_is_declared_in_requirements_txt_and_pyproject():
+    """Each distribution the runtime code imports is named in requirements.txt (what ComfyUI Manager installs) and
+    in pyproject.toml's dependencies (what the registry shows), torch excepted; found by reading the imports."""
+    from packaging.requirements import Requirement
+
+    imported = _third_party_imports()
+    assert {"torch", "pydantic", "yaml", "scipy"} <= set(imported), f"the import scan missed some: {sorted(imported)}"
+    assert imported["scipy"] == "trainer/data/doctor.py", imported["scipy"]  # subpackages are scanned
+    wanted = {_distribution(m): f for m, f in imported.items() if m != "pydantic_core"}  # pinned by pydantic itself
+    declared = _req_names(REPO / "requirements.txt")
+    missing = {d: f for d, f in wanted.items() if d not in declared | LEFT_TO_COMFYUI}
+    assert not missing, f"imported but not in requirements.txt: {missing}"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    listed = {Requirement(r).name.lower().replace("_", "-") for r in project["dependencies"]}
+    assert listed == declared | LEFT_TO_COMFYUI, ("pyproject.toml's dependencies and requirements.txt differ: "
+                                                  f"{sorted(listed ^ (declared | LEFT_TO_COMFYUI))}")
 
 
 def _site_without(exclude: tuple[str, ...], dest) -> None:
