@@ -60,26 +60,47 @@ def test_web_extension_is_plain_es_module_without_build_step():
 
 
 _PROBE = textwrap.dedent("""
-    import asyncio, json, sys, time
+    import asyncio, json, os, sys, time
     comfyui, base, pack = sys.argv[1:4]
     sys.path.insert(0, comfyui)
     import comfy.options
     comfy.options.enable_args_parsing()
     sys.argv = [sys.argv[0], "--cpu", "--base-directory", base, "--disable-api-nodes"]
     import comfy.cli_args, comfy.model_management, folder_paths
-    import nodes
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    import nodes, server
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    prompt_server = server.PromptServer(loop)  # main.py makes the server before it loads the packs
+
+    def extras():  # the pack's routes and on_prompt hooks on the server
+        return ([r.path for r in prompt_server.routes if str(getattr(r, "path", "")).startswith("/klein_lora")]
+                + [".".join([*h.__module__.split(".")[-2:], h.__name__]) for h in prompt_server.on_prompt_handlers
+                   if "klein_lora_studio" in h.__module__])  # ComfyUI names the module by its path
+
+    loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     before = set(nodes.NODE_CLASS_MAPPINGS)
     t0 = time.perf_counter()
-    ok = asyncio.run(nodes.load_custom_node(pack))
+    ok = loop.run_until_complete(nodes.load_custom_node(pack))
     dt = time.perf_counter() - t0
+    seen = {"loaded": extras()}
+    for name in [m for m in sys.modules if m.split(".")[0] == "klein_lora_studio"]:
+        del sys.modules[name]  # a fresh copy of the pack: importing it must add nothing, its on_load adds each once
+    sys.path.insert(0, os.path.dirname(pack))
+    import klein_lora_studio.nodes as fresh
+    seen["imported again"] = extras()
+    extension = loop.run_until_complete(fresh.comfy_entrypoint())
+    for _ in range(2):
+        loop.run_until_complete(extension.on_load())
+    seen["its on_load, twice"] = extras()
     print(json.dumps({"ok": ok, "seconds": dt, "nodes": sorted(set(nodes.NODE_CLASS_MAPPINGS) - before),
-                      "web": nodes.EXTENSION_WEB_DIRS.get("klein_lora_studio")}))
+                      "web": nodes.EXTENSION_WEB_DIRS.get("klein_lora_studio"), "extras": seen}))
 """)
 
 
 @pytest.mark.comfy
 def test_pack_loads_in_comfyui_with_every_node_and_adds_little_start_up_time(tmp_path):
+    """ComfyUI's own loader, with its server object made first as main.py does: nodes, web folder, start-up cost,
+    and the server extras registered by on_load."""
     base = prepare_base(tmp_path / "base")
     pack = base / "custom_nodes" / "klein_lora_studio"
     env = dict(os.environ, KLEIN_LORA_DEV_NODES="0")
@@ -94,6 +115,10 @@ def test_pack_loads_in_comfyui_with_every_node_and_adds_little_start_up_time(tmp
     assert "KleinTinyCLIPLoader" not in res["nodes"], "a dev node is registered without KLEIN_LORA_DEV_NODES=1"
     assert res["web"] and os.path.samefile(res["web"], REPO / "web"), res["web"]
     assert res["seconds"] < MAX_IMPORT_S, f"the pack adds {res['seconds']:.3f} s to start-up (limit {MAX_IMPORT_S} s)"
+    # V3: the history route and the queue-time hook come from the extension's on_load, not from importing
+    route, hook = "/klein_lora/history", "nodes.queue_check.on_prompt"
+    assert res["extras"] == {"loaded": [route, hook], "imported again": [route, hook],
+                             "its on_load, twice": [route, route, hook, hook]}, res["extras"]
 
 
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "nodes",
@@ -203,3 +228,4 @@ def test_a_clean_env_with_comfyuis_requirements_needs_only_requirements_txt(tmp_
     assert expected <= set(res["nodes"]), f"not registered: {expected - set(res['nodes'])}"
     check = subprocess.run([py, "-c", "import peft, accelerate; print(peft.__file__)"], capture_output=True, text=True)
     assert check.returncode == 0 and str(venv) in check.stdout, "peft must come from the fresh install"
+
