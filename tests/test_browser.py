@@ -192,8 +192,8 @@ _PACK_INPUTS = """() => Object.fromEntries(Object.entries(LiteGraph.registered_n
     .map(([type, t]) => [type, Object.entries({...t.nodeData.input?.required, ...t.nodeData.input?.optional})
         .map(([name, spec]) => ({name, type: Array.isArray(spec[0]) ? "COMBO" : spec[0], opts: spec[1] ?? {}}))]))"""
 
-_ADD = """(type) => {
-    app.graph.clear();
+_ADD = """(type) => {  // alone on the canvas, with a new id (the Vue node state of a reused id would carry over)
+    for (const old of [...app.graph.nodes]) app.graph.remove(old);
     const n = LiteGraph.createNode(type);
     n.pos = [80, 80];
     app.graph.add(n);
@@ -216,7 +216,9 @@ def _advanced_inputs_hide_behind_the_nodes_toggle(page, inputs: dict) -> set[str
         page.locator(f'[data-node-id="{nid}"]').wait_for(state="visible", timeout=15_000)
         shown = _lines(page, nid)
         assert not set(labels) & set(shown), f"{node_type}: advanced inputs shown before the toggle: {labels}"
-        page.locator(f'[data-node-id="{nid}"] [data-testid=advanced-inputs-button]').click()
+        toggle = page.locator(f'[data-node-id="{nid}"] [data-testid=advanced-inputs-button]')
+        assert toggle.inner_text().strip() == "Show advanced inputs", (node_type, toggle.inner_text())
+        toggle.click()
         page.wait_for_function("([id, l]) => l.every((x) => document.querySelector(`[data-node-id='${id}']`)"
                                ".innerText.split('\\n').map((s) => s.trim()).includes(x))", arg=[nid, labels],
                                timeout=10_000)
