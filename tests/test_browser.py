@@ -208,11 +208,18 @@ def _lines(page, node_id: int) -> list[str]:
 
 
 def _advanced_inputs_hide_behind_the_nodes_toggle(page, inputs: dict) -> set[str]:
-    with_advanced = {t: [i["opts"].get("display_name") or i["name"] for i in ins if i["opts"].get("advanced")]
-                     for t, ins in inputs.items()}
-    with_advanced = {t: labels for t, labels in with_advanced.items() if labels}
-    for node_type, labels in with_advanced.items():
+    """The advanced widgets (the frontend hides widgets only: an advanced socket input stays a socket)."""
+    with_advanced = {}
+    for node_type, ins in inputs.items():
+        advanced = [i for i in ins if i["opts"].get("advanced")]
+        if not advanced:
+            continue
         nid = page.evaluate(_ADD, node_type)
+        widgets = set(page.evaluate("(id) => app.graph.getNodeById(id).widgets.map((w) => w.name)", nid))
+        labels = [i["opts"].get("display_name") or i["name"] for i in advanced if i["name"] in widgets]
+        if not labels:
+            continue
+        with_advanced[node_type] = labels
         page.locator(f'[data-node-id="{nid}"]').wait_for(state="visible", timeout=15_000)
         shown = _lines(page, nid)
         assert not set(labels) & set(shown), f"{node_type}: advanced inputs shown before the toggle: {labels}"
