@@ -268,15 +268,17 @@ def _autogrow_slots_grow_when_the_last_is_connected(page, inputs: dict) -> dict[
             counts = page.evaluate("""async ([id, name, type]) => {
                 const n = app.graph.getNodeById(id), sleep = (ms) => new Promise((r) => setTimeout(r, ms));
                 const slots = () => n.inputs.filter((i) => i.name.startsWith(name + "."));
-                const source = Object.entries(LiteGraph.registered_node_types).find(([, t]) =>
-                    (t.nodeData?.output ?? []).some((o) => o === type || (Array.isArray(o) && type === "COMBO")));
+                const fits = (o) => type === "*" || o === type || (Array.isArray(o) && type === "COMBO");
+                const sources = Object.entries(LiteGraph.registered_node_types)
+                    .filter(([, t]) => (t.nodeData?.output ?? []).some(fits));
+                const source = sources.find(([name]) => name.startsWith("Primitive")) ?? sources[0];
                 if (!source) return `no node outputs ${type}`;
                 const counts = [slots().length];
                 for (let k = 0; k < 2; k++) {
                     const src = LiteGraph.createNode(source[0]);
                     src.pos = [-400, 80 + 120 * k];
                     app.graph.add(src);
-                    const out = src.outputs.findIndex((o) => o.type === type || type === "COMBO");
+                    const out = src.constructor.nodeData.output.findIndex(fits);
                     src.connect(out, n, n.inputs.indexOf(slots().at(-1)));
                     await sleep(400);
                     counts.push(slots().length);
