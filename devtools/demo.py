@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from .. import run as runner
+from .package_root import package_parent
 from .server import ComfyServer, prepare_base
 from .workflows import api_path, to_tiny
 
@@ -30,15 +31,14 @@ def _tiny_assets(base: Path, comfyui: Path) -> None:
     import subprocess
 
     code = (
-        "import sys, pathlib; comfyui, base = sys.argv[1], sys.argv[2]; sys.path.insert(0, comfyui);"
-        "import comfy.options; comfy.options.enable_args_parsing();"
-        "sys.argv = [sys.argv[0], '--cpu', '--base-directory', base]; import comfy.cli_args, folder_paths;"
+        "import sys, pathlib; comfyui, base = sys.argv[1], sys.argv[2];"
+        "from klein_lora_studio.trainer.jobs import comfy_library; comfy_library.boot(comfyui, base, cpu=True);"
+        "import folder_paths;"
         "from klein_lora_studio.devtools.tiny_models import write_tiny_models; write_tiny_models(folder_paths.models_dir);"
-        "from klein_lora_studio.tests.helpers import write_concept_dataset;"
+        "from klein_lora_studio.devtools.datasets import write_concept_dataset;"
         "write_concept_dataset(pathlib.Path(base) / 'input' / 'klein_style_dataset', n=6, size=64)"
     )
-    pkg_parent = Path(__file__).resolve().parent.parent.parent  # holds the `klein_lora_studio` link demo.sh made
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), str(pkg_parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(package_parent()), os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", code, str(comfyui), str(base)], check=True, env=env)
 
 
