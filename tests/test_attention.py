@@ -63,7 +63,7 @@ def _checkpointed_step(unet, data, targets, backend: SDPBackend | None, recomput
         work = loop._training_model(unet)
         dm = work.model.diffusion_model
         with lora_layers(dm, targets.modules, 4, 4, seed=0) as lora, inplace_safe_norms(dm), \
-                loop.comfy_training_mode(False):
+                loop.comfy_training_mode():
             with torch.no_grad():
                 for p in lora.parameters():
                     p.normal_(0, 0.05, generator=torch.Generator().manual_seed(5))
@@ -149,7 +149,7 @@ def test_gpu_512_checkpointed_step_at_klein4b_width(comfy):
     x = torch.randn(1, 128, 32, 32, device=device, generator=g)
     ctx = torch.randn(1, 512, 7680, device=device, generator=g)
     with torch.inference_mode(False), torch.enable_grad(), lora_layers(dm, targets.modules, 32, 32) as lora, \
-            loop.comfy_training_mode(False), attention.run_attention(dm, device, torch.bfloat16):
+            loop.comfy_training_mode(), attention.run_attention(dm, device, torch.bfloat16):
         opts = block_options(dm, recompute=True, compile_blocks=False)
         for _ in range(2):  # the H100 failed on the first backward; a second step checks nothing sticks
             with torch.autocast("cuda", dtype=torch.bfloat16):

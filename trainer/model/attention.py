@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -39,6 +40,7 @@ def _usable(backend: SDPBackend, params) -> bool:
         return False
 
 
+@cache
 def choose_backend(device: torch.device, dtype: torch.dtype, heads: int, head_dim: int = 128,
                    tokens: tuple[int, ...] = PROBE_TOKENS) -> SDPBackend:
     """The fastest fused backend torch's own checks accept for these shapes, with and without gradients (so the

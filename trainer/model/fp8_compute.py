@@ -30,8 +30,9 @@ from functools import cache
 
 import torch
 
+from ..training.config import BASE_COMPUTE_CHOICES as MODES
+
 E4M3 = torch.float8_e4m3fn
-MODES = ("auto", "bf16", "fp8")
 # 'auto' stays bf16 until the micro-world quality check of issue 17 holds for fp8 (loss curves within 1% per
 # step on the GPU and the fp8 LoRA's score within run-to-run noise of the bf16 one); then: fp8 where supported.
 AUTO_USES_FP8 = False
