@@ -26,8 +26,8 @@ pytestmark = pytest.mark.comfy
 
 
 class KernelLog(TorchDispatchMode):
-    """The SDPA kernel of each attention call: CPU flash is its own aten op, math decomposes into _safe_softmax
-    (klein's blocks have no other softmax)."""
+    """The SDPA kernel of each attention call: the fused ones are aten ops of their own (CPU flash too), math
+    decomposes into _safe_softmax (klein's blocks have no other softmax)."""
 
     def __init__(self):
         super().__init__()
@@ -35,8 +35,9 @@ class KernelLog(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.__name__
-        if "flash_attention" in name and "backward" not in name:
-            self.calls.append("flash")
+        fused = next((k for k in ("cudnn", "flash", "efficient") if f"_{k}_attention" in name), None)
+        if fused and "backward" not in name:
+            self.calls.append(fused)
         elif name.startswith("_safe_softmax") or name.startswith("_softmax.default"):
             self.calls.append("math")
         return func(*args, **(kwargs or {}))
@@ -150,13 +151,22 @@ def test_gpu_512_checkpointed_step_at_klein4b_width(comfy):
     ctx = torch.randn(1, 512, 7680, device=device, generator=g)
     with torch.inference_mode(False), torch.enable_grad(), lora_layers(dm, targets.modules, 32, 32) as lora, \
             loop.comfy_training_mode(), attention.run_attention(dm, device, torch.bfloat16):
-        opts = block_options(dm, recompute=True, compile_blocks=False)
+        opts = {**block_options(dm, recompute=True, compile_blocks=False), **SDPA_ON_CPU}  # the tests' ComfyUI is --cpu
+        logs = []
         for _ in range(2):  # the H100 failed on the first backward; a second step checks nothing sticks
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            fwd, rec = KernelLog(), KernelLog()
+            with fwd, torch.autocast("cuda", dtype=torch.bfloat16):
                 pred = dm(x.bfloat16(), torch.full((1,), 600.0, device=device), ctx.bfloat16(), transformer_options=opts)
             loss = pred.float().square().mean()
-            loss.backward()  # CheckpointError here was the bug
+            with rec:
+                loss.backward()  # CheckpointError here was the bug
+            logs.append((fwd.calls, rec.calls))
         grads = [p.grad for p in lora.parameters()]
+    kernel = {SDPBackend.CUDNN_ATTENTION: "cudnn", SDPBackend.FLASH_ATTENTION: "flash",
+              SDPBackend.EFFICIENT_ATTENTION: "efficient", SDPBackend.MATH: "math"}[backend]
+    for fwd_calls, rec_calls in logs:
+        assert fwd_calls == [kernel, kernel], fwd_calls  # one attention per block, on the chosen kernel
+        assert rec_calls == fwd_calls
     assert torch.isfinite(loss)
     assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
     assert any(gr.abs().sum() > 0 for gr in grads)
