@@ -22,7 +22,7 @@ from ..training.distributed import Ranks
 from . import config as run_config
 
 EVENT_KEY = "klein_lora"
-PACK_DIR = Path(__file__).resolve().parent.parent
+PACK_DIR = Path(__file__).resolve().parents[2]
 
 
 def emit_line(event: str, **data) -> None:
