@@ -179,14 +179,15 @@ def shape_mask(shape: str, cx: float, cy: float, h: float, side: int) -> np.ndar
     return np.asarray(im) > 127
 
 
+INK_DARK, INK_LIGHT = (25, 25, 25), (240, 240, 240)  # the style's second stripe colour
+
+
 def stripe_ink(colour: str, background: str) -> tuple[int, int, int]:
-    """The second stripe colour: a dark or a light shade of the shape's colour, whichever stands further
-    from the background (so the striped shape never dissolves into it)."""
-    c = np.array(COLOURS[colour], dtype=float)
+    """The second stripe colour: near-black or near-white, whichever stands further from the background
+    (so the striped shape never dissolves into it; both are far from every named colour)."""
     bg = np.array(BACKGROUNDS[background], dtype=float)
-    dark, light = c * 0.3, c + (255 - c) * 0.75
-    pick = dark if np.linalg.norm(dark - bg) >= np.linalg.norm(light - bg) else light
-    return tuple(int(round(v)) for v in pick)
+    dark = np.linalg.norm(np.array(INK_DARK) - bg) >= np.linalg.norm(np.array(INK_LIGHT) - bg)
+    return INK_DARK if dark else INK_LIGHT
 
 
 def stripes(side: int, period: float) -> np.ndarray:
