@@ -88,8 +88,9 @@ class Models:
         return nodes.UNETLoader().load_unet(self.unet_file, "default")[0]
 
 
-def load_models(kind: str) -> Models:
-    """The pretrained micro models (microworld/models.py) or the random tiny ones, via the stock loaders."""
+def load_models(kind: str, weights: Path | None = None) -> Models:
+    """The pretrained micro models (microworld/models.py; `weights`: another folder of them, e.g. a fresh
+    pretraining's output, instead of the committed ones) or the random tiny ones, via the stock loaders."""
     import folder_paths
 
     import nodes
@@ -97,8 +98,8 @@ def load_models(kind: str) -> Models:
     if kind == "micro":
         from klein_lora_studio.microworld import models as mm
 
-        mm.write_micro_models(folder_paths.models_dir)
-        return Models(mm.UNET_FILE, nodes.VAELoader().load_vae("taef2")[0], mm.micro_clip(), kind)
+        paths = mm.write_micro_models(folder_paths.models_dir, weights)
+        return Models(mm.UNET_FILE, nodes.VAELoader().load_vae("taef2")[0], mm.micro_clip(paths["te"]), kind)
     from klein_lora_studio.devtools import tiny_models
 
     paths = tiny_models.write_tiny_models(folder_paths.models_dir)
@@ -404,11 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--docs", type=Path, default=REPO / "docs", help="where quality.md and images/ go")
+    ap.add_argument("--weights", type=Path, default=None, help="micro weights folder (default: the committed ones)")
     ap.add_argument("--base", type=Path, default=None, help="ComfyUI base directory (default: a temp folder)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     boot_comfy(args.base or Path(tempfile.mkdtemp(prefix="klein-quality-")))
-    models = load_models(args.models)
+    models = load_models(args.models, args.weights)
     base_model = models.unet()
     results = []
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
