@@ -14,6 +14,7 @@ from ..trainer.evaluation.monitor import TrainingMonitor
 from ..trainer.jobs import export as run_export
 from ..trainer.jobs import launch as jobs
 from ..trainer.lora.layers import SAVE_DTYPES
+from ..trainer.model import model_check
 from ..trainer.training import loop, recipes
 from . import progress_log, queue_check
 from .types import CATEGORY, KleinDataset, KleinTargets
@@ -121,7 +122,7 @@ class KleinLoRATrainer(io.ComfyNode):
         the encode. `model` is listed so ComfyUI attributes the error to it too (it is None at queue time)."""
         try:
             paths.safe_name(output_name)
-            jobs.parse_devices(gpus or "")
+            jobs.job_devices(gpus or "")
         except ValueError as e:
             return str(e)
         return queue_check.problem(cls) or True
@@ -166,7 +167,7 @@ class KleinLoRATrainer(io.ComfyNode):
         hooks = loop.TrainHooks(on_step=on_step, on_checkpoint=on_checkpoint,
                                 check_cancel=comfy.model_management.throw_exception_if_processing_interrupted)
         out_dir = Path(folder_paths.get_folder_paths("loras")[0])
-        devices = jobs.parse_devices(gpus or "")
+        devices = jobs.job_devices(gpus or "")
         if export_config or devices:
             config = run_export.export(model, dataset, targets, cfg, clip, vae, sample_steps)
             logging.info("Klein LoRA: run config written to %s", config)
@@ -180,6 +181,10 @@ class KleinLoRATrainer(io.ComfyNode):
         if monitor is not None:
             evaluation, _, report = monitor.finish(result.lora_path)
             evaluation += f"\nreport: {report}"
+        distilled = model_check.distilled_warning(loop.base_model_file(model))
+        if distilled is not None:  # said at queue time too (queue_check.notices); here it stays with the result
+            logging.warning("Klein LoRA: %s", distilled)
+            evaluation = f"WARNING: {distilled}\n{evaluation}"
         ui = {"lora_path": [str(result.lora_path)], "checkpoints": [str(p) for p in result.checkpoints],
               "final_loss": [result.losses[-1]]}
         return io.NodeOutput(trained, result.lora, str(result.lora_path), {"loss": result.losses}, checkpoints,

@@ -131,6 +131,19 @@ def findings(prompt: dict) -> dict[str, str]:
     return out
 
 
+def notices(prompt: dict) -> dict[str, str]:
+    """{trainer node id: a warning that must not block the prompt}: a base named as the distilled klein."""
+    out = {}
+    for nid, node in prompt.items():
+        if not isinstance(node, dict) or node.get("class_type") != TRAINER:
+            continue
+        src = trace_model(prompt, (node.get("inputs") or {}).get("model"))
+        note = model_check.distilled_warning(src.file, f"node {src.node}, {src.loader}") if src else None
+        if note is not None:
+            out[str(nid)] = note
+    return out
+
+
 def on_prompt(json_data):
     """ComfyUI's on_prompt hook: record this request's findings; the prompt itself is passed on untouched."""
     _findings.set({})  # first, so nothing of an earlier request on this context can carry over
@@ -138,6 +151,8 @@ def on_prompt(json_data):
     if isinstance(prompt, dict):
         try:
             _findings.set(findings(prompt))
+            for nid, note in notices(prompt).items():
+                logging.warning("Klein LoRA: trainer node %s: %s", nid, note)
         except Exception:  # noqa: BLE001 - a check that breaks must not block a prompt: run time still checks
             logging.warning("Klein LoRA: the queue-time model check failed; the run will check instead", exc_info=True)
     return json_data

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +223,20 @@ def test_loras_of_different_bases_into_merge(comfy, base_dir, guarded):
     with guarded(), pytest.raises(ValueError, match="base_tiny|base_4b"):
         KleinLoRAMerge.execute("exact", 8, "bad_merge", "comfyui", "auto", lora_1="base_tiny.safetensors",
                                weight_1=1.0, lora_2="base_4b.safetensors", weight_2=1.0)
+
+
+def test_the_docs_table_names_real_tests():
+    """docs/bad-inputs.md mirrors this suite: every row names tests that exist, every test here has a row."""
+    import re
+
+    from klein_lora_studio.tests.conftest import REPO
+
+    rows = [line for line in (REPO / "docs" / "bad-inputs.md").read_text(encoding="utf-8").splitlines()
+            if line.startswith("| ") and "tests/" in line]
+    named = {m for line in rows for m in re.findall(r"(tests/\w+\.py)::(\w+)", line)}
+    assert len(rows) >= 20 and named
+    for file, test in named:
+        assert re.search(rf"^def {test}\(", (REPO / file).read_text(encoding="utf-8"), re.M), f"{file}::{test}"
+    here = set(re.findall(r"^def (test_\w+)\(", Path(__file__).read_text(encoding="utf-8"), re.M))
+    missing = here - {t for f, t in named if f == "tests/test_bad_inputs.py"} - {"test_the_docs_table_names_real_tests"}
+    assert not missing, f"tests without a row in docs/bad-inputs.md: {sorted(missing)}"

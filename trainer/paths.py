@@ -90,6 +90,9 @@ def unique_run_name(folder: Path, name: str) -> str:
 
 TMP_MARK = ".tmp-"
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+# libraries that keep only the text of the OS error: safetensors' SafetensorError carries Rust's
+# "No space left on device (os error 28)" (Windows: "There is not enough space on the disk. (os error 112)")
+_DISK_FULL_TEXT = re.compile(r"no space left on device|disk quota exceeded|not enough space on the disk", re.I)
 
 
 def temp_name(path: Path) -> Path:
@@ -97,26 +100,61 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from or during, is a full disk or an exceeded quota.
+
+    torch.save reports a short write as `RuntimeError: unexpected pos ...` raised during the OSError of
+    the file object's write; safetensors raises its own error with the OS message as text.
+    """
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            return True
+        if not isinstance(e, OSError) and _DISK_FULL_TEXT.search(str(e)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS shows it (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> Path:
     """`write(tmp)` a temp file beside `path`, fsync it, then rename it over `path` in one step.
 
     A crash leaves either the old file or the new one, never half of one. An error removes the temp
     file; a killed process (SIGKILL, power loss) can leave one, which remove_stale_temps clears when the
-    run is started or resumed again. A full disk is reported as such, naming the file.
+    run is started or resumed again. A full disk is reported as such, naming the file. The file gets the
+    permissions of the umask, as `open` gives (safetensors creates its files 0600 whatever the umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in _DISK_FULL:
-            raise OSError(e.errno, f"the disk is full: could not write {path} ({e.strerror or e}). Free space on "
-                                   f"{path.parent} (or save fewer checkpoints: raise save_every) and resume the run; "
-                                   "the earlier checkpoints are intact.", str(path)) from e
+    except Exception as e:
+        if is_disk_full(e):
+            raise OSError(errno.ENOSPC, f"the disk is full: could not write {path}. Free space on {path.parent} "
+                                        "(or keep fewer checkpoints: raise save_every), then queue it again (a training "
+                                        "run continues from its last checkpoint with resume_from 'latest'); the "
+                                        "files written before are intact", str(path)) from e
         raise
     finally:
         if tmp.exists():
@@ -152,7 +190,11 @@ def atomic_save_torch(obj, path: Path) -> Path:
     """torch.save, atomically (for the training state: optimizer and RNG states are not flat tensors)."""
     import torch
 
-    return _atomic_write(path, lambda tmp: torch.save(obj, str(tmp)))
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a Python file: its OSError (a full disk) is kept under torch's RuntimeError
+            torch.save(obj, f)
+
+    return _atomic_write(path, write)
 
 
 def atomic_write_text(text: str, path: Path) -> Path:

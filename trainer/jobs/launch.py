@@ -43,6 +43,42 @@ def parse_devices(text: str) -> list[str]:
     return items
 
 
+def gpu_count() -> int:
+    """The CUDA GPUs of this machine, numbered as a job's CUDA_VISIBLE_DEVICES takes them (0 without CUDA).
+
+    A job replaces CUDA_VISIBLE_DEVICES, so where ComfyUI itself runs restricted to some GPUs
+    (--cuda-device), the machine's own count (NVML's, as torch reads it) is the one that matters.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        raw = getattr(torch.cuda, "_raw_device_count_nvml", lambda: -1)()
+        if raw > 0:
+            return raw
+    return torch.cuda.device_count()
+
+
+def job_devices(text: str) -> list[str]:
+    """parse_devices, and each GPU number one that exists: checked when the prompt is queued, not after the export."""
+    devices = parse_devices(text)
+    if not devices or devices[0] == "cpu":
+        return devices
+    count = gpu_count()
+    if count == 0:
+        import torch
+
+        raise ValueError(f"gpus '{text}': this machine has no CUDA GPU that PyTorch can use (torch "
+                         f"{torch.__version__}, CUDA {torch.version.cuda or 'not built in'}), so the job would run on "
+                         "the CPU. Leave gpus empty to train in ComfyUI, or give 'cpu' for a CPU job.")
+    missing = [d for d in devices if int(d) >= count]
+    if missing:
+        raise ValueError(f"gpus '{text}': GPU {', '.join(missing)} does not exist; this machine has {count} GPU"
+                         f"{'s' if count > 1 else ''}, numbered 0 to {count - 1} (as nvidia-smi lists them).")
+    return devices
+
+
 def import_root() -> Path:
     """A folder on the child's PYTHONPATH where this pack imports as `klein_lora_studio`, whatever its folder name."""
     if PACK_DIR.name == PACKAGE:

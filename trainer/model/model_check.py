@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -67,6 +68,24 @@ def model_problem(facts: ModelFacts, file_name: str, loader: str) -> str | None:
                 f"load a klein Base diffusion model ({KLEIN_FILES}) with Load Diffusion Model (UNETLoader) instead.")
     problem = flux2_problem(facts.double, facts.single, facts.hidden)
     return f"the MODEL comes from '{file_name}' ({loader}), which is {problem}" if problem else None
+
+
+# BFL's file names: `flux-2-klein-4b` / `-9b` are the distilled (4-step) models, `flux-2-klein-base-4b` / `-9b` Base
+_DISTILLED_NAME = re.compile(r"flux[-_. ]?2[-_. ]*klein[-_. ]*(4|9)b", re.I)
+
+
+def distilled_warning(file_name: str, where: str = "") -> str | None:
+    """A warning when the base model's file is named as the distilled klein: both have the same shapes, so the
+    name is all there is to tell them apart, and LoRAs trained on the distilled model come out grey or generic."""
+    name = os.path.basename(file_name or "")
+    found = _DISTILLED_NAME.search(name)
+    if found is None or "base" in name.lower():
+        return None
+    size = found.group(1)
+    return (f"the MODEL comes from '{name}'{f' ({where})' if where else ''}, which by its name is the distilled "
+            f"FLUX.2 [klein] {size}B (4-step), not klein Base: LoRAs trained on the distilled model come out grey or "
+            f"generic. Train on flux-2-klein-base-{size}b.safetensors and sample the LoRA on the distilled model "
+            "(the supported use); if the file is a renamed Base, rename it back.")
 
 
 def header_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:

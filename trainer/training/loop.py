@@ -19,6 +19,7 @@ import torch
 from ..data.buckets import BucketBatchSampler
 from ..data.dataset import KleinDataset, stack_contexts
 from ..lora.layers import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
+from ..model import compile_support
 from ..model.checkpointing import block_options, inplace_safe_norms
 from ..model.model_check import KNOWN_SIZES, flux2_problem
 from ..model.targets import KleinTargets
@@ -407,8 +408,8 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
                             "(Load Diffusion Model) to halve their memory.", work.model.get_dtype())
         autocast = (torch.autocast(device.type, dtype=dtype)
                     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else nullcontext())
-        compile_blocks = resolve_compile(cfg.compile_blocks, device.type, not isinstance(autocast, nullcontext),
-                                         uses_fp8_matmuls(dm), shard)
+        compile_blocks = compile_support.usable(cfg.compile_blocks, device, resolve_compile(
+            cfg.compile_blocks, device.type, not isinstance(autocast, nullcontext), uses_fp8_matmuls(dm), shard))
         options = block_options(dm, cfg.recompute, compile_blocks)
         meta = lora_metadata(
             format="comfyui-bfl-lora", base_model=klein_size(dm), base_model_file=base_model_file(patcher),
