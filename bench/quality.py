@@ -146,7 +146,7 @@ def train(models: Models, run: Run, base_model):
         t0 = time.perf_counter()
         out = KleinLoRATrainer.execute(base_model, data, targets, "custom", r.rank, r.alpha,
                                        r.learning_rate * run.lr_scale, run.steps, 1, run.seed, "AdamW", run.every,
-                                       False, "auto" if torch.cuda.is_available() else "off", name, "fp32").args
+                                       False, "off", name, "fp32").args
     seconds = time.perf_counter() - t0
     checkpoints = [Path(p) for p in out[4].splitlines() if p.strip()]
     logging.info("quality: %s trained %d steps in %.0f s (%s)", run.recipe, run.steps, seconds, report.splitlines()[0])
@@ -391,6 +391,18 @@ def run_recipe(models: Models, base_model, run: Run, prompts_n: int, sample_step
     return result
 
 
+def save(results: list[dict], args) -> None:
+    """Raw JSON into bench/results/ and the docs section; copies into $OUT on the GPU machine."""
+    from klein_lora_studio.trainer.paths import atomic_write_text
+
+    raw = json.dumps(results, indent=1, default=str)
+    atomic_write_text(raw, HERE / "results" / f"quality_{args.tag}.json")
+    write_docs(results, args.docs / "quality.md", args.tag)
+    if os.environ.get("OUT"):
+        atomic_write_text(raw, Path(os.environ["OUT"]) / f"quality_{args.tag}.json")
+        write_docs(results, Path(os.environ["OUT"]) / "quality.md", args.tag)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", choices=("micro", "tiny"), default="micro")
@@ -419,15 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.docs / "images", args.tag))
         logging.info("quality: %s", json.dumps({k: results[-1][k] for k in ("truth", "calibration")
                                                 if k in results[-1]}, default=str)[:2000])
-        from klein_lora_studio.trainer.paths import atomic_write_text
-
-        raw = json.dumps(results, indent=1, default=str)
-        atomic_write_text(raw, HERE / "results" / f"quality_{args.tag}.json")
-        if os.environ.get("OUT"):
-            atomic_write_text(raw, Path(os.environ["OUT"]) / f"quality_{args.tag}.json")
-    write_docs(results, args.docs / "quality.md", args.tag)
-    if os.environ.get("OUT"):
-        write_docs(results, Path(os.environ["OUT"]) / "quality.md", args.tag)
+        save(results, args)  # after every recipe: a run cut short keeps what it finished
     return 0
 
 
