@@ -14,7 +14,7 @@ one), decoded by the VAE and read by the analytic reader (microworld/reader.py):
                     baselines, and the share with the swapped colour (stock ReferenceLatent edit graph)
 
 The pack's own latent metrics (trainer/evaluation/metrics.py) are computed on the same samples, for
-the calibration against ground truth (--calibrate: Spearman rank correlation per metric).
+the calibration against ground truth (Spearman rank correlation per metric, in the raw JSON).
 
     python bench/quality.py --models micro --steps 300 --every 50 --prompts 16 --sample-steps 8   # CPU, minutes
     python bench/quality.py --models micro --steps 1200 --every 100 --prompts 64 --sample-steps 50  # GPU, full
