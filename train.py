@@ -6,7 +6,7 @@ through ComfyUI's own loaders (ComfyUI used as a library). Data parallel on seve
     accelerate launch --num_processes 2 -m klein_lora_studio.train CONFIG
     torchrun --nproc_per_node 2 -m klein_lora_studio.train CONFIG --cpu      (CPU processes, gloo)
 
-Progress is printed as JSON lines (see trainer/runner.py); logs go to stderr.
+Progress is printed as JSON lines (see trainer/jobs/events.py); logs go to stderr.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .trainer.jobs import config as run_config
     from .trainer.jobs import runner
+    from .trainer.jobs.events import emit_line
     from .trainer.training import distributed
 
     cpu = args.cpu or not torch.cuda.is_available()
@@ -43,10 +44,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg.train.resume_from = args.resume_from.strip()
         comfy_dir = runner.find_comfyui(args.comfyui, cfg)
         runner.boot_comfyui(comfy_dir, args.base_directory or cfg.comfyui.base_directory, cpu)
+        _register_dev_models(run_config.DEV_CLIP_TYPE)
         runner.run(cfg, ranks, sample=not args.no_sampling)
     except (ValueError, OSError, torch.OutOfMemoryError) as e:  # ConfigError, the trainer's clear errors: one line
         if ranks.is_main:
-            runner.emit_line("error", message=str(e), kind=type(e).__name__)
+            emit_line("error", message=str(e), kind=type(e).__name__)
         logging.error("Klein LoRA: %s", e)
         return 2
     finally:
@@ -56,6 +58,17 @@ def main(argv: list[str] | None = None) -> int:
             if dist.is_initialized():
                 dist.destroy_process_group()
     return 0
+
+
+def _register_dev_models(clip_type: str) -> None:
+    """The pack's tests name their tiny text encoder in configs; only their environment turns it on."""
+    import os
+
+    if os.environ.get("KLEIN_LORA_DEV_NODES") == "1":
+        from .devtools.tiny_models import tiny_clip
+        from .trainer.jobs.runner import register_clip_loader
+
+        register_clip_loader(clip_type, lambda files: tiny_clip(files[0]))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def config(name: str, model_file: str, encoded: str, gb: int, steps: int, shard:
 def launch(name: str, cfg: str, procs: int, cap_gib: float, warm: int, timeout: float, cpu: bool = False) -> dict:
     sys.path.insert(0, HERE)
     from bench_multigpu import launch_cmd, output_lines
-    from klein_lora_studio.trainer.jobs.runner import parse_event
+    from klein_lora_studio.trainer.jobs.events import parse_event
 
     cmd = launch_cmd(procs, [cfg, "--base-directory", WORK] + (["--cpu"] if cpu else []), cpu,
                       os.path.join(HERE, "capped_train.py"))

@@ -51,7 +51,6 @@ def recipe_lora(recipe: str) -> list[N]:
                                     "vae": (3, 0), "clip": (2, 0)}),
         N(5, "KleinBlockTargetSelector", {"model": (1, 0), "preset": r.target_preset}),
         N(6, "KleinLoRATrainer", {"model": (1, 0), "dataset": (4, 0), "targets": (5, 0), "recipe": recipe,
-                                  "rank": r.rank, "alpha": r.alpha, "learning_rate": r.learning_rate, "steps": r.steps,
                                   "save_every": max(r.steps // 6, 1), "output_name": f"klein_{recipe}",
                                   "clip": (2, 0), "vae": (3, 0)}),
         N(7, "LossGraphNode", {"loss": (6, 3), "filename_prefix": f"klein_{recipe}_loss"}),
@@ -82,8 +81,8 @@ def rank_steps_grid() -> list[N]:
     nodes = recipe_lora("style")[:5]
     for i, rank in enumerate((8, 16, 32)):
         nodes.append(N(6 + i, "KleinLoRATrainer", {
-            "model": (1, 0), "dataset": (4, 0), "targets": (5, 0), "recipe": "custom", "rank": rank,
-            "alpha": float(rank), "learning_rate": 3e-4, "steps": 1000, "save_every": 250,
+            "model": (1, 0), "dataset": (4, 0), "targets": (5, 0), "recipe": "custom", "recipe.rank": rank,
+            "recipe.alpha": float(rank), "recipe.learning_rate": 3e-4, "recipe.steps": 1000, "save_every": 250,
             "output_name": f"klein_style_r{rank}"}, title=f"rank {rank}"))
     nodes.append(N(9, "KleinRankStepsGrid", {"model": (1, 0), "clip": (2, 0), "vae": (3, 0),
                                             "prompt": f"{TRIGGERS['style']}, a portrait of a woman",
@@ -133,12 +132,26 @@ def _defaults(spec: dict) -> object:
     return opts.get("options", [None])[0] if kind == "COMBO" else None
 
 
-def _inputs(cls) -> list[tuple[str, object, dict]]:
-    it = cls.INPUT_TYPES()
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # V3's DynamicCombo: its chosen option's inputs follow it as "<combo>.<input>"
+
+
+def _inputs(cls, values: dict | None = None) -> list[tuple[str, object, dict]]:
+    """(name, type, options) of every input in order; a DynamicCombo as a combo of its option keys, followed by the
+    inputs of the option `values` chooses (the first by default), named as the frontend and the prompt name them."""
+    it, values = cls.INPUT_TYPES(), values or {}
     out = []
     for group in ("required", "optional"):
         for name, spec in it.get(group, {}).items():
-            out.append((name, spec[0], spec[1] if len(spec) > 1 else {}))
+            kind, opts = spec[0], spec[1] if len(spec) > 1 else {}
+            if kind != DYNAMIC_COMBO:
+                out.append((name, kind, opts))
+                continue
+            options = {o["key"]: o["inputs"] for o in opts["options"]}
+            out.append((name, list(options), {k: v for k, v in opts.items() if k != "options"}))
+            chosen = options[values.get(name, next(iter(options)))]
+            for sub_group in ("required", "optional"):
+                for sub, sub_spec in chosen.get(sub_group, {}).items():
+                    out.append((f"{name}.{sub}", sub_spec[0], sub_spec[1] if len(sub_spec) > 1 else {}))
     return out
 
 
@@ -155,7 +168,7 @@ def build(nodes: list[N], mappings: dict) -> tuple[dict, dict]:
     for n in nodes:
         cls = mappings[n.type]
         inputs = {}
-        for name, kind, opts in _inputs(cls):
+        for name, kind, opts in _inputs(cls, n.values):
             if name in n.values:
                 v = n.values[name]
                 inputs[name] = [str(v[0]), v[1]] if isinstance(v, tuple) else v
@@ -165,7 +178,7 @@ def build(nodes: list[N], mappings: dict) -> tuple[dict, dict]:
     for order, n in enumerate(nodes):
         cls = mappings[n.type]
         ui_inputs, widgets = [], []
-        for name, kind, opts in _inputs(cls):
+        for name, kind, opts in _inputs(cls, n.values):
             v = api[str(n.id)]["inputs"].get(name)
             if isinstance(v, list) and not _is_widget(kind, opts):
                 link_id = len(links) + 1
@@ -196,7 +209,14 @@ def thumbnail(path: Path, nodes: list[N], api_format: bool = False, title: str |
     """A card for ComfyUI's template browser, which shows `<workflow stem>.jpg` beside each example workflow."""
     from PIL import Image, ImageDraw, ImageFont
 
+    from ..trainer.training.recipes import RECIPES
+
     trainer = next((n.values for n in nodes if n.type == "KleinLoRATrainer"), None)
+    if trainer is not None:  # the recipe's values, or the custom ones
+        r = RECIPES.get(trainer["recipe"])
+        trainer = {"recipe": trainer["recipe"], **({k: getattr(r, k) for k in ("rank", "alpha", "learning_rate", "steps")}
+                                                  if r else {k: trainer[f"recipe.{k}"] for k in ("rank", "alpha",
+                                                                                                 "learning_rate", "steps")})}
     preset = next((n.values["preset"] for n in nodes if n.type == "KleinBlockTargetSelector"), None)
     w, h = 512, 384
     img = Image.new("RGB", (w, h), (24, 26, 32))
@@ -254,10 +274,15 @@ def to_tiny(api: dict, dataset_folder: str, steps: int = 20, resolution: int = 6
         elif t in ("KleinCheckpointSampler", "KleinRankStepsGrid", "KleinStrengthSweep"):
             inp.update(steps=2, resolution=resolution)
         elif t == "KleinLoRATrainer":
-            inp.update(recipe="custom", steps=steps, save_every=save_every, learning_rate=2e-3, sample_steps=2)
+            from ..trainer.training.recipes import RECIPES
+
+            r = RECIPES.get(inp["recipe"])  # the recipe's rank and alpha, set as custom values with a short run
+            rank, alpha = (r.rank, r.alpha) if r else (inp["recipe.rank"], inp["recipe.alpha"])
+            inp.update({"recipe": "custom", "recipe.rank": rank, "recipe.alpha": alpha, "recipe.learning_rate": 2e-3,
+                        "recipe.steps": steps, "save_every": save_every, "sample_steps": 2})
             if output_name:
                 inp["output_name"] = output_name if sum(n["class_type"] == t for n in wf.values()) == 1 else \
-                    f"{output_name}_r{inp['rank']}"
+                    f"{output_name}_r{rank}"
     return wf
 
 

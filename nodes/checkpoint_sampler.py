@@ -1,16 +1,14 @@
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
-import comfy.sd
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ..trainer.evaluation import metrics as mt
 from ..trainer.evaluation import sampling as sp
+from ..trainer.evaluation.checkpoints import Judges, evaluate_checkpoints
 from .types import CATEGORY, KleinDataset
 
 DEFAULT_PROMPTS = "\n".join(f"{label}: {text}" for label, text in sp.DEFAULT_SUBJECTS)
@@ -71,13 +69,13 @@ class KleinCheckpointSampler(io.ComfyNode):
                                         "landscape, man portrait, one other subject."),
                 io.Int.Input("steps", default=sp.BASE_STEPS, min=1, max=200,
                              tooltip="Sampling steps (klein Base: 50) on FLUX.2's resolution-dependent schedule."),
-                io.Float.Input("cfg", default=sp.BASE_CFG, min=0.0, max=30.0, step=0.1,
+                io.Float.Input("cfg", default=sp.BASE_CFG, min=0.0, max=30.0, step=0.1, advanced=True,
                                tooltip="CFG scale with an empty negative (klein Base: 4.0)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
                              tooltip="One noise seed for every cell, so cells differ only by prompt and checkpoint."),
                 io.Boolean.Input("preview", default=False,
                                  tooltip="Quick look: sample with preview_steps instead of steps."),
-                io.Int.Input("preview_steps", default=sp.PREVIEW_STEPS, min=1, max=50,
+                io.Int.Input("preview_steps", default=sp.PREVIEW_STEPS, min=1, max=50, advanced=True,
                              tooltip="Steps when preview is on."),
                 io.Int.Input("resolution", default=1024, min=64, max=4096, step=16,
                              tooltip="Square sample size in pixels (a multiple of 16)."),
@@ -87,9 +85,9 @@ class KleinCheckpointSampler(io.ComfyNode):
                 KleinDataset.Input("holdout", optional=True,
                                    tooltip="Held-out images (a second Klein Dataset Loader) for the validation loss; "
                                            "without it the loss is measured on the training dataset."),
-                io.ClipVision.Input("clip_vision", optional=True,
+                io.ClipVision.Input("clip_vision", optional=True, advanced=True,
                                     tooltip="Optional CLIP vision model: adds concept strength measured on image embeddings."),
-                io.Model.Input("distilled_model", optional=True,
+                io.Model.Input("distilled_model", optional=True, advanced=True,
                                tooltip="The distilled klein of the same size, if you generate with it: each checkpoint "
                                        "is also shown on it (4 steps, CFG 1) beside Base. Metrics stay on Base."),
                 io.String.Input("run", optional=True, force_input=True,
@@ -111,33 +109,9 @@ class KleinCheckpointSampler(io.ComfyNode):
         suite = sp.prompt_suite(trigger.strip(), sp.parse_subjects(prompts))
         settings = sp.SampleSettings(preview_steps if preview else steps, cfg, seed, resolution, resolution)
         pbar = comfy.utils.ProgressBar((len(files) + 1) * len(suite))
-        columns = sp.sample_checkpoints(model, clip, vae, files, suite, settings,
-                                        progress=lambda done, total: pbar.update_absolute(done, total))
-        embeds = data_embeds = None
-        if clip_vision is not None and dataset is not None:
-            embeds = [clip_vision.encode_image(c.images).image_embeds.float().cpu() for c in columns]
-            data_images = sp.decode(vae, dataset.latents)
-            data_embeds = clip_vision.encode_image(data_images).image_embeds.float().cpu()
-        results = mt.suite_metrics(columns, suite, dataset.latents if dataset is not None else None, embeds, data_embeds)
-        val = holdout if holdout is not None else dataset
-        if val is not None:
-            for m, path in zip(results, files, strict=True):
-                sd, _ = sp.read_lora(path)
-                patched, _ = comfy.sd.load_lora_for_models(model, None, sd, 1.0, 0)
-                m.validation_loss = mt.validation_loss(patched, val.latents, val.contexts, seed)
-        pick, reason = mt.recommend(results)
-        if val is not None and holdout is None:
-            reason += " (Validation loss is on the training images: connect 'holdout' for a held-out loss.)"
-        text = mt.metrics_text(results, reason)
-        report = mt.build_report(results, pick, reason, {**settings.__dict__, "preview": preview}, suite)
-        written = mt.write_report(report, mt.report_path(files[-1]))
-        text += f"\nReport: {written}"
-        logging.info("Klein eval: %s", reason)
         title = f"{trigger} - {settings.steps} steps, CFG {cfg:g}, seed {seed}" + (" (preview)" if preview else "")
-        if distilled_model is not None:
-            sp.check_same_size(model, distilled_model)
-            columns = columns + sp.distilled_columns(distilled_model, clip, vae, files, suite, settings)
-            title += f" | distilled: {sp.DISTILLED_STEPS} steps, CFG {sp.DISTILLED_CFG:g}"
-        grid = sp.to_image_tensor(sp.columns_grid(columns, suite, title))
-        ui_out = {**ui.PreviewImage(grid, cls=cls).as_dict(), "text": (text,)}
-        return io.NodeOutput(grid, text, pick.path if pick and pick.path else "", ui=ui_out)
+        out = evaluate_checkpoints(model, clip, vae, files, suite, settings, Judges(dataset, holdout, clip_vision),
+                                   title, preview, distilled_model,
+                                   progress=lambda done, total: pbar.update_absolute(done, total))
+        ui_out = {**ui.PreviewImage(out.grid, cls=cls).as_dict(), "text": (out.text,)}
+        return io.NodeOutput(out.grid, out.text, out.recommended, ui=ui_out)

@@ -86,9 +86,11 @@ def _as_int(v) -> int | None:
 
 def _rank_problem(prompt: dict, inputs: dict, src: ModelSource) -> str | None:
     """The trainer's effective rank against the widths of the layers its selector targets in that model."""
-    recipe, rank = inputs.get("recipe"), _as_int(inputs.get("rank"))
+    recipe = inputs.get("recipe")  # a DynamicCombo: its 'custom' option's rank comes as "recipe.rank"
+    rank = _as_int(inputs.get("recipe.rank", inputs.get("rank")))
     sel = prompt.get(str(inputs["targets"][0])) if _is_link(inputs.get("targets")) else None
-    if not isinstance(recipe, str) or rank is None or not isinstance(sel, dict) or sel.get("class_type") != SELECTOR:
+    if not isinstance(recipe, str) or (rank is None and recipe == recipes.CUSTOM) or not isinstance(sel, dict) \
+            or sel.get("class_type") != SELECTOR:
         return None
     w = sel.get("inputs") or {}
     switches = tuple(w.get(k) for k in ("double_blocks", "single_early", "single_mid", "single_late"))
@@ -96,7 +98,7 @@ def _rank_problem(prompt: dict, inputs: dict, src: ModelSource) -> str | None:
     if not all(isinstance(s, bool) for s in switches) or not all(isinstance(v, str) for v in values):
         return None
     try:
-        rank = recipes.apply_recipe(recipe, rank, 1.0, 1e-4, 1)[0]
+        rank = recipes.apply_recipe(recipe, rank or 1, 1.0, 1e-4, 1)[0]
         groups, layers, streams = tg.selection(values[0], switches, values[1], values[2])
         facts = src.facts
         targets = tg.resolve_targets(groups, layers, tg.BlockCounts(facts.double, facts.single), streams,

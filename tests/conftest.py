@@ -98,3 +98,15 @@ def tiny(comfy, base_dir):
         clip = tiny_models.tiny_clip(paths["te"])
 
     return Tiny
+
+
+@pytest.fixture(scope="session")
+def encoded(tiny, base_dir):
+    """The encoded tiny set-up: encoded(name, n=3, size=64, groups=("double",), layers="attention", ...) writes a
+    concept dataset to input/<name> and returns tests.helpers.Encoded (unet, data, targets)."""
+    from klein_lora_studio.tests import helpers
+
+    def make(name: str, **kw):
+        return helpers.encode_tiny(tiny, base_dir / "input" / name, **kw)
+
+    return make

@@ -1,6 +1,7 @@
 """Synthetic datasets with a concept strong enough to learn in a few hundred tiny-model steps."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +47,54 @@ def gloo_gradient_worker(rank: int, world: int, port: int, out) -> None:
     total = ranks.average_gradients([w], part.stop - part.start, 3, loss.detach())
     out.put((rank, w.grad.tolist(), float(total)))
     dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ the encoded tiny set-up and the trainer node
+# One factory for dataset -> encode -> unet -> targets (the `encoded` fixture in conftest.py calls it), and the
+# trainer node called only by keyword through `trainer_inputs`, so no test depends on its argument order.
+
+@dataclass
+class Encoded:
+    unet: object
+    data: object
+    targets: object
+
+
+def encode_tiny(tiny, folder: Path, n: int = 3, size: int = 64, groups=("double",), layers: str = "attention",
+                all_linears: bool = False, **encode) -> Encoded:
+    """A concept dataset of `n` images in `folder`, encoded by the tiny VAE and text encoder, a fresh tiny unet and
+    its targets (`all_linears`: the selector's linear-layer names, as the node passes them)."""
+    import torch
+    from klein_lora_studio.trainer.data import dataset as ds
+    from klein_lora_studio.trainer.model import targets as tg
+
+    write_concept_dataset(folder, n=n, size=size)
+    with torch.inference_mode():
+        data = ds.encode_folder(folder, tiny.vae, tiny.clip, size, TRIGGER, **encode)
+    unet = tiny.unet()
+    dm = unet.model.diffusion_model
+    names = tg.linear_layer_names(dm) if all_linears else None
+    return Encoded(unet, data, tg.resolve_targets(list(groups), layers, tg.BlockCounts.of_model(dm), linear_names=names))
+
+
+TRAINER_DEFAULTS = dict(output_name="klein_lora", save_every=0, batch_size=1, seed=0, save_dtype="bf16")
+
+
+def trainer_inputs(setup: Encoded, recipe: str = "custom", rank: int = 4, alpha: float = 4.0,
+                   learning_rate: float = 2e-3, steps: int = 6, **inputs) -> dict:
+    """KleinLoRATrainer.execute's keyword inputs as ComfyUI passes them: the recipe as its DynamicCombo value (rank,
+    alpha, learning_rate and steps only with 'custom'), the other inputs as given, else TRAINER_DEFAULTS."""
+    combo = {"recipe": recipe}
+    if recipe == "custom":
+        combo.update(rank=rank, alpha=alpha, learning_rate=learning_rate, steps=steps)
+    return dict(model=setup.unet, dataset=setup.data, targets=setup.targets, recipe=combo,
+                **{**TRAINER_DEFAULTS, **inputs})
+
+
+def run_trainer(setup: Encoded, **kw):
+    """The trainer node's execute, in inference mode as ComfyUI's executor runs it."""
+    import torch
+    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
+
+    with torch.inference_mode():
+        return KleinLoRATrainer.execute(**trainer_inputs(setup, **kw))

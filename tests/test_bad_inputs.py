@@ -2,6 +2,7 @@
 field or file and the fix, and nothing written outside ComfyUI's output and models folders."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 from klein_lora_studio.tests import lora_kit
-from klein_lora_studio.tests.helpers import write_concept_dataset
+from klein_lora_studio.tests.helpers import run_trainer
 from PIL import Image
 
 pytestmark = pytest.mark.comfy
@@ -143,15 +144,8 @@ def test_output_names_that_could_escape_fail_at_queue_time(comfy, guarded, name)
 
 
 @pytest.fixture(scope="module")
-def trainer_inputs(tiny, base_dir):
-    from klein_lora_studio.trainer.data import dataset as ds
-    from klein_lora_studio.trainer.model import targets as tg
-
-    folder = write_concept_dataset(base_dir / "input" / "bad_inputs_ds", n=2, size=64)
-    with torch.inference_mode():
-        data = ds.encode_folder(folder, tiny.vae, tiny.clip, 64, "zxq")
-    unet = tiny.unet()
-    return unet, data, tg.resolve_targets(["double"], "attention", tg.BlockCounts.of_model(unet.model.diffusion_model))
+def trainer_inputs(encoded):
+    return encoded("bad_inputs_ds", n=2)
 
 
 TRAINER_ERRORS = [("rank 0", dict(rank=0), "rank 0 is below 1"),
@@ -163,15 +157,11 @@ TRAINER_ERRORS = [("rank 0", dict(rank=0), "rank 0 is below 1"),
 
 @pytest.mark.parametrize("case,change,match", TRAINER_ERRORS, ids=[c[0] for c in TRAINER_ERRORS])
 def test_trainer_settings_errors_name_the_field_and_fix(comfy, trainer_inputs, base_dir, guarded, case, change, match):
-    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
-
-    unet, data, targets = trainer_inputs
     args = dict(rank=4, alpha=4.0, learning_rate=1e-4, steps=2)
     args.update(change)
     before = _files(base_dir / "models" / "loras")
-    with guarded(), pytest.raises(ValueError, match=match), torch.inference_mode():
-        KleinLoRATrainer.execute(unet, data, targets, "custom", args["rank"], args["alpha"], args["learning_rate"],
-                                 args["steps"], 1, 0, "AdamW", 0, False, "auto", f"bad_{case.replace(' ', '_')}", "bf16")
+    with guarded(), pytest.raises(ValueError, match=match):
+        run_trainer(trainer_inputs, **args, output_name=f"bad_{case.replace(' ', '_')}")
     assert _files(base_dir / "models" / "loras") == before, "a refused run must write nothing"
 
 
@@ -186,13 +176,11 @@ def test_a_learning_rate_above_1e_2_warns(comfy, trainer_inputs, caplog, guarded
 def test_a_non_klein_model_is_refused(comfy, trainer_inputs, base_dir, guarded):
     """SD-style: a ModelPatcher around a model that is not Flux2."""
     import comfy.model_patcher
-    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
 
-    _, data, targets = trainer_inputs
     other = comfy.model_patcher.ModelPatcher(torch.nn.Conv2d(4, 4, 3), torch.device("cpu"), torch.device("cpu"))
-    with guarded(), pytest.raises(ValueError, match=r"not FLUX\.2 \[klein\].*UNETLoader"), torch.inference_mode():
-        KleinLoRATrainer.execute(other, data, targets, "custom", 4, 4.0, 1e-4, 2, 1, 0, "AdamW", 0, False, "auto",
-                                 "bad_model", "bf16")
+    setup = dataclasses.replace(trainer_inputs, unet=other)
+    with guarded(), pytest.raises(ValueError, match=r"not FLUX\.2 \[klein\].*UNETLoader"):
+        run_trainer(setup, learning_rate=1e-4, steps=2, output_name="bad_model")
 
 
 def test_flux2_dev_is_refused_at_run_time_too(comfy):

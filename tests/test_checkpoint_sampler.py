@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
-from klein_lora_studio.trainer.data import dataset as ds
+from klein_lora_studio.tests.helpers import TRIGGER
 from klein_lora_studio.trainer.evaluation import metrics as mt
 from klein_lora_studio.trainer.evaluation import sampling as sp
 from klein_lora_studio.trainer.model import targets as tg
@@ -17,15 +17,12 @@ ONE_BAND = {"low": (0.2,), "mid": (0.5,), "high": (0.8,)}
 
 
 @pytest.fixture(scope="module")
-def run(comfy, tiny, base_dir):
+def run(comfy, tiny, encoded, base_dir):
     """A 20-step run (checkpoint at 10, final at 20, fp32 files) with the live sampler on its hook."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # two threads on a shared 2-core machine spin against each other
-    folder = write_concept_dataset(base_dir / "input" / "sampler", n=3, size=64)
-    with torch.inference_mode():
-        data = ds.encode_folder(folder, tiny.vae, tiny.clip, 64, TRIGGER)
-    unet = tiny.unet()
-    targets = tg.resolve_targets(tg.GROUPS, "attention_mlp", tg.BlockCounts.of_model(unet.model.diffusion_model))
+    enc = encoded("sampler", groups=tg.GROUPS, layers="attention_mlp")
+    unet, data, targets = enc.unet, enc.data, enc.targets
     cfg = loop.TrainConfig(rank=4, alpha=4, learning_rate=3e-3, steps=20, save_every=10, output_name="sampler",
                            save_dtype="fp32", seed=1)
     prompts = sp.prompt_suite(TRIGGER, [("car", "a red car")], untriggered=False)
@@ -116,6 +113,14 @@ def test_validation_loss_by_band_is_fixed_and_drops_with_training(run, tiny):
     assert after["mean"] < base["mean"], (base, after)
 
 
+def _sampler_inputs(run, tiny, **inputs) -> dict:
+    """KleinCheckpointSampler.execute's keyword inputs: a 2-step 64 px preview of one subject, unless given."""
+    models = dict(clip=tiny.clip, vae=tiny.vae) if tiny is not None else dict(clip=None, vae=None)
+    return dict(model=run["unet"], **models, **{**dict(checkpoints="", trigger=TRIGGER, prompts="car: a red car",
+                                                       steps=2, cfg=4.0, seed=0, preview=True, preview_steps=2,
+                                                       resolution=64), **inputs})
+
+
 def test_node_grid_metrics_report(run, comfy, tiny, base_dir):
     import folder_paths
 
@@ -125,21 +130,26 @@ def test_node_grid_metrics_report(run, comfy, tiny, base_dir):
     assert all(i.tooltip for i in schema.inputs), "every input needs a tooltip"
     lines = f"{result.checkpoints[0]}\n\n{result.lora_path.name}\n"  # trainer path and a loras-folder name
     with torch.inference_mode():
-        out = node.execute(run["unet"], tiny.clip, tiny.vae, lines, TRIGGER, "car: a red car", 50, 4.0, 5,
-                           True, 2, 64, dataset=run["data"])
+        out = node.execute(**_sampler_inputs(run, tiny, checkpoints=lines, steps=50, seed=5, dataset=run["data"]))
     grid, text, recommended = out.args
     assert grid.ndim == 4 and grid.shape[0] == 1 and grid.shape[-1] == 3
     assert grid.shape[2] > 3 * 64 and grid.shape[1] > 2 * 64  # 3 columns (base + 2), 2 rows (with/without trigger)
-    assert "step 10:" in text and "step 20:" in text and "Recommended:" in text and "val loss low" in text
-    assert recommended in (str(result.checkpoints[0]), str(result.lora_path))
+    assert "step 10:" in text and "step 20:" in text and "val loss low" in text
     report = json.loads((result.lora_path.parent / "sampler_eval.json").read_text())
     assert [c["step"] for c in report["checkpoints"]] == [10, 20] and report["sampling"]["steps"] == 2
-    assert report["recommended"]["path"] == recommended and len(report["prompts"]) == 2
-    assert out.ui is not None
+    # the recommendation is the rule's pick over the report's own scores (validation loss included)
+    scores = [mt.CheckpointMetrics(**{k: v for k, v in c.items() if k != "flags"}) for c in report["checkpoints"]]
+    pick, reason = mt.recommend(scores)
+    assert recommended == pick.path and report["recommended"]["step"] == pick.step
+    assert f"Recommended: {reason}" in text and report["reason"].startswith(reason)
+    assert len(report["prompts"]) == 2
+    preview = out.ui["images"][0]
+    assert out.ui["text"] == (text,) and preview["type"] == "temp" and preview["filename"].endswith(".png")
+    assert (Path(folder_paths.get_temp_directory()) / preview["subfolder"] / preview["filename"]).is_file()
     with pytest.raises(ValueError, match="outside ComfyUI's loras folders"):
-        node.execute(run["unet"], None, None, "/etc/passwd", TRIGGER, "", 2, 4.0, 0, True, 2, 64)
+        node.execute(**_sampler_inputs(run, None, checkpoints="/etc/passwd"))
     with pytest.raises(ValueError, match="line 1 'nope.safetensors' is not a file"):
-        node.execute(run["unet"], None, None, "nope.safetensors", TRIGGER, "", 2, 4.0, 0, True, 2, 64)
+        node.execute(**_sampler_inputs(run, None, checkpoints="nope.safetensors"))
     assert folder_paths.get_folder_paths("loras")[0] == str(base_dir / "models" / "loras")
 
 
@@ -180,9 +190,8 @@ def test_checkpoints_also_shown_on_the_distilled_model(run, comfy, tiny, base_di
     node = comfy.NODE_CLASS_MAPPINGS["KleinCheckpointSampler"]
     ckpt = str(run["result"].checkpoints[0])
     with torch.inference_mode():
-        plain = node.execute(run["unet"], tiny.clip, tiny.vae, ckpt, TRIGGER, "car: a red car", 2, 4.0, 5, True, 2, 64)
-        both = node.execute(run["unet"], tiny.clip, tiny.vae, ckpt, TRIGGER, "car: a red car", 2, 4.0, 5, True, 2, 64,
-                            distilled_model=distilled)
+        plain = node.execute(**_sampler_inputs(run, tiny, checkpoints=ckpt, seed=5))
+        both = node.execute(**_sampler_inputs(run, tiny, checkpoints=ckpt, seed=5, distilled_model=distilled))
     assert both.args[0].shape[2] > plain.args[0].shape[2] + 64  # 2 more columns: distilled base + checkpoint
     assert both.args[1].split("Report:")[0] == plain.args[1].split("Report:")[0]  # metrics stay on Base
     d = sp.distilled_columns(distilled, tiny.clip, tiny.vae, [ckpt], sp.prompt_suite(TRIGGER, [("car", "a red car")]),

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from klein_lora_studio.tests.helpers import TRIGGER, gloo_gradient_worker, write_concept_dataset
+from klein_lora_studio.tests.helpers import TRIGGER, gloo_gradient_worker, run_trainer
 from klein_lora_studio.trainer.jobs import config as run_config
+from klein_lora_studio.trainer.jobs import events as job_events
 from klein_lora_studio.trainer.jobs import launch as jobs
 from klein_lora_studio.trainer.jobs import runner
-from klein_lora_studio.trainer.model import targets as tg
 from klein_lora_studio.trainer.training import sharding
 from klein_lora_studio.trainer.training.distributed import Ranks
 
@@ -124,22 +124,14 @@ def _variant(config: Path, name: str, **train) -> Path:
 
 
 @pytest.fixture(scope="module")
-def exported(comfy, tiny, base_dir):
+def exported(comfy, encoded, base_dir):
     """The trainer node's in-process run with export_config on: its LoRA and the config it wrote."""
-    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
-    from klein_lora_studio.trainer.data import dataset as ds
-
-    folder = write_concept_dataset(base_dir / "input" / "dp", n=4, size=64)
-    with torch.inference_mode():
-        data = ds.encode_folder(folder, tiny.vae, tiny.clip, 64, TRIGGER)
-        unet = tiny.unet()
-        targets = tg.resolve_targets(["double", "single_early"], "attention",
-                                     tg.BlockCounts.of_model(unet.model.diffusion_model))
-        out = KleinLoRATrainer.execute(unet, data, targets, "custom", 2, 2.0, 2e-3, 4, 2, 3, "AdamW", 2, False,
-                                       "auto", "dp_node", "fp32", 2, None, None, "", True)
+    enc = encoded("dp", n=4, groups=("double", "single_early"))
+    out = run_trainer(enc, rank=2, alpha=2.0, learning_rate=2e-3, steps=4, batch_size=2, seed=3, save_every=2,
+                      output_name="dp_node", save_dtype="fp32", export_config=True)
     config = base_dir / "output" / run_config.RUNS_FOLDER / "dp_node" / "run.json"
-    return dict(config=config, lora=Path(out.args[2]), losses=out.args[3]["loss"], unet=unet, data=data,
-                targets=targets, out=base_dir / "models" / "loras")
+    return dict(config=config, lora=Path(out.args[2]), losses=out.args[3]["loss"], unet=enc.unet, data=enc.data,
+                targets=enc.targets, out=base_dir / "models" / "loras", encoded=enc)
 
 
 @pytest.mark.comfy
@@ -258,7 +250,7 @@ def test_cli_reports_a_bad_config_as_one_error_event(exported, tmp_path):
     bad.write_text(json.dumps(raw))
     cmd, env = jobs.command(bad, ["cpu"])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    events = [e for e in map(runner.parse_event, proc.stdout.splitlines()) if e]
+    events = [e for e in map(job_events.parse_event, proc.stdout.splitlines()) if e]
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert events[-1]["klein_lora"] == "error"
     assert "model.file: 'no-such-model.safetensors' is not in ComfyUI's models/diffusion_models" in events[-1]["message"]
@@ -274,10 +266,9 @@ def test_trainer_node_runs_the_job_on_cpu_processes_streaming_progress(exported,
 
     sent = []
     monkeypatch.setattr(lora_trainer, "_send", lambda event, data: sent.append((event, data)))
-    with torch.inference_mode():
-        out = lora_trainer.KleinLoRATrainer.execute(
-            exported["unet"], exported["data"], exported["targets"], "custom", 2, 2.0, 2e-3, 4, 2, 3, "AdamW", 2,
-            False, "auto", "dp_job", "fp32", 2, tiny.clip, tiny.vae, "", False, "cpu,cpu")
+    out = run_trainer(exported["encoded"], rank=2, alpha=2.0, learning_rate=2e-3, steps=4, batch_size=2, seed=3,
+                      save_every=2, output_name="dp_job", save_dtype="fp32", clip=tiny.clip, vae=tiny.vae,
+                      sample_steps=2, gpus="cpu,cpu")
     model, lora, lora_path, loss, checkpoints, evaluation = out.args
     assert Path(lora_path).name == "dp_job.safetensors" and len(loss["loss"]) == 4
     _assert_close({k: v for k, v in lora.items()}, _lora(exported["lora"]))

@@ -138,25 +138,15 @@ def test_written_files_get_the_umask_permissions(tmp_path, umask, mode):
 
 
 @pytest.fixture(scope="module")
-def trainer_inputs(tiny, base_dir):
-    from klein_lora_studio.tests.helpers import write_concept_dataset
-    from klein_lora_studio.trainer.data import dataset as ds
-    from klein_lora_studio.trainer.model import targets as tg
-
-    folder = write_concept_dataset(base_dir / "input" / "hardening_files_ds", n=2, size=64)
-    with torch.inference_mode():
-        data = ds.encode_folder(folder, tiny.vae, tiny.clip, 64, "zxq")
-    unet = tiny.unet()
-    return unet, data, tg.resolve_targets(["double"], "attention", tg.BlockCounts.of_model(unet.model.diffusion_model))
+def trainer_inputs(encoded):
+    return encoded("hardening_files_ds", n=2)
 
 
 def _train(trainer_inputs, name: str):
-    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
+    from klein_lora_studio.tests.helpers import run_trainer
 
-    unet, data, targets = trainer_inputs
-    with torch.inference_mode():  # 2 steps: a checkpoint (LoRA + state) at step 1, the final LoRA + state
-        return KleinLoRATrainer.execute(unet, data, targets, "custom", 4, 4.0, 1e-3, 2, 1, 0, "AdamW", 1, False,
-                                        "auto", name, "bf16").args
+    # 2 steps: a checkpoint (LoRA + state) at step 1, the final LoRA (and its step-2 checkpoint) + state
+    return run_trainer(trainer_inputs, learning_rate=1e-3, steps=2, save_every=1, output_name=name).args
 
 
 @pytest.mark.comfy
@@ -175,7 +165,7 @@ def test_the_trainer_on_a_full_disk_names_the_file_and_keeps_the_earlier_run(com
     ckpts = small_disk.folder / "full_checkpoints"
     assert {p.stat().st_mode & 0o777 for p in [first, *ckpts.iterdir()]} == {0o644}  # were 0600 (safetensors)
     before = small_disk.files()
-    assert len(before) == 4  # the final LoRA, the step-1 checkpoint and the states of steps 1 and 2
+    assert len(before) == 5  # the final LoRA, the checkpoints and states of steps 1 and 2
     lora_bytes = (ckpts / "full_step00001.safetensors").stat().st_size
     state_bytes = (ckpts / "full_step00001.trainstate").stat().st_size
     room = (lora_bytes // 4096 + 2) * 4096  # the next run's checkpoint fits, its state does not
@@ -361,18 +351,17 @@ def test_the_distilled_name_warns_at_queue_time_without_blocking_the_prompt(serv
 
 @pytest.mark.comfy
 def test_the_distilled_name_is_in_the_evaluation_text(comfy, trainer_inputs, base_dir):
+    import dataclasses
     import shutil
 
-    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
+    from klein_lora_studio.tests.helpers import run_trainer
 
-    _, data, targets = trainer_inputs
     target = base_dir / "models" / "diffusion_models" / DISTILLED
     if not target.exists():
         from klein_lora_studio.devtools import tiny_models
 
         shutil.copyfile(base_dir / "models" / "diffusion_models" / tiny_models.UNET_FILE, target)
     unet = comfy.UNETLoader().load_unet(DISTILLED, "default")[0]
-    with torch.inference_mode():
-        evaluation = KleinLoRATrainer.execute(unet, data, targets, "custom", 4, 4.0, 1e-3, 1, 1, 0, "AdamW", 0, False,
-                                              "auto", "distilled_eval", "bf16").args[5]
+    setup = dataclasses.replace(trainer_inputs, unet=unet)
+    evaluation = run_trainer(setup, learning_rate=1e-3, steps=1, output_name="distilled_eval").args[5]
     assert evaluation.startswith(f"WARNING: the MODEL comes from '{DISTILLED}', which by its name is the distilled")

@@ -39,6 +39,8 @@ def files(tiny, base_dir):
 
 def _workflow(**trainer) -> dict:
     wf = to_tiny(json.loads(api_path("klein_style_lora").read_text()), "qc_ds")
+    if "rank" in trainer:  # the recipe DynamicCombo's 'custom' value (kept whatever recipe is chosen)
+        trainer["recipe.rank"] = trainer.pop("rank")
     wf["6"]["inputs"].update(trainer)
     return wf
 
@@ -133,7 +135,7 @@ def test_the_model_is_traced_through_lora_loaders_and_from_checkpoints(files):
     assert set(found) == {"5", "6"} and FLUX1 in found["6"]
     wf["1"] = {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "qc-klein-ckpt.safetensors"}}
     assert _findings(wf) == {}
-    wf["6"]["inputs"]["rank"] = 300
+    wf["6"]["inputs"]["recipe.rank"] = 300
     assert "rank 300" in _findings(wf)["6"] and "'qc-klein-ckpt.safetensors'" in _findings(wf)["6"]
 
 
@@ -149,7 +151,7 @@ UNTRACEABLE = [
     ("a file that is not there", "missing.safetensors", lambda wf: None),
     ("an unreadable file", "qc-broken.safetensors", lambda wf: None),
     ("a link to no node", FLUX1, lambda wf: wf["6"]["inputs"].update(model=["404", 0])),
-    ("a rank from a link", tiny_models.UNET_FILE, lambda wf: wf["6"]["inputs"].update(rank=["8", 0])),
+    ("a rank from a link", tiny_models.UNET_FILE, lambda wf: wf["6"]["inputs"].update({"recipe.rank": ["8", 0]})),
     ("targets not from the selector", tiny_models.UNET_FILE, lambda wf: wf["6"]["inputs"].update(targets=["4", 0])),
 ]
 

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
-from klein_lora_studio.trainer.data import dataset as ds
+from klein_lora_studio.tests.helpers import run_trainer
 from klein_lora_studio.trainer.model import targets as tg
 from klein_lora_studio.trainer.training import loop, resume
 
@@ -29,17 +28,13 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def setup(tiny, base_dir):
-    folder = write_concept_dataset(base_dir / "input" / "resume", n=3, size=64)
-    with torch.inference_mode():
-        data = ds.encode_folder(folder, tiny.vae, tiny.clip, 64, TRIGGER)
-    unet = tiny.unet()
-    dm = unet.model.diffusion_model
-    targets = tg.resolve_targets(["double"], "attention", tg.BlockCounts.of_model(dm))
+def setup(encoded, base_dir):
+    enc = encoded("resume")
+    data = enc.data
     g = torch.Generator().manual_seed(1)
     probe = (torch.randn((1, *data.latents[0].shape), generator=g), torch.tensor([0.6]), data.contexts[0][None])
-    return dict(unet=unet, data=data, targets=targets, probe=probe, before=_forward(unet, probe),
-                out=base_dir / "models" / "loras")
+    return dict(unet=enc.unet, data=data, targets=enc.targets, probe=probe, before=_forward(enc.unet, probe),
+                out=base_dir / "models" / "loras", encoded=enc)
 
 
 def _forward(patcher, probe):
@@ -360,14 +355,56 @@ def test_sigkill_during_a_checkpoint_write(setup, comfy, tiny, base_dir, tmp_pat
 
 
 def test_the_trainer_node_resumes_latest_into_the_same_run(setup, comfy):
-    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer
-
-    args = (setup["unet"], setup["data"], setup["targets"], "custom", 2, 2.0, 1e-3)
-    tail = (1, 0, "AdamW", 2, False, "off", "node_resume", "fp32")
-    with torch.inference_mode():
-        first = KleinLoRATrainer.execute(*args, 4, *tail)
-        more = KleinLoRATrainer.execute(*args, 6, *tail, resume_from=" latest ")
+    node = dict(rank=2, alpha=2.0, learning_rate=1e-3, save_every=2, compile_blocks="off", output_name="node_resume",
+                save_dtype="fp32")
+    first = run_trainer(setup["encoded"], steps=4, **node)
+    more = run_trainer(setup["encoded"], steps=6, resume_from=" latest ", **node)
     assert more.args[2] == first.args[2] and more.args[2].endswith("node_resume.safetensors")
     assert len(more.args[3]["loss"]) == 6 and more.args[3]["loss"][:4] == first.args[3]["loss"]
     meta = safetensors.safe_open(more.args[2], "pt").metadata()
     assert json.loads(meta["resume_changes"]) == {"steps": [4, 6]}
+
+
+def _tree(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("field,value", [("run", "../../../outside_escape"), ("run", "ABSOLUTE"),
+                                         ("checkpoints", ["/etc/passwd"])], ids=["dotdot_run", "absolute_run",
+                                                                                  "checkpoint_list"])
+def test_a_state_naming_a_run_outside_the_loras_folder_is_refused(setup, comfy, base_dir, tmp_path, field, value):
+    """Issue 15.1: a well-formed state whose `run` (or checkpoint list) points elsewhere; the node refuses it before
+    writing anything, inside the roots or out of them."""
+    name = f"hostile_{field}_{len(str(value))}"
+    node = dict(rank=2, alpha=2.0, save_every=2, output_name=name, save_dtype="fp32")
+    run_trainer(setup["encoded"], steps=2, **node)
+    state_file = setup["out"] / f"{name}_checkpoints" / f"{name}_step00002.trainstate"
+    state = resume.load_state(state_file)
+    state[field] = str(tmp_path / "chosen" / "target") if value == "ABSOLUTE" else value
+    torch.save(state, state_file)
+    outside = base_dir.parent
+    before = _tree(outside)
+    with pytest.raises(ValueError, match=f"resume_from {state_file.name}: the state"):
+        run_trainer(setup["encoded"], steps=4, resume_from="latest", **node)
+    assert _tree(outside) == before, sorted(map(str, _tree(outside) - before))
+    assert not Path("/outside_escape_step00004.trainstate").exists() and not (tmp_path / "chosen").exists()
+
+
+def test_extending_a_finished_run_keeps_its_final_lora_as_a_checkpoint(setup, comfy):
+    """Issue 15.2: 6 steps, then the same graph with 8 steps and resume_from latest: the 6-step LoRA survives as the
+    run's step-6 checkpoint (listed in the checkpoints output), and every final step has its checkpoint."""
+    node = dict(rank=2, alpha=2.0, save_every=4, output_name="extended", save_dtype="fp32")
+    first = run_trainer(setup["encoded"], steps=6, **node)
+    six = safetensors.torch.load_file(first.args[2])
+    folder = setup["out"] / "extended_checkpoints"
+    _same_lora(Path(first.args[2]), folder / "extended_step00006.safetensors")
+    more = run_trainer(setup["encoded"], steps=8, resume_from="latest", **node)
+    assert more.args[2] == first.args[2]  # the run goes on under its name...
+    kept = safetensors.torch.load_file(str(folder / "extended_step00006.safetensors"))
+    assert kept.keys() == six.keys() and all(torch.equal(kept[k], six[k]) for k in six)  # ...its 6-step LoRA kept
+    eight = safetensors.torch.load_file(more.args[2])
+    assert any(not torch.equal(eight[k], six[k]) for k in six)
+    assert more.args[4].splitlines() == [str(folder / f"extended_step0000{s}.safetensors") for s in (4, 6)] + \
+        [more.args[2]]
+    _same_lora(Path(more.args[2]), folder / "extended_step00008.safetensors")
+    _assert_run_folder_sound(setup["out"], "extended")

@@ -52,7 +52,8 @@ def test_style_workflow_trains_headless_and_the_stock_loader_takes_the_lora(serv
     assert f"lora_path: {lora}" in text
     folder = base_dir / "models" / "loras" / "server_style_checkpoints"
     ckpts = sorted(p.name for p in folder.glob("*.safetensors"))
-    assert ckpts == ["server_style_step00005.safetensors", "server_style_step00010.safetensors"]
+    assert ckpts == ["server_style_step00005.safetensors", "server_style_step00010.safetensors",  # and the final
+                     "server_style_step00012.safetensors"]  # step's, which a later extension of the run keeps
     assert sorted(p.name for p in folder.glob("*.trainstate")) == [  # the newest 2 full states (issue 8)
         "server_style_step00010.trainstate", "server_style_step00012.trainstate"]
     with safetensors.safe_open(str(lora), "pt") as f:
@@ -162,7 +163,7 @@ def test_a_model_that_is_not_klein_is_refused_at_queue_time_on_the_trainer_and_s
 
 def test_a_rank_wider_than_the_targeted_layers_is_refused_at_queue_time(server):
     wf = _tiny_style("never_rank")
-    wf["6"]["inputs"]["rank"] = 300  # the tiny model's layers are 256 wide
+    wf["6"]["inputs"]["recipe.rank"] = 300  # the tiny model's layers are 256 wide
     status, answer = _post(wf, server)
     assert status == 400 and set(answer["node_errors"]) == {"6"}, answer
     text = _details(answer, "6")
@@ -172,7 +173,7 @@ def test_a_rank_wider_than_the_targeted_layers_is_refused_at_queue_time(server):
 
 def test_a_valid_klein_prompt_passes_the_queue_time_check(server, base_dir):
     wf = _tiny_style("queue_ok", steps=2, save_every=0)  # 2: the core loss graph divides by steps - 1
-    wf["6"]["inputs"]["rank"] = 256  # exactly the layer width: allowed
+    wf["6"]["inputs"]["recipe.rank"] = 256  # exactly the layer width: allowed
     rc, text = _run(wf, server)
     assert rc == 0, text
     assert (base_dir / "models" / "loras" / "queue_ok.safetensors").is_file()
@@ -183,7 +184,7 @@ def test_an_untraceable_model_is_left_to_the_run_time_check(server):
     wf = _tiny_style("fails")
     wf["9"] = {"class_type": "ModelSamplingAuraFlow", "inputs": {"model": ["1", 0], "shift": 1.73}}
     wf["6"]["inputs"]["model"] = ["9", 0]
-    wf["6"]["inputs"]["rank"] = 300
+    wf["6"]["inputs"]["recipe.rank"] = 300
     rc, text = _run(wf, server)
     assert rc == 2 and "rank 300 is larger than layer" in text and "lower the rank" in text
 
@@ -201,15 +202,23 @@ def test_ui_workflow_matches_the_servers_node_definitions(server):
         _check_ui_workflow(json.loads(path.read_text()), info)
 
 
+def _is_widget_spec(s) -> bool:
+    return ((isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"))
+            and not (len(s) > 1 and s[1].get("forceInput")))
+
+
 def _check_ui_workflow(ui: dict, info: dict) -> None:
     for node in ui["nodes"]:
         assert node["type"] in info, f"{node['type']} is not registered"
-        spec = info[node["type"]]["input"]
-        widgets = [n for g in ("required", "optional") for n, s in spec.get(g, {}).items()
-                   if (isinstance(s[0], list) or s[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"))
-                   and not (len(s) > 1 and s[1].get("forceInput"))]
-        controls = [n for n in widgets if n in ("seed", "noise_seed")]  # + the frontend's "control after generate"
-        assert len(node["widgets_values"]) == len(widgets) + len(controls), node["type"]
+        spec, values, count = info[node["type"]]["input"], node["widgets_values"], 0
+        for name, s in [(n, s) for g in ("required", "optional") for n, s in spec.get(g, {}).items()]:
+            if s[0] == "COMFY_DYNAMICCOMBO_V3":  # the combo, then the widgets of the option it shows
+                option = next(o for o in s[1]["options"] if o["key"] == values[count])
+                count += 1 + sum(_is_widget_spec(x) for g in ("required", "optional")
+                                 for x in option["inputs"].get(g, {}).values())
+            elif _is_widget_spec(s):
+                count += 2 if name in ("seed", "noise_seed") else 1  # + the frontend's "control after generate"
+        assert len(values) == count, node["type"]
     for link in ui["links"]:
         src = next(n for n in ui["nodes"] if n["id"] == link[1])
         assert info[src["type"]]["output"][link[2]] == link[5]

@@ -7,8 +7,7 @@ import logging
 import pytest
 import safetensors
 import torch
-from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
-from klein_lora_studio.trainer.data import dataset as ds
+from klein_lora_studio.tests.helpers import TRIGGER
 from klein_lora_studio.trainer.lora.layers import lora_layers
 from klein_lora_studio.trainer.model import targets as tg
 from klein_lora_studio.trainer.training import loop
@@ -32,19 +31,20 @@ def _forward(patcher, x, t, ctx):
 
 
 @pytest.fixture(scope="module")
-def concept_data(tiny, base_dir):
-
-    folder = write_concept_dataset(base_dir / "input" / "concept", n=6, size=128)
-    with torch.inference_mode():
-        return ds.encode_folder(folder, tiny.vae, tiny.clip, 128, TRIGGER)
+def concept(encoded):
+    """Six 128 px concept images, every group's attention layers targeted (named as the selector names them)."""
+    return encoded("concept", n=6, size=128, groups=tg.GROUPS, all_linears=True)
 
 
 @pytest.fixture(scope="module")
-def short_run(tiny, concept_data, base_dir):
+def concept_data(concept):
+    return concept.data
+
+
+@pytest.fixture(scope="module")
+def short_run(concept, base_dir):
     """30 steps, checkpoints every 10, saved in fp32 so calibration is checked at float precision."""
-    unet = tiny.unet()
-    dm = unet.model.diffusion_model
-    targets = tg.resolve_targets(tg.GROUPS, "attention", tg.BlockCounts.of_model(dm), linear_names=tg.linear_layer_names(dm))
+    unet, concept_data, targets = concept.unet, concept.data, concept.targets
     cfg = loop.TrainConfig(rank=4, alpha=8, learning_rate=2e-3, steps=30, save_every=10, output_name="short",
                            save_dtype="fp32", seed=3)
     probe = _probe_inputs(concept_data)

@@ -250,9 +250,11 @@ def recommend(metrics: Sequence[CheckpointMetrics], flex_min: float = FLEX_MIN,
 def report_path(lora_path: Path) -> Path:
     """Where the report goes: next to the run's final LoRA (`<run>_eval.json`), also for a checkpoint
     inside `<run>_checkpoints/`."""
+    from ..training.run_files import run_of_checkpoints_dir
+
     p = Path(lora_path)
-    if p.parent.name.endswith("_checkpoints"):
-        return p.parent.parent / f"{p.parent.name[: -len('_checkpoints')]}_eval.json"
+    if (run := run_of_checkpoints_dir(p.parent)) is not None:
+        return p.parent.parent / f"{run}_eval.json"
     return p.with_name(f"{p.stem}_eval.json")
 
 

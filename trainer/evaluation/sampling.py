@@ -168,11 +168,10 @@ class Column:
 
 def lora_step(path: Path, meta: dict[str, str] | None = None) -> int | None:
     """The training step of a checkpoint: `_stepNNNNN` in its name, else the `steps` metadata."""
-    import re
+    from ..training.run_files import parse_step
 
-    m = re.search(r"_step(\d+)$", Path(path).stem)
-    if m:
-        return int(m.group(1))
+    if (parsed := parse_step(Path(path).name)) is not None:
+        return parsed[1]
     try:
         return int((meta or {}).get("steps", ""))
     except ValueError:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..model import targets as tg
 from ..paths import safe_name
-from ..training.loop import TrainConfig
+from ..training.config import TrainConfig
 
 VERSION = 1
 RUNS_FOLDER = "klein_lora_runs"  # under ComfyUI's output folder: exported configs and encoded datasets

@@ -9,13 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from ..data import dataset_file
-from ..training.loop import TrainConfig
+from ..training.config import TrainConfig
 from . import config as run_config
 
-_DTYPES = {torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}
+_DTYPES = {"float8_e4m3fn": "fp8_e4m3fn", "float8_e5m2": "fp8_e5m2"}  # torch dtype names -> UNETLoader weight_dtype
 
 
 def model_spec(patcher) -> run_config.ModelSpec:
@@ -31,7 +29,7 @@ def model_spec(patcher) -> run_config.ModelSpec:
                          "loaded onto it?); a job loads the model file alone. Connect the model straight from "
                          "UNETLoader, or train in this process (leave gpus empty).")
     path, options = init[1][0], (init[1][1] if len(init[1]) > 1 else {}) or {}
-    dtype = _DTYPES.get(options.get("dtype"), "default")
+    dtype = _DTYPES.get(str(options.get("dtype")).removeprefix("torch."), "default")
     if dtype == "fp8_e4m3fn" and options.get("fp8_optimizations"):
         dtype = "fp8_e4m3fn_fast"
     return run_config.ModelSpec(file=_name_in(folder_paths.get_folder_paths("diffusion_models"), path),

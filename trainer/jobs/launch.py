@@ -21,9 +21,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .runner import EVENT_KEY, PACK_DIR, parse_event
+from .events import EVENT_KEY, PACK_DIR, PACKAGE, parse_event
 
-PACKAGE = "klein_lora_studio"
 STOP_GRACE_S = 30  # after SIGTERM, before SIGKILL: a checkpoint being written is renamed into place or dropped
 
 

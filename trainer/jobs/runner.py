@@ -1,13 +1,10 @@
-"""Run a RunConfig outside the ComfyUI server: ComfyUI as a library, its own loaders, the node's training loop.
+"""Run a RunConfig outside the ComfyUI server: ComfyUI as a library, its own loaders, the node's run session.
 
-`train.py` (python -m <pack>.train CONFIG) calls boot_comfyui then run. Progress goes out as JSON lines,
-one object per event with the key "klein_lora" naming it (start, step, checkpoint, samples, done, error),
-so a parent process (the trainer node's job mode, the sweep queue) can follow a run; anything else
-on stdout (ComfyUI's own messages) is not JSON with that key and is passed over.
+`train.py` (python -m <pack>.train CONFIG) calls boot_comfyui then run. Progress goes out as JSON lines
+(trainer/jobs/events.py), so a parent process (the trainer node's job mode, the sweep queue) can follow a run.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -20,27 +17,16 @@ from ..data import dataset_file
 from ..training import loop, sharding
 from ..training.distributed import Ranks
 from . import config as run_config
+from .events import PACK_DIR, emit_line
+from .session import Reporter, Sampling, run_session
 
-EVENT_KEY = "klein_lora"
-PACK_DIR = Path(__file__).resolve().parents[2]
-
-
-def emit_line(event: str, **data) -> None:
-    """One progress event as a JSON line on stdout."""
-    sys.stdout.write(json.dumps({EVENT_KEY: event, **data}) + "\n")
-    sys.stdout.flush()
+# Text encoders the config's clip_type can name beyond ComfyUI's own (CLIPType): name -> loader of the files.
+# The pack's tests register their tiny encoder here (train.py, when KLEIN_LORA_DEV_NODES=1).
+CLIP_LOADERS: dict[str, Callable[[list[str]], object]] = {}
 
 
-def parse_event(line: str) -> dict | None:
-    """The event of a progress line, None for any other output."""
-    line = line.strip()
-    if not line.startswith("{"):
-        return None
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) and EVENT_KEY in obj else None
+def register_clip_loader(clip_type: str, load: Callable[[list[str]], object]) -> None:
+    CLIP_LOADERS[clip_type] = load
 
 
 def find_comfyui(explicit: str | None, cfg: run_config.RunConfig | None = None) -> Path:
@@ -123,12 +109,10 @@ def load_clip(files: list[str], clip_type: str, field: str):
     import folder_paths
 
     paths = [_full_path("text_encoders", f, field) for f in files]
+    if clip_type in CLIP_LOADERS:
+        return CLIP_LOADERS[clip_type](paths)
     if clip_type == run_config.DEV_CLIP_TYPE:
-        if os.environ.get("KLEIN_LORA_DEV_NODES") != "1":
-            raise run_config.ConfigError(f"{field}: clip type '{clip_type}' is for the pack's tests only.")
-        from ...devtools.tiny_models import tiny_clip
-
-        return tiny_clip(paths[0])
+        raise run_config.ConfigError(f"{field}: clip type '{clip_type}' is for the pack's tests only.")
     kind = getattr(comfy.sd.CLIPType, clip_type.upper(), None)
     if kind is None:
         raise run_config.ConfigError(f"{field}: unknown clip type '{clip_type}' (klein uses 'flux2').")
@@ -201,8 +185,8 @@ def encode_folder(cfg: run_config.RunConfig):
 
 def run(cfg: run_config.RunConfig, ranks: Ranks, emit: Callable[..., None] = emit_line,
         sample: bool = True) -> loop.TrainResult:
-    """The node's training loop on the config's model, dataset and targets; rank 0 reports and samples (unless
-    `sample` is off: the trainer node's job mode samples each checkpoint in ComfyUI itself)."""
+    """The run session on the config's model, dataset and targets; rank 0 reports and samples (unless `sample`
+    is off: the trainer node's job mode samples each checkpoint in ComfyUI itself)."""
     import folder_paths
 
     def say(event: str, **data) -> None:
@@ -213,42 +197,38 @@ def run(cfg: run_config.RunConfig, ranks: Ranks, emit: Callable[..., None] = emi
         model = load_model(cfg.model)
         data = build_dataset(cfg, ranks)
         targets = run_config.targets_for(cfg.targets, model.model.diffusion_model)
-        monitor = None
         sharded = sharding.decide(cfg.train.shard_base, model.model.diffusion_model, model.load_device, ranks)
         cfg.train.shard_base = "on" if sharded else "off"  # decided once: train_lora takes it as given
-        sample = sample and cfg.sampling.enabled
-        if sharded and sample:  # rank 0 alone cannot run a model whose weights all ranks share
-            logging.warning("Klein LoRA: the base is sharded over %d processes, so the prompt suite is not sampled "
-                            "during the run; sample the checkpoints afterwards (Klein Checkpoint Sampler, or the "
-                            "Rank x Steps Grid), e.g. with the base loaded in fp8.", ranks.world)
-            say("warning", message="checkpoint samples are off: the base model is sharded over the processes")
-        elif sample and ranks.is_main and cfg.train.save_every > 0:
-            from ..evaluation.monitor import TrainingMonitor
-
-            clip = load_clip(cfg.sampling.clip, cfg.sampling.clip_type, "sampling.clip")
-            vae = load_vae(cfg.sampling.vae, "sampling.vae")
-            samples = Path(folder_paths.get_output_directory()) / "klein_lora_samples"
-            monitor = TrainingMonitor(clip, vae, data, cfg.train.seed, cfg.sampling.sample_steps, samples)
-            monitor.before(model)
+        sampling = _sampling(cfg, ranks, sharded, sample and cfg.sampling.enabled, say)
         say("start", processes=ranks.world, steps=cfg.train.steps, batch_size=cfg.train.batch_size,
             items=len(data), targets=len(targets.modules))
-
-        def on_checkpoint(step: int, path: Path, live) -> None:
-            say("checkpoint", step=step, path=str(path))
-            if monitor is not None:
-                _, file = monitor(step, path, live)
-                say("samples", step=step, file=str(file), subfolder="klein_lora_samples")
-
-        hooks = loop.TrainHooks(on_step=lambda step, total, loss: say("step", step=step, total=total, loss=loss),
-                                on_checkpoint=on_checkpoint)
+        reporter = Reporter(step=lambda step, total, loss: say("step", step=step, total=total, loss=loss),
+                            checkpoint=lambda step, path: say("checkpoint", step=step, path=str(path)),
+                            samples=lambda step, grid, file: say("samples", step=step, file=str(file),
+                                                                 subfolder=file.parent.name))
         out_dir = Path(folder_paths.get_folder_paths("loras")[0])
-        result = loop.train_lora(model, data, targets, cfg.train, out_dir, hooks, ranks)
-        evaluation = ""
-        if monitor is not None:
-            evaluation, _, report = monitor.finish(result.lora_path)
-            evaluation += f"\nreport: {report}"
+        session = run_session(model, data, targets, cfg.train, out_dir, reporter, sampling, ranks=ranks)
+    result = session.result
     say("done", run=result.run_name, lora_path=str(result.lora_path), checkpoints=[str(p) for p in result.checkpoints],
-        losses=result.losses, seconds=result.seconds, processes=ranks.world, evaluation=evaluation,
-        sharded_base=result.sharded_base, base_bytes_per_process=result.base_bytes_here)
+        losses=result.losses, seconds=result.seconds, processes=ranks.world,
+        evaluation=session.evaluation if session.sampled else "", sharded_base=result.sharded_base,
+        base_bytes_per_process=result.base_bytes_here)
     logging.info("Klein LoRA: run %s done on %d process(es)", result.run_name, ranks.world)
     return result
+
+
+def _sampling(cfg: run_config.RunConfig, ranks: Ranks, sharded: bool, sample: bool, say) -> Sampling | None:
+    """The config's sampling models, loaded on rank 0 when the run samples its checkpoints."""
+    import folder_paths
+
+    if sharded and sample:  # rank 0 alone cannot run a model whose weights all ranks share
+        logging.warning("Klein LoRA: the base is sharded over %d processes, so the prompt suite is not sampled "
+                        "during the run; sample the checkpoints afterwards (Klein Checkpoint Sampler, or the "
+                        "Rank x Steps Grid), e.g. with the base loaded in fp8.", ranks.world)
+        say("warning", message="checkpoint samples are off: the base model is sharded over the processes")
+        return None
+    if not sample or not ranks.is_main or cfg.train.save_every <= 0:
+        return None
+    clip = load_clip(cfg.sampling.clip, cfg.sampling.clip_type, "sampling.clip")
+    vae = load_vae(cfg.sampling.vae, "sampling.vae")
+    return Sampling(clip, vae, cfg.sampling.sample_steps, Path(folder_paths.get_output_directory()))

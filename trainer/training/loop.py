@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from ..data.buckets import BucketBatchSampler
 from ..data.dataset import KleinDataset, stack_contexts
 from ..lora.layers import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
 from ..model import compile_support
@@ -25,61 +24,10 @@ from ..model.model_check import KNOWN_SIZES, flux2_problem
 from ..model.targets import KleinTargets
 from ..paths import atomic_save_safetensors, remove_stale_temps, unique_run_name
 from . import objective, resume, sharding
+from .batches import BatchOrder
+from .config import COMPILE_CHOICES, OPTIMIZERS, TrainConfig  # noqa: F401 - the loop's settings, named here too
 from .distributed import Ranks
-
-OPTIMIZERS = ("AdamW", "Adafactor", "AdamW8bit")  # AdamW8bit: torchao's 8-bit optimizer states (low-VRAM mode)
-COMPILE_CHOICES = ("auto", "on", "off")  # auto: compile the blocks on CUDA, not on the CPU
-
-
-@dataclass
-class TrainConfig:
-    rank: int
-    alpha: float
-    learning_rate: float
-    steps: int
-    batch_size: int = 1
-    seed: int = 0
-    optimizer: str = "AdamW"
-    save_every: int = 0
-    gradient_checkpointing: bool = False
-    output_name: str = "klein_lora"
-    save_dtype: str = "bf16"
-    max_grad_norm: float = 1.0
-    recipe: str = "custom"
-    compile_blocks: str = "auto"
-    resume_from: str = ""  # "latest", a checkpoint of the run, or "" for a new run (see trainer/resume.py)
-    keep_states: int = 2  # training states kept beside the checkpoints (0: all); each is ~3x the fp32 LoRA
-    low_vram: bool = False  # gradient checkpointing + 8-bit AdamW; load the base with weight_dtype fp8 for the rest
-    shard_base: str = "auto"  # several processes: shard the frozen base over them (FSDP, trainer/sharding.py)
-
-    @property
-    def recompute(self) -> bool:
-        return self.gradient_checkpointing or self.low_vram
-
-    @property
-    def optimizer_used(self) -> str:
-        return "AdamW8bit" if self.low_vram and self.optimizer == "AdamW" else self.optimizer
-
-    def validate(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps is {self.steps}: train for at least 1 step (the recipes use 250-1200).")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate is {self.learning_rate}: it must be above 0 (the recipes use 1e-4 to 3e-4).")
-        if self.learning_rate > 1e-2:
-            logging.warning("Klein LoRA: learning_rate %g is far above the recipes' 1e-4..3e-4; expect divergence.",
-                            self.learning_rate)
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size is {self.batch_size}: use 1 or more.")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer '{self.optimizer}' is not one of {list(OPTIMIZERS)}.")
-        if self.compile_blocks not in COMPILE_CHOICES:
-            raise ValueError(f"compile_blocks '{self.compile_blocks}' is not one of {list(COMPILE_CHOICES)}.")
-        if self.keep_states < 0:
-            raise ValueError(f"keep_states is {self.keep_states}: use 0 (keep all) or more.")
-        if self.save_dtype not in SAVE_DTYPES:
-            raise ValueError(f"save_dtype '{self.save_dtype}' is not one of {list(SAVE_DTYPES)}.")
-        if self.shard_base not in sharding.SHARD_CHOICES:
-            raise ValueError(f"shard_base '{self.shard_base}' is not one of {list(sharding.SHARD_CHOICES)}.")
+from .run_files import RunFiles
 
 
 @dataclass
@@ -269,59 +217,6 @@ def _dynamo_limits(enabled: bool):
             setattr(torch._dynamo.config, k, v)
 
 
-class _BatchOrder:
-    """Endless index batches whose position can be saved and restored, so a resumed run sees the same batches.
-
-    One size, no repeats: every image once per epoch in an order drawn from the run's generator (the
-    remainder of the current permutation is the position). Several sizes (aspect buckets) or repeats:
-    the batches of BucketBatchSampler, one bucket at a time, reshuffled per epoch (epoch and index
-    within it are the position).
-    """
-
-    def __init__(self, dataset: KleinDataset, batch_size: int, generator: torch.Generator, seed: int) -> None:
-        assignment = dataset.bucket_assignment()
-        self.plain = len(assignment) == 1 and dataset.repeats == 1
-        self.n, self.batch_size, self.generator = len(dataset), batch_size, generator
-        self.sampler = None if self.plain else BucketBatchSampler(assignment, batch_size, seed=seed,
-                                                                  repeats=dataset.repeats)
-        self.order: list[int] = []
-        self.epoch, self.pos = 0, 0
-        self._epoch: list[list[int]] | None = None
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> list[int]:
-        if self.plain:
-            while len(self.order) < self.batch_size:
-                self.order += torch.randperm(self.n, generator=self.generator).tolist()
-            out, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
-            return out
-        while True:
-            if self._epoch is None:
-                self._epoch = self.sampler.batches(self.epoch)
-            if self.pos < len(self._epoch):
-                self.pos += 1
-                return self._epoch[self.pos - 1]
-            self.epoch, self.pos, self._epoch = self.epoch + 1, 0, None
-
-    def state_dict(self) -> dict:
-        return {"plain": self.plain, "order": list(self.order), "epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        """A changed batch size keeps the epoch; the position within it then counts batches of the new size."""
-        if state["plain"] != self.plain:
-            raise ValueError("resume_from: the saved batch order is for a dataset with "
-                             f"{'one size' if state['plain'] else 'several sizes or repeats'}, this one has "
-                             f"{'one size' if self.plain else 'several sizes or repeats'}: resume with the same dataset.")
-        self.order, self.epoch, self.pos, self._epoch = list(state["order"]), state["epoch"], state["pos"], None
-
-
-def _dataset_batches(dataset: KleinDataset, batch_size: int, generator: torch.Generator, seed: int) -> _BatchOrder:
-    """Endless index batches: from one size at a time when the dataset has several (aspect buckets), with repeats."""
-    return _BatchOrder(dataset, batch_size, generator, seed)
-
-
 def _make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     if name == "Adafactor":
         return torch.optim.Adafactor(params, lr=lr)
@@ -366,173 +261,250 @@ def train_step(dm, work, batch_x0, batch_ctx, generator, device, dtype, options,
     return loss.detach()
 
 
+@dataclass
+class _Placed:
+    """The model as the steps run it: the working patcher, its device and dtype, and how its blocks run."""
+
+    work: object
+    device: torch.device
+    dtype: torch.dtype
+    autocast: object
+    compiled: bool
+    options: dict
+    sharded: bool
+
+    @property
+    def dm(self):
+        return self.work.model.diffusion_model
+
+
+@dataclass
+class _RunState:
+    """What a run carries from one step to the next, and saves in its training state."""
+
+    files: RunFiles
+    meta: dict[str, str]
+    generator: torch.Generator
+    caption_rng: random.Random
+    batches: BatchOrder
+    losses: list[float] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+    first: int = 1
+
+
 def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: TrainConfig, out_dir: Path,
                hooks: TrainHooks | None = None, ranks: Ranks | None = None) -> TrainResult:
     """Train, save checkpoints (and the full training state) every `cfg.save_every` steps and the final LoRA;
     leave `patcher` as it was. With `cfg.resume_from`, continue a saved run exactly where its state left it.
 
-    `ranks` (data parallel, see trainer/distributed.py): each process trains its slice of every global batch of
-    `cfg.batch_size` and the LoRA gradients are averaged; rank 0 alone writes checkpoints and states and calls
-    `hooks.on_checkpoint`, the others wait for it. The saved state is the same for any process count. When the
-    base is sharded over the processes (`cfg.shard_base`, trainer/sharding.py) the model stays sharded afterwards:
-    that is for the command line's processes, which own their model.
+    `ranks` (data parallel, see trainer/training/distributed.py): each process trains its slice of every global
+    batch of `cfg.batch_size` and the LoRA gradients are averaged; rank 0 alone writes checkpoints and states and
+    calls `hooks.on_checkpoint`, the others wait for it. The saved state is the same for any process count. When
+    the base is sharded over the processes (`cfg.shard_base`, trainer/training/sharding.py) the model stays sharded
+    afterwards: that is for the command line's processes, which own their model.
     """
-    hooks = hooks or TrainHooks()
-    ranks = ranks or Ranks()
+    hooks, ranks = hooks or TrainHooks(), ranks or Ranks()
+    _check_inputs(patcher, dataset, cfg, ranks)
+    files, resumed, state_file, changes = _open_run(Path(out_dir), cfg, targets, dataset, ranks)
+    start = time.perf_counter()
+    with torch.inference_mode(False), torch.enable_grad():
+        placed = _place(patcher, cfg, ranks)
+        meta = _run_metadata(patcher, placed, dataset, targets, cfg, ranks)
+        if resumed is not None:
+            _note_resume(meta, resumed, state_file, changes)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        run = _RunState(files, meta, generator, random.Random(f"{cfg.seed}:captions"),  # captions apart from noise
+                        BatchOrder(dataset, cfg.batch_size, generator, cfg.seed))
+        with lora_layers(placed.dm, targets.modules, cfg.rank, cfg.alpha, seed=cfg.seed) as lora, \
+                (nullcontext() if placed.compiled else inplace_safe_norms(placed.dm)), \
+                comfy_training_mode(cfg.recompute), _dynamo_limits(placed.compiled):
+            opt = _make_optimizer(cfg.optimizer_used, lora.parameters(), cfg.learning_rate)
+            if resumed is not None:
+                _restore(run, resumed, lora, opt, cfg)
+                logging.info("Klein LoRA: resuming run '%s' from %s at step %d of %d", files.run, state_file.name,
+                             resumed["step"], cfg.steps)
+            for step in range(run.first, cfg.steps + 1):
+                _train_one_step(step, run, placed, lora, opt, dataset, cfg, hooks, ranks)
+                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                    _save_checkpoint(step, run, placed, lora, opt, dataset, targets, cfg, hooks, ranks)
+            final = _save_final(run, placed, lora, opt, dataset, targets, cfg, hooks, ranks)
+    seconds = time.perf_counter() - start
+    logging.info("Klein LoRA: %d steps in %.1fs, final loss %.4f, saved %s", cfg.steps - run.first + 1, seconds,
+                 run.losses[-1], files.lora)
+    return TrainResult(final, run.losses, files.lora, run.checkpoints, files.run, seconds, placed.sharded,
+                       sharding.local_bytes(placed.dm))
+
+
+def _check_inputs(patcher, dataset: KleinDataset, cfg: TrainConfig, ranks: Ranks) -> None:
     cfg.validate()
     ranks.check_batch(cfg.batch_size)
     check_klein(patcher)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: connect a Klein Dataset Loader with at least one image.")
-    resumed, changes, state_file = None, {}, None
+
+
+def _open_run(out_dir: Path, cfg: TrainConfig, targets: KleinTargets, dataset: KleinDataset, ranks: Ranks):
+    """The run's files and, resuming, its saved state: (files, state or None, state file, allowed changes).
+    A new run gets a name no earlier run has; a resumed one goes on under its own name, in its own folder."""
+    resumed, state_file, changes = None, None, {}
     if cfg.resume_from.strip():
         state_file = resume.find_state(out_dir, cfg.output_name, cfg.resume_from)
         resumed = resume.load_state(state_file)
+        files = resume.checked_run(resumed, state_file, out_dir)
         changes = resume.check_compatible(resumed, state_file, cfg, targets.modules, dataset)
-        run = resumed["run"]  # the run goes on under its own name, in its own folder
     else:
-        run = ranks.broadcast(unique_run_name(out_dir, cfg.output_name) if ranks.is_main else None)
-    ckpt_dir = out_dir / f"{run}_checkpoints"
+        files = RunFiles(out_dir, ranks.broadcast(unique_run_name(out_dir, cfg.output_name) if ranks.is_main else None))
     if ranks.is_main:
-        remove_stale_temps(ckpt_dir, f"{run}_step")  # left by a killed writer: never renamed into place
-        remove_stale_temps(out_dir, f"{run}.safetensors")
-    start = time.perf_counter()
-    with torch.inference_mode(False), torch.enable_grad():
-        shard = sharding.decide(cfg.shard_base, patcher.model.diffusion_model, patcher.load_device, ranks)
-        work = _training_model(patcher, ranks.world if shard else 0)
-        dm = work.model.diffusion_model
-        # the compute dtype: fp8-stored weights (UNETLoader weight_dtype fp8_*) are cast per layer to this one
-        device, dtype = work.load_device, work.model.get_dtype_inference()
-        if cfg.low_vram and work.model.get_dtype().itemsize > 1:
-            logging.warning("Klein LoRA: low_vram with %s base weights; load the model with weight_dtype fp8_e4m3fn "
-                            "(Load Diffusion Model) to halve their memory.", work.model.get_dtype())
-        autocast = (torch.autocast(device.type, dtype=dtype)
-                    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else nullcontext())
-        compile_blocks = compile_support.usable(cfg.compile_blocks, device, resolve_compile(
-            cfg.compile_blocks, device.type, not isinstance(autocast, nullcontext), uses_fp8_matmuls(dm), shard))
-        options = block_options(dm, cfg.recompute, compile_blocks)
-        meta = lora_metadata(
-            format="comfyui-bfl-lora", base_model=klein_size(dm), base_model_file=base_model_file(patcher),
-            rank=cfg.rank, alpha=cfg.alpha, learning_rate=cfg.learning_rate, steps=cfg.steps,
-            batch_size=cfg.batch_size, seed=cfg.seed, optimizer=cfg.optimizer_used, recipe=cfg.recipe,
-            trigger=dataset.trigger, dataset_size=len(dataset), resolution=dataset.resolution,
-            target_groups=list(targets.groups), target_layers=targets.layers, targets=targets.modules,
-            low_vram=cfg.low_vram, base_weight_dtype=str(work.model.get_dtype()).removeprefix("torch."),
-            gradient_checkpointing=cfg.recompute, compiled=compile_blocks, software="klein-lora-studio",
-            task_kind="image-to-image" if dataset.references else "text-to-image",
-            buckets=[f"{w}x{h}:{len(v)}" for (w, h), v in dataset.bucket_assignment().items()],
-            repeats=dataset.repeats, caption_dropout=dataset.caption_dropout,
-            shuffle_tags=bool(dataset.context_variants), data_parallel_processes=ranks.world, sharded_base=shard)
-        if resumed is not None:
-            if resumed["meta"].get("base_model") != meta["base_model"]:
-                raise ValueError(f"resume_from {state_file.name}: the run trained a {resumed['meta'].get('base_model')}"
-                                 f" model, the MODEL input is {meta['base_model']}: connect the same base model.")
-            history = json.loads(resumed["meta"].get("resumed_from", "[]"))
-            meta["resumed_from"] = json.dumps([*history, {"state": state_file.name, "step": resumed["step"],
-                                                          "changes": changes}])
-            meta["resume_changes"] = json.dumps(changes)
-        save_dtype = SAVE_DTYPES[cfg.save_dtype]
-        generator = torch.Generator().manual_seed(cfg.seed)
-        batches = _dataset_batches(dataset, cfg.batch_size, generator, cfg.seed)
-        caption_rng = random.Random(f"{cfg.seed}:captions")  # dropout and tag-variant picks, apart from the noise
-        losses: list[float] = []
-        checkpoints: list[Path] = []
-        first = 1
-        with lora_layers(dm, targets.modules, cfg.rank, cfg.alpha, seed=cfg.seed) as lora, \
-                (nullcontext() if compile_blocks else inplace_safe_norms(dm)), \
-                comfy_training_mode(cfg.recompute), _dynamo_limits(compile_blocks):
-            params = lora.parameters()
-            opt = _make_optimizer(cfg.optimizer_used, params, cfg.learning_rate)
-            if resumed is not None:
-                lora.load_state_dict(resumed["lora"])
-                opt.load_state_dict(resumed["optimizer"])
-                for group in opt.param_groups:  # a changed learning rate applies from here (noted in meta)
-                    if isinstance(group["lr"], torch.Tensor):
-                        group["lr"].fill_(cfg.learning_rate)  # torchao keeps lr as a tensor and checks it stays one
-                    else:
-                        group["lr"] = cfg.learning_rate
-                generator.set_state(resumed["generator"])
-                caption_rng.setstate(resumed["caption_rng"])
-                batches.load_state_dict(resumed["batches"])
-                resume.set_global_rng_state(resumed["global_rng"])
-                losses = list(resumed["losses"])
-                checkpoints = [ckpt_dir / n for n in resumed["checkpoints"] if (ckpt_dir / n).is_file()]
-                first = resumed["step"] + 1
-                logging.info("Klein LoRA: resuming run '%s' from %s at step %d of %d", run, state_file.name,
-                             resumed["step"], cfg.steps)
-
-            def save_state(step: int) -> None:
-                resume.save_state(resume.state_path(ckpt_dir, run, step), cfg=cfg, step=step, run=run,
-                                  lora=lora.state_dict(torch.float32), optimizer=opt.state_dict(),
-                                  generator=generator.get_state(), caption_rng=caption_rng.getstate(),
-                                  batches=batches.state_dict(), losses=list(losses),
-                                  checkpoints=[c.name for c in checkpoints], targets=list(targets.modules),
-                                  dataset=resume.dataset_signature(dataset), meta=dict(meta))
-                resume.prune_states(ckpt_dir, run, cfg.keep_states)
-
-            for step in range(first, cfg.steps + 1):
-                hooks.check_cancel()
-                idx = next(batches)
-                x0 = torch.stack([dataset.latents[i] for i in idx])
-                ctx = stack_contexts([dataset.context_for(i, caption_rng) for i in idx])
-                ref = torch.stack([dataset.references[i] for i in idx]) if dataset.references else None
-                part = ranks.shard(len(idx)) if ranks.distributed else None
-                oom = None
-                try:
-                    loss = train_step(dm, work, x0, ctx, generator, device, dtype, options, autocast, ref, part)
-                    if part is not None:  # a rank that runs out of memory leaves the others waiting here
-                        loss = ranks.average_gradients(params, part.stop - part.start, len(idx), loss)
-                    if cfg.max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    opt.step()  # AdamW allocates its moments here, on the first step
-                except torch.OutOfMemoryError as e:
-                    oom = str(e).splitlines()[0] if str(e) else "out of memory"
-                if oom is not None:  # raised outside the handler: the failed step's tensors are freed first
-                    opt.zero_grad(set_to_none=True)
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    raise torch.OutOfMemoryError(_oom_message(step, cfg, x0, checkpoints, ckpt_dir, run) +
-                                                 f" (torch: {oom})")
-                opt.zero_grad(set_to_none=True)
-                losses.append(float(loss))
-                hooks.on_step(step, cfg.steps, losses[-1])
-                if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                    path = ckpt_dir / f"{run}_step{step:05d}.safetensors"
-                    checkpoints.append(path)
-                    if ranks.is_main:
-                        _save(lora, path, save_dtype, {**meta, "steps": str(step)})
-                        save_state(step)
-                        with torch.no_grad():
-                            hooks.on_checkpoint(step, path, work)
-                    ranks.barrier()
-            final = lora.state_dict(save_dtype)
-            lora_path = out_dir / f"{run}.safetensors"
-            if ranks.is_main:
-                atomic_save_safetensors(final, lora_path, meta)
-                if cfg.save_every:
-                    save_state(cfg.steps)  # lets a finished run be extended: resume it with more steps
-                with torch.no_grad():
-                    hooks.on_checkpoint(cfg.steps, lora_path, work)
-            ranks.barrier()
-    logging.info("Klein LoRA: %d steps in %.1fs, final loss %.4f, saved %s", cfg.steps - first + 1,
-                 time.perf_counter() - start, losses[-1], lora_path)
-    return TrainResult(final, losses, lora_path, checkpoints, run, time.perf_counter() - start, shard,
-                       sharding.local_bytes(dm))
+        remove_stale_temps(files.checkpoints_dir, files.step_prefix)  # left by a killed writer: never renamed into place
+        remove_stale_temps(out_dir, files.lora.name)
+    return files, resumed, state_file, changes
 
 
-def _oom_message(step: int, cfg: TrainConfig, x0: torch.Tensor, checkpoints: list[Path], ckpt_dir: Path,
-                 run: str) -> str:
+def _place(patcher, cfg: TrainConfig, ranks: Ranks) -> _Placed:
+    """The model on its device, in the dtype and block mode (compiled, recomputed) the run trains it in."""
+    shard = sharding.decide(cfg.shard_base, patcher.model.diffusion_model, patcher.load_device, ranks)
+    work = _training_model(patcher, ranks.world if shard else 0)
+    dm = work.model.diffusion_model
+    # the compute dtype: fp8-stored weights (UNETLoader weight_dtype fp8_*) are cast per layer to this one
+    device, dtype = work.load_device, work.model.get_dtype_inference()
+    if cfg.low_vram and work.model.get_dtype().itemsize > 1:
+        logging.warning("Klein LoRA: low_vram with %s base weights; load the model with weight_dtype fp8_e4m3fn "
+                        "(Load Diffusion Model) to halve their memory.", work.model.get_dtype())
+    mixed = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    autocast = torch.autocast(device.type, dtype=dtype) if mixed else nullcontext()
+    compiled = compile_support.usable(cfg.compile_blocks, device, resolve_compile(
+        cfg.compile_blocks, device.type, mixed, uses_fp8_matmuls(dm), shard))
+    return _Placed(work, device, dtype, autocast, compiled, block_options(dm, cfg.recompute, compiled), shard)
+
+
+def _run_metadata(patcher, placed: _Placed, dataset: KleinDataset, targets: KleinTargets, cfg: TrainConfig,
+                  ranks: Ranks) -> dict[str, str]:
+    """The LoRA file's header: how it was trained, on what."""
+    return lora_metadata(
+        format="comfyui-bfl-lora", base_model=klein_size(placed.dm), base_model_file=base_model_file(patcher),
+        rank=cfg.rank, alpha=cfg.alpha, learning_rate=cfg.learning_rate, steps=cfg.steps,
+        batch_size=cfg.batch_size, seed=cfg.seed, optimizer=cfg.optimizer_used, recipe=cfg.recipe,
+        trigger=dataset.trigger, dataset_size=len(dataset), resolution=dataset.resolution,
+        target_groups=list(targets.groups), target_layers=targets.layers, targets=targets.modules,
+        low_vram=cfg.low_vram, base_weight_dtype=str(placed.work.model.get_dtype()).removeprefix("torch."),
+        gradient_checkpointing=cfg.recompute, compiled=placed.compiled, software="klein-lora-studio",
+        task_kind="image-to-image" if dataset.references else "text-to-image",
+        buckets=[f"{w}x{h}:{len(v)}" for (w, h), v in dataset.bucket_assignment().items()],
+        repeats=dataset.repeats, caption_dropout=dataset.caption_dropout,
+        shuffle_tags=bool(dataset.context_variants), data_parallel_processes=ranks.world, sharded_base=placed.sharded)
+
+
+def _note_resume(meta: dict[str, str], resumed: dict, state_file: Path, changes: dict) -> None:
+    """A resumed run must be on the same base; its header records where it resumed and what changed."""
+    if resumed["meta"].get("base_model") != meta["base_model"]:
+        raise ValueError(f"resume_from {state_file.name}: the run trained a {resumed['meta'].get('base_model')} "
+                         f"model, the MODEL input is {meta['base_model']}: connect the same base model.")
+    history = json.loads(resumed["meta"].get("resumed_from", "[]"))
+    meta["resumed_from"] = json.dumps([*history, {"state": state_file.name, "step": resumed["step"],
+                                                  "changes": changes}])
+    meta["resume_changes"] = json.dumps(changes)
+
+
+def _restore(run: _RunState, resumed: dict, lora: LoraHandle, opt: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Every RNG, the batch position, the weights and the optimizer as the state saved them."""
+    lora.load_state_dict(resumed["lora"])
+    opt.load_state_dict(resumed["optimizer"])
+    for group in opt.param_groups:  # a changed learning rate applies from here (noted in meta)
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(cfg.learning_rate)  # torchao keeps lr as a tensor and checks it stays one
+        else:
+            group["lr"] = cfg.learning_rate
+    run.generator.set_state(resumed["generator"])
+    run.caption_rng.setstate(resumed["caption_rng"])
+    run.batches.load_state_dict(resumed["batches"])
+    resume.set_global_rng_state(resumed["global_rng"])
+    run.losses = list(resumed["losses"])
+    run.checkpoints = [run.files.checkpoints_dir / n for n in resumed["checkpoints"]
+                       if (run.files.checkpoints_dir / n).is_file()]
+    run.first = resumed["step"] + 1
+
+
+def _train_one_step(step: int, run: _RunState, placed: _Placed, lora: LoraHandle, opt: torch.optim.Optimizer,
+                    dataset: KleinDataset, cfg: TrainConfig, hooks: TrainHooks, ranks: Ranks) -> None:
+    """One optimizer step on the next batch; an out-of-memory step says what to lower and what is kept."""
+    hooks.check_cancel()
+    idx = next(run.batches)
+    x0 = torch.stack([dataset.latents[i] for i in idx])
+    ctx = stack_contexts([dataset.context_for(i, run.caption_rng) for i in idx])
+    ref = torch.stack([dataset.references[i] for i in idx]) if dataset.references else None
+    part = ranks.shard(len(idx)) if ranks.distributed else None
+    params = lora.parameters()
+    oom = None
+    try:
+        loss = train_step(placed.dm, placed.work, x0, ctx, run.generator, placed.device, placed.dtype,
+                          placed.options, placed.autocast, ref, part)
+        if part is not None:  # a rank that runs out of memory leaves the others waiting here
+            loss = ranks.average_gradients(params, part.stop - part.start, len(idx), loss)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()  # AdamW allocates its moments here, on the first step
+    except torch.OutOfMemoryError as e:
+        oom = str(e).splitlines()[0] if str(e) else "out of memory"
+    opt.zero_grad(set_to_none=True)
+    if oom is not None:  # raised outside the handler: the failed step's tensors are freed first
+        if placed.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise torch.OutOfMemoryError(_oom_message(step, cfg, x0, run) + f" (torch: {oom})")
+    run.losses.append(float(loss))
+    hooks.on_step(step, cfg.steps, run.losses[-1])
+
+
+def _save_state(step: int, run: _RunState, lora: LoraHandle, opt: torch.optim.Optimizer, dataset: KleinDataset,
+                targets: KleinTargets, cfg: TrainConfig, also: tuple[Path, ...] = ()) -> None:
+    """The state of `step`, listing the run's checkpoints (and `also`, the final step's); older states pruned."""
+    resume.save_state(run.files.state(step), cfg=cfg, step=step, run=run.files.run,
+                      lora=lora.state_dict(torch.float32), optimizer=opt.state_dict(),
+                      generator=run.generator.get_state(), caption_rng=run.caption_rng.getstate(),
+                      batches=run.batches.state_dict(), losses=list(run.losses),
+                      checkpoints=[c.name for c in (*run.checkpoints, *also)], targets=list(targets.modules),
+                      dataset=resume.dataset_signature(dataset), meta=dict(run.meta))
+    resume.prune_states(run.files, cfg.keep_states)
+
+
+def _save_checkpoint(step: int, run: _RunState, placed: _Placed, lora: LoraHandle, opt: torch.optim.Optimizer,
+                     dataset: KleinDataset, targets: KleinTargets, cfg: TrainConfig, hooks: TrainHooks,
+                     ranks: Ranks) -> None:
+    """Rank 0 writes the checkpoint and the state beside it and reports it; the other ranks wait."""
+    path = run.files.checkpoint(step)
+    run.checkpoints.append(path)
+    if ranks.is_main:
+        atomic_save_safetensors(lora.state_dict(SAVE_DTYPES[cfg.save_dtype]), path, {**run.meta, "steps": str(step)})
+        _save_state(step, run, lora, opt, dataset, targets, cfg)
+        with torch.no_grad():
+            hooks.on_checkpoint(step, path, placed.work)
+    ranks.barrier()
+
+
+def _save_final(run: _RunState, placed: _Placed, lora: LoraHandle, opt: torch.optim.Optimizer,
+                dataset: KleinDataset, targets: KleinTargets, cfg: TrainConfig, hooks: TrainHooks,
+                ranks: Ranks) -> dict[str, torch.Tensor]:
+    """The final LoRA. With checkpoints on, the final step is a checkpoint too, and its state lists it: a run
+    extended later (resume_from with more steps) rewrites the final LoRA, never the only copy of this one."""
+    final = lora.state_dict(SAVE_DTYPES[cfg.save_dtype])
+    if ranks.is_main:
+        if cfg.save_every:
+            last = atomic_save_safetensors(final, run.files.checkpoint(cfg.steps), run.meta)
+            _save_state(cfg.steps, run, lora, opt, dataset, targets, cfg, also=(last,))  # a finished run extends
+        atomic_save_safetensors(final, run.files.lora, run.meta)
+        with torch.no_grad():
+            hooks.on_checkpoint(cfg.steps, run.files.lora, placed.work)
+    ranks.barrier()
+    return final
+
+
+def _oom_message(step: int, cfg: TrainConfig, x0: torch.Tensor, run: _RunState) -> str:
     """What to lower, in the order that saves the most, and what is kept."""
     h, w = x0.shape[-2] * 16, x0.shape[-1] * 16
-    states = resume.list_states(ckpt_dir, run)
-    kept = (f"the last checkpoint {checkpoints[-1].name} is kept" if checkpoints else "no checkpoint was saved yet")
+    kept = (f"the last checkpoint {run.checkpoints[-1].name} is kept" if run.checkpoints
+            else "no checkpoint was saved yet")
     how = ("; resume it with resume_from 'latest' after lowering batch_size or turning gradient_checkpointing on "
-           "(rank and the dataset must stay the same to resume)" if states else "")
+           "(rank and the dataset must stay the same to resume)" if run.files.states() else "")
     ckpt = "on" if cfg.recompute else "off"
     return (f"out of GPU memory in training step {step} (batch_size {cfg.batch_size}, {w}x{h} px, rank {cfg.rank}, "
             f"gradient_checkpointing {ckpt}). Lower batch_size, the resolution (Dataset Loader), or rank, or turn "
             f"gradient_checkpointing on (the low-VRAM mode: ~30% slower, much less memory); {kept}{how}.")
-
-
-def _save(lora: LoraHandle, path: Path, dtype: torch.dtype, meta: dict[str, str]) -> Path:
-    return atomic_save_safetensors(lora.state_dict(dtype), path, meta)

@@ -13,16 +13,14 @@ import dataclasses
 import json
 import logging
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..paths import atomic_save_torch, is_within
+from ..paths import atomic_save_torch, is_within, safe_name
+from .run_files import STATE_SUFFIX, RunFiles, parse_step  # noqa: F401 - STATE_SUFFIX: the state files' suffix
 
-# Not ".pt": ComfyUI lists .pt files in models/loras as LoRAs, and a state is not one.
-STATE_SUFFIX = ".trainstate"
 FORMAT = "klein-lora-train-state"
 VERSION = 1
 # A resumed run must match these: the saved tensors only fit a LoRA of the same shape and scale, and
@@ -31,11 +29,6 @@ FIXED = ("rank", "alpha", "optimizer")
 # Not compared: where the run came from, how it is saved next, and how the frozen base is laid out over the
 # processes (sharded or not, the update is the same).
 IGNORED = ("resume_from", "output_name", "shard_base")
-_STEP = re.compile(r"^(?P<run>.+)_step(?P<step>\d+)$")
-
-
-def state_path(ckpt_dir: Path, run: str, step: int) -> Path:
-    return Path(ckpt_dir) / f"{run}_step{step:05d}{STATE_SUFFIX}"
 
 
 def dataset_signature(dataset) -> dict:
@@ -95,13 +88,8 @@ def load_state(path: Path) -> dict:
 
 
 def list_states(ckpt_dir: Path, run: str) -> list[Path]:
-    """The run's state files, oldest step first."""
-    found = []
-    for p in Path(ckpt_dir).glob(f"{run}_step*{STATE_SUFFIX}"):
-        m = _STEP.match(p.name[: -len(STATE_SUFFIX)])
-        if m and m["run"] == run:
-            found.append((int(m["step"]), p))
-    return [p for _, p in sorted(found)]
+    """The run's state files in its checkpoints folder `ckpt_dir`, oldest step first."""
+    return RunFiles(Path(ckpt_dir).parent, run).states()
 
 
 def find_state(out_dir: Path, output_name: str, resume_from: str) -> Path:
@@ -110,35 +98,56 @@ def find_state(out_dir: Path, output_name: str, resume_from: str) -> Path:
     out_dir = Path(out_dir)
     value = resume_from.strip()
     if value.lower() == "latest":
-        folder = out_dir / f"{output_name}_checkpoints"
-        states = list_states(folder, output_name)
+        files = RunFiles(out_dir, output_name)
+        states = files.states()
         if not states:
-            raise ValueError(f"resume_from 'latest': no training state of run '{output_name}' in {folder} (a state is "
-                             "saved beside each checkpoint, every save_every steps). Set output_name to the run to "
-                             "continue, or leave resume_from empty to start a new run.")
+            raise ValueError(f"resume_from 'latest': no training state of run '{output_name}' in "
+                             f"{files.checkpoints_dir} (a state is saved beside each checkpoint, every save_every "
+                             "steps). Set output_name to the run to continue, or leave resume_from empty to start a "
+                             "new run.")
         return states[-1]
     raw = Path(value).expanduser()
-    name = raw.name
-    for suffix in (".safetensors", STATE_SUFFIX):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    m = _STEP.match(name)
-    if not m:
+    parsed = parse_step(raw.name)
+    if not parsed:
+        example = RunFiles(out_dir, output_name)
         raise ValueError(f"resume_from '{resume_from}' names no checkpoint: give 'latest' or a checkpoint such as "
-                         f"{output_name}_step00100.safetensors (from {output_name}_checkpoints in {out_dir}).")
+                         f"{example.checkpoint(100).name} (from {example.checkpoints_dir.name} in {out_dir}).")
+    files = RunFiles(out_dir, parsed[0])
+    folder = files.checkpoints_dir
     if raw.is_absolute() or len(raw.parts) > 1:
         folder = (raw if raw.is_absolute() else out_dir / raw).resolve().parent
         if not is_within(folder, out_dir.resolve()):
             raise ValueError(f"resume_from '{resume_from}' is outside the LoRA folder {out_dir}: runs resume from "
                              "their own checkpoints folder there.")
-    else:
-        folder = out_dir / f"{m['run']}_checkpoints"
-    path = folder / f"{name}{STATE_SUFFIX}"
+    path = folder / files.state(parsed[1]).name
     if not path.is_file():
-        have = [p.name for p in list_states(folder, m["run"])]
+        have = [p.name for p in list_states(folder, parsed[0])]
         raise ValueError(f"resume_from '{resume_from}': no training state {path.name} in {folder} (states kept: "
                          f"{have or 'none'}). Pick one of those or 'latest'.")
     return path
+
+
+def checked_run(state: dict, path: Path, out_dir: Path) -> RunFiles:
+    """The run a state continues, checked like output_name: every name a state gives becomes a path, so a state
+    file that names another run, a folder or a file outside `out_dir` is refused before anything is written."""
+    path = Path(path)
+    run = state.get("run")
+    named = parse_step(path.name)
+    advice = f"Pick another state from {path.parent} or leave resume_from empty for a new run."
+    try:
+        ok = isinstance(run, str) and safe_name(run, "its run") == run
+    except ValueError:
+        ok = False
+    if not ok or named is None or named[0] != run:
+        raise ValueError(f"resume_from {path.name}: the state's run {run!r} is not the plain run name its file is "
+                         f"named after ('{named[0] if named else '?'}'): it was edited or belongs elsewhere. {advice}")
+    files = RunFiles(Path(out_dir), run)
+    listed = state.get("checkpoints", [])
+    bad = [n for n in listed if not files.is_checkpoint_name(n)] if isinstance(listed, list) else [listed]
+    if bad:
+        raise ValueError(f"resume_from {path.name}: the state lists checkpoints {bad[:3]} that are not file names of "
+                         f"run '{run}' in {files.checkpoints_dir.name}. {advice}")
+    return files
 
 
 def check_compatible(state: dict, path: Path, cfg, modules: list[str], dataset) -> dict[str, list]:
@@ -181,9 +190,9 @@ def check_compatible(state: dict, path: Path, cfg, modules: list[str], dataset) 
     return changes
 
 
-def prune_states(ckpt_dir: Path, run: str, keep: int) -> None:
+def prune_states(files: RunFiles, keep: int) -> None:
     """Keep only the newest `keep` states (0: all): each holds the optimizer too, 3x the fp32 LoRA."""
     if keep <= 0:
         return
-    for p in list_states(ckpt_dir, run)[:-keep]:
+    for p in files.states()[:-keep]:
         p.unlink(missing_ok=True)

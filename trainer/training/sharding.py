@@ -22,7 +22,8 @@ import logging
 
 import torch
 
-SHARD_CHOICES = ("auto", "on", "off")
+from .config import SHARD_CHOICES
+
 # auto shards when the frozen weights alone would take more than this share of a card: the rest has to hold
 # a training step (measured, 9B at 1024^2 checkpointed, one image per card: 3.6 GiB above the weights;
 # uncheckpointed or at larger batches, several times that)

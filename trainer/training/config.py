@@ -1,0 +1,63 @@
+"""The training settings of one run, as plain data: no torch, so reading or writing a run config is cheap.
+
+The loop (trainer/training/loop.py) trains from it, the run config (trainer/jobs/config.py) carries it
+as its `train` section, and a training state (trainer/training/resume.py) stores it.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+OPTIMIZERS = ("AdamW", "Adafactor", "AdamW8bit")  # AdamW8bit: torchao's 8-bit optimizer states (low-VRAM mode)
+COMPILE_CHOICES = ("auto", "on", "off")  # auto: compile the blocks on CUDA, not on the CPU
+SHARD_CHOICES = ("auto", "on", "off")  # several processes: shard the frozen base over them (trainer/training/sharding.py)
+SAVE_DTYPE_NAMES = ("bf16", "fp32", "fp16")  # the keys of trainer/lora/layers.SAVE_DTYPES (tests check they agree)
+
+
+@dataclass
+class TrainConfig:
+    rank: int
+    alpha: float
+    learning_rate: float
+    steps: int
+    batch_size: int = 1
+    seed: int = 0
+    optimizer: str = "AdamW"
+    save_every: int = 0
+    gradient_checkpointing: bool = False
+    output_name: str = "klein_lora"
+    save_dtype: str = "bf16"
+    max_grad_norm: float = 1.0
+    recipe: str = "custom"
+    compile_blocks: str = "auto"
+    resume_from: str = ""  # "latest", a checkpoint of the run, or "" for a new run (see trainer/training/resume.py)
+    keep_states: int = 2  # training states kept beside the checkpoints (0: all); each is ~3x the fp32 LoRA
+    low_vram: bool = False  # gradient checkpointing + 8-bit AdamW; load the base with weight_dtype fp8 for the rest
+    shard_base: str = "auto"  # several processes: shard the frozen base over them (FSDP, trainer/training/sharding.py)
+
+    @property
+    def recompute(self) -> bool:
+        return self.gradient_checkpointing or self.low_vram
+
+    @property
+    def optimizer_used(self) -> str:
+        return "AdamW8bit" if self.low_vram and self.optimizer == "AdamW" else self.optimizer
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps is {self.steps}: train for at least 1 step (the recipes use 250-1200).")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate is {self.learning_rate}: it must be above 0 (the recipes use 1e-4 to 3e-4).")
+        if self.learning_rate > 1e-2:
+            logging.warning("Klein LoRA: learning_rate %g is far above the recipes' 1e-4..3e-4; expect divergence.",
+                            self.learning_rate)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size is {self.batch_size}: use 1 or more.")
+        for name, value, choices in (("optimizer", self.optimizer, OPTIMIZERS),
+                                     ("compile_blocks", self.compile_blocks, COMPILE_CHOICES),
+                                     ("save_dtype", self.save_dtype, SAVE_DTYPE_NAMES),
+                                     ("shard_base", self.shard_base, SHARD_CHOICES)):
+            if value not in choices:
+                raise ValueError(f"{name} '{value}' is not one of {list(choices)}.")
+        if self.keep_states < 0:
+            raise ValueError(f"keep_states is {self.keep_states}: use 0 (keep all) or more.")
