@@ -144,9 +144,11 @@ def train(models: Models, run: Run, base_model):
         targets = KleinBlockTargetSelector.execute(base_model, r.target_preset, True, True, True, True, "attention",
                                                    "both").args[0]
         t0 = time.perf_counter()
-        out = KleinLoRATrainer.execute(base_model, data, targets, "custom", r.rank, r.alpha,
-                                       r.learning_rate * run.lr_scale, run.steps, 1, run.seed, "AdamW", run.every,
-                                       False, "off", name, "fp32").args
+        recipe = {"recipe": "custom", "rank": r.rank, "alpha": r.alpha, "learning_rate": r.learning_rate * run.lr_scale,
+                  "steps": run.steps}  # the recipe's DynamicCombo value, as ComfyUI passes it
+        out = KleinLoRATrainer.execute(model=base_model, dataset=data, targets=targets, recipe=recipe,
+                                       output_name=name, save_every=run.every, batch_size=1, seed=run.seed,
+                                       compile_blocks="off", save_dtype="fp32").args
     seconds = time.perf_counter() - t0
     checkpoints = [Path(p) for p in out[4].splitlines() if p.strip()]
     logging.info("quality: %s trained %d steps in %.0f s (%s)", run.recipe, run.steps, seconds, report.splitlines()[0])

@@ -92,7 +92,7 @@ def to_micro(api: dict, steps: int) -> dict:
         elif t == "KleinDatasetLoader":
             inp["trigger"] = "qzv"
         elif t == "KleinLoRATrainer":
-            inp.update(learning_rate=MICRO_LR)
+            inp["recipe.learning_rate"] = MICRO_LR
     return wf
 
 
