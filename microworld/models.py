@@ -39,7 +39,6 @@ MANIFEST = WEIGHTS / "manifest.json"
 UNET_FILE = "klein-micro.safetensors"
 TE_FILE = "klein-micro-te.safetensors"
 TAEF2_FILES = {"encoder": "taef2_encoder.safetensors", "decoder": "taef2_decoder.safetensors"}
-TAEF2_METADATA = {"tae_latent_channels": 128}  # what VAELoader("taef2") passes to comfy.sd.VAE
 
 
 def file_sha256(path: str | Path) -> str:
@@ -147,20 +146,18 @@ def from_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {(k[:-6] + ".weight") if k.endswith("_norm.scale") else k: v for k, v in sd.items()}
 
 
-def _place(src: Path, dst: Path, what: str) -> Path:
-    """Copy `src` to `dst` atomically; an existing `dst` is kept when identical and never overwritten when not."""
-    if dst.exists():
-        if file_sha256(dst) == file_sha256(src):
-            return dst
+def _check_free(src: Path, dst: Path, what: str) -> None:
+    """An existing `dst` is fine when identical to `src`; a different one (a user's real model) is never replaced."""
+    if dst.exists() and file_sha256(dst) != file_sha256(src):
         raise FileExistsError(f"{dst} exists and is not the micro {what}: it may be a real model of yours, which "
                               "is never overwritten. Use another ComfyUI models folder for the micro models "
                               "(e.g. a sandbox started with --base-directory) or move that file away.")
-    return _atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def write_micro_models(models_dir: str | Path, weights_dir: str | Path | None = None) -> dict[str, Path]:
     """Put the micro models into a ComfyUI models/ folder: diffusion_models/klein-micro.safetensors,
     text_encoders/klein-micro-te.safetensors (regenerated, checksum-checked) and the taef2 pair in vae_approx/.
+    Every destination is checked before anything is written; files already there and identical are kept.
 
     `weights_dir` defaults to the committed weights (checked against the manifest); the pretraining passes
     its fresh output folder instead.
@@ -170,18 +167,22 @@ def write_micro_models(models_dir: str | Path, weights_dir: str | Path | None = 
         verify_committed()
         weights_dir = WEIGHTS
     weights_dir = Path(weights_dir)
-    out = {"unet": _place(weights_dir / UNET_FILE, models_dir / "diffusion_models" / UNET_FILE, "diffusion model")}
+    copies = {"unet": (weights_dir / UNET_FILE, models_dir / "diffusion_models" / UNET_FILE, "diffusion model")}
     for part, name in TAEF2_FILES.items():
-        out[f"taef2_{part}"] = _place(weights_dir / name, models_dir / "vae_approx" / name, f"taef2 {part}")
+        copies[f"taef2_{part}"] = (weights_dir / name, models_dir / "vae_approx" / name, f"taef2 {part}")
     te = models_dir / "text_encoders" / TE_FILE
     sd = te_state_dict(check=weights_dir == WEIGHTS)
-    if te.exists() and state_dict_sha256(_load(te)) != state_dict_sha256(sd):
+    if te.exists() and state_dict_sha256(load_file(te)) != state_dict_sha256(sd):
         raise FileExistsError(f"{te} exists and is not the micro text encoder: move it away (it is never overwritten).")
+    for src, dst, what in copies.values():
+        _check_free(src, dst, what)
+    out = {key: dst if dst.exists() else _atomic_write(dst, lambda tmp, src=src: shutil.copyfile(src, tmp))
+           for key, (src, dst, _) in copies.items()}
     out["te"] = te if te.exists() else atomic_save_safetensors(sd, te)
     return out
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
+def load_file(path: str | Path) -> dict[str, torch.Tensor]:
     import safetensors.torch
 
     return safetensors.torch.load_file(str(path))

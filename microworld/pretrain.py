@@ -354,17 +354,11 @@ def score(images: list, scenes: list[world.Scene]) -> dict[str, float]:
     return {k: float(np.mean([m[k] for m in matches])) for k in matches[0]}
 
 
-def _load(path: Path) -> dict[str, torch.Tensor]:
-    import safetensors.torch
-
-    return safetensors.torch.load_file(str(path))
-
-
 def load_taef2(folder: Path, device) -> torch.nn.Module:
     """A saved taef2 pair (this script's output) as the TAESD module the training uses."""
     tae = new_taef2(0, "cpu")
     for part, name in models.TAEF2_FILES.items():
-        getattr(tae, f"taesd_{part}").load_state_dict({k: v.float() for k, v in _load(folder / name).items()})
+        getattr(tae, f"taesd_{part}").load_state_dict({k: v.float() for k, v in models.load_file(folder / name).items()})
     return tae.to(device).eval()
 
 
@@ -460,7 +454,7 @@ def run(cfg: PretrainConfig, out: Path, device: torch.device) -> dict:
     if previous is not None and "te_probe" in previous["data"]:
         record["data"].setdefault("te_probe", previous["data"]["te_probe"])
     logging.info("data: %s", {k: v for k, v in record["data"].items()})
-    init = models.from_bfl(_load(Path(cfg.resume) / models.UNET_FILE)) if previous is not None else None
+    init = models.from_bfl(models.load_file(Path(cfg.resume) / models.UNET_FILE)) if previous is not None else None
     done = previous["dit"].get("total_steps", previous["dit"]["steps"]) if previous is not None else 0
     dit_sd, record["dit"] = train_dit(data, cfg, device, autocast, init, seed_offset=done)
     record["dit"]["total_steps"] = done + record["dit"]["steps"]
