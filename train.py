@@ -11,13 +11,14 @@ Progress is printed as JSON lines (see trainer/jobs/events.py); logs go to stder
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m klein_lora_studio.train", description=__doc__.splitlines()[0])
-    parser.add_argument("config", help="run config (.json, .yaml): written by the trainer node's export_config")
+    parser.add_argument("config", nargs="?", help="run config (.json, .yaml): written by the trainer node's export_config")
     parser.add_argument("--comfyui", default=None, help="ComfyUI folder (default: COMFYUI_PATH, the config's "
                                                         "comfyui.path, or the ComfyUI this pack is installed in)")
     parser.add_argument("--base-directory", default=None,
@@ -26,7 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume-from", default=None, help="override train.resume_from ('latest' or a checkpoint)")
     parser.add_argument("--no-sampling", action="store_true", help="do not sample the config's prompt suite (the "
                                                                    "trainer node's job mode samples in ComfyUI)")
+    parser.add_argument("--schema", action="store_true", help="print the run config's JSON Schema and exit")
     args = parser.parse_args(argv)
+    if args.schema:
+        from .trainer.jobs.config import json_schema
+
+        sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+        return 0
+    if args.config is None:
+        parser.error("give a run config (or --schema)")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
 
     import torch

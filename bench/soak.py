@@ -23,20 +23,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _comfy(base: Path) -> None:
     """ComfyUI as a library (CPU), and this repo importable as the package klein_lora_studio."""
-    comfyui = Path(os.environ.get("COMFYUI_PATH", REPO.parent / "shared" / "ComfyUI")).resolve()
-    pkg = Path(tempfile.mkdtemp(prefix="klein-soak-pkg-"))
-    (pkg / "klein_lora_studio").symlink_to(REPO, target_is_directory=True)
-    sys.path[:0] = [str(comfyui), str(pkg)]
-    import comfy.options
+    import runpy
 
-    comfy.options.enable_args_parsing()
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu", "--base-directory", str(base), "--disable-api-nodes"]
-    try:
-        import comfy.cli_args  # noqa: F401
-        import comfy.model_management  # noqa: F401
-        import folder_paths  # noqa: F401
-    finally:
-        sys.argv = argv
+    comfyui = Path(os.environ.get("COMFYUI_PATH", REPO.parent / "shared" / "ComfyUI")).resolve()
+    runpy.run_path(str(REPO / "devtools" / "package_root.py"))["make_importable"](REPO)
+    from klein_lora_studio.trainer.jobs import comfy_library
+
+    comfy_library.boot(comfyui, base, cpu=True, extra_model_paths=False)
 
 
 def main(argv: list[str] | None = None) -> int:

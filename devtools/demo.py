@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from .. import run as runner
+from .package_root import package_parent
 from .server import ComfyServer, prepare_base
 from .workflows import api_path, to_tiny
 
@@ -31,17 +32,16 @@ MICRO_DATASET, MICRO_IMAGES, MICRO_LORA = "klein_micro_style", 24, "klein_micro_
 GRID_FILE = "klein_demo_before_after.png"
 MICRO_STEPS, MICRO_LR = 160, 1.5e-3  # the H200 style run (docs/quality.md) showed stripes from step 160 at 1.5e-3;
 # the 3-minute CPU budget of this schedule is not yet measured on an idle 2-core machine
-_BOOT = ("import sys, pathlib; comfyui, base = sys.argv[1], sys.argv[2]; sys.path.insert(0, comfyui);"
-         "import comfy.options; comfy.options.enable_args_parsing();"
-         "sys.argv = [sys.argv[0], '--cpu', '--base-directory', base]; import comfy.cli_args, folder_paths;")
+_BOOT = ("import sys, pathlib; comfyui, base = sys.argv[1], sys.argv[2];"
+         "from klein_lora_studio.trainer.jobs import comfy_library; comfy_library.boot(comfyui, base, cpu=True);"
+         "import folder_paths;")
 
 
 def _in_comfy(base: Path, comfyui: Path, code: str) -> None:
     """Run `code` in a child process that imports ComfyUI as a library on `base`."""
     import subprocess
 
-    pkg_parent = Path(__file__).resolve().parent.parent.parent  # holds the `klein_lora_studio` link demo.sh made
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), str(pkg_parent), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(package_parent()), os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", _BOOT + code, str(comfyui), str(base)], check=True, env=env)
 
 
@@ -49,7 +49,7 @@ def _tiny_assets(base: Path, comfyui: Path) -> None:
     """Tiny random models and a synthetic concept dataset."""
     _in_comfy(base, comfyui,
               "from klein_lora_studio.devtools.tiny_models import write_tiny_models; write_tiny_models(folder_paths.models_dir);"
-              "from klein_lora_studio.tests.helpers import write_concept_dataset;"
+              "from klein_lora_studio.devtools.datasets import write_concept_dataset;"
               "write_concept_dataset(pathlib.Path(base) / 'input' / 'klein_style_dataset', n=6, size=64)")
 
 

@@ -10,8 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-PACK = "klein_lora_studio"
-REPO = Path(__file__).resolve().parent.parent
+from .package_root import PACK, REPO
 
 
 def free_port() -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -290,14 +289,9 @@ def _main() -> None:
     import asyncio
     import os
 
-    sys.path.insert(0, os.environ["COMFYUI_PATH"])
-    import comfy.options
+    from ..trainer.jobs import comfy_library
 
-    comfy.options.enable_args_parsing()
-    sys.argv = [sys.argv[0], "--cpu"]
-    import nodes
-
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    nodes = comfy_library.boot(os.environ["COMFYUI_PATH"], cpu=True, builtin_nodes=True)
     from .. import nodes as pack_nodes
 
     ext = asyncio.run(pack_nodes.comfy_entrypoint())

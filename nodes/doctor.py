@@ -1,12 +1,11 @@
+"""Klein Dataset Doctor: check a training folder before training (glue over trainer/data/doctor.py)."""
 from __future__ import annotations
 
 import logging
 
-import folder_paths
 from comfy_api.latest import io, ui
 
-from ..trainer import paths
-from ..trainer.data import doctor
+from ..trainer.data import doctor, folders
 from ..trainer.training.recipes import RECIPES
 from .types import CATEGORY
 
@@ -41,18 +40,29 @@ class KleinDatasetDoctor(io.ComfyNode):
                                         "targets by file name. Empty for other tasks."),
             ],
             outputs=[
-                io.String.Output(display_name="report"),
-                io.Image.Output(display_name="contact_sheet"),
+                io.String.Output(display_name="report",
+                                 tooltip="Every problem found, each naming its files and what to do."),
+                io.Image.Output(display_name="contact_sheet",
+                                tooltip="Thumbnails of the images, the problem ones outlined in the colour of "
+                                        "their problem (legend on top)."),
             ],
         )
 
     @classmethod
+    def validate_inputs(cls, folder: str, control_folder: str = "") -> bool | str:
+        """At queue time: a missing or disallowed folder fails before anything runs."""
+        return folders.check(folder, control_folder)
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str, control_folder: str = "", **_) -> str:
+        """Re-run when a file in the folders changed (names, sizes, times), and only then."""
+        return folders.fingerprint(folder, control_folder)
+
+    @classmethod
     def execute(cls, folder: str, trigger: str, resolution: int, task: str, control_folder: str = "") -> io.NodeOutput:
-        input_dir = folder_paths.get_input_directory()
-        roots = paths.configured_dataset_roots(folder_paths.get_user_directory())
-        where = paths.resolve_dataset_folder(folder, input_dir, roots)
-        control = paths.resolve_dataset_folder(control_folder, input_dir, roots) if (control_folder or "").strip() else None
-        report = doctor.examine(where, trigger, resolution, None if task == NO_TASK else task, control)
+        found = folders.resolve(folder, control_folder)
+        report = doctor.examine(found.folder, trigger, resolution, None if task == NO_TASK else task, found.control,
+                                roots=found.roots)
         for w in report.warnings:
             logging.warning("Klein dataset doctor: %s", w)
         sheet = report.contact_sheet()

@@ -11,21 +11,17 @@ from ..trainer import paths
 from ..trainer.lora import formats as lora_formats
 from ..trainer.lora import merge as lora_merge
 from ..trainer.lora.layers import SAVE_DTYPES
+from .lora_files import NONE, load_lora, lora_choices
 from .types import CATEGORY
 
 SLOTS = 4
-NONE = "None"
 DTYPE_CHOICES = ("auto", *SAVE_DTYPES)
-
-
-def _lora_choices() -> list[str]:
-    return [NONE, *folder_paths.get_filename_list("loras")]
 
 
 def _lora_slots() -> list:
     out = []
     for i in range(1, SLOTS + 1):
-        out.append(io.Combo.Input(f"lora_{i}", options=_lora_choices(), default=NONE, optional=i > 2,
+        out.append(io.Combo.Input(f"lora_{i}", options=lora_choices(), default=NONE, optional=i > 2,
                                   tooltip=f"LoRA {i} from models/loras (any layout: ComfyUI/BFL, ai-toolkit, kohya, "
                                           "diffusers, ComfyUI trainer). 'None' leaves the slot empty."))
         out.append(io.Float.Input(f"weight_{i}", default=1.0, min=-10.0, max=10.0, step=0.01, optional=i > 2,
@@ -38,16 +34,9 @@ def _read_slots(kwargs: dict) -> tuple[list[lora_formats.KleinLora], list[float]
     for i in range(1, SLOTS + 1):
         name = kwargs.get(f"lora_{i}", NONE)
         if name and name != NONE:
-            loras.append(_load(name, f"lora_{i}"))
+            loras.append(load_lora(name, f"lora_{i}"))
             weights.append(float(kwargs.get(f"weight_{i}", 1.0)))
     return loras, weights
-
-
-def _load(name: str, field: str) -> lora_formats.KleinLora:
-    path = folder_paths.get_full_path("loras", name)
-    if path is None:
-        raise ValueError(f"{field}: '{name}' is not in models/loras ({folder_paths.get_folder_paths('loras')}).")
-    return lora_formats.load_lora_file(path)
 
 
 def _dtype(choice: str, loras: list[lora_formats.KleinLora]):
@@ -97,7 +86,8 @@ class KleinLoRAMerge(io.ComfyNode):
                     io.Combo.Input("format", options=list(lora_formats.FORMATS), default="comfyui",
                                    tooltip="comfyui: BFL names + alpha (ComfyUI, this pack). diffusers: transformer.* "
                                            "names for diffusers' load_lora_weights (diff tensors are left out)."),
-                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP)],
+                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP,
+                                   advanced=True)],
             outputs=_outputs())
 
     @classmethod
@@ -124,18 +114,19 @@ class KleinLoRAResize(io.ComfyNode):
         return io.Schema(
             node_id="KleinLoRAResize", display_name="Klein LoRA Resize", category=CATEGORY, is_output_node=True,
             description="Lowers a LoRA's rank by SVD (the best approximation at that rank) and reports the error.",
-            inputs=[io.Combo.Input("lora", options=_lora_choices()[1:], tooltip="The LoRA in models/loras (any layout)."),
+            inputs=[io.Combo.Input("lora", options=lora_choices()[1:], tooltip="The LoRA in models/loras (any layout)."),
                     io.Int.Input("target_rank", default=16, min=1, max=1024,
                                  tooltip="New rank; layers already at or below it keep their rank."),
                     io.String.Input("output_name", default="klein_resized", tooltip=_NAME_TIP),
                     io.Combo.Input("format", options=list(lora_formats.FORMATS), default="comfyui",
                                    tooltip="Layout of the written file."),
-                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP)],
+                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP,
+                                   advanced=True)],
             outputs=_outputs())
 
     @classmethod
     def execute(cls, lora: str, target_rank: int, output_name: str, format: str, save_dtype: str) -> io.NodeOutput:
-        src = _load(lora, "lora")
+        src = load_lora(lora, "lora")
         resized, report = lora_merge.resize(src, target_rank, paths.safe_name(output_name))
         path, sd = _save(resized, output_name, format, _dtype(save_dtype, [src]))
         return io.NodeOutput(path, sd, report.text())
@@ -148,16 +139,17 @@ class KleinLoRAConvert(io.ComfyNode):
             node_id="KleinLoRAConvert", display_name="Klein LoRA Convert", category=CATEGORY, is_output_node=True,
             description="Rewrites a LoRA from any trainer (ai-toolkit, diffusers, kohya, ComfyUI) as ComfyUI/BFL or "
                         "diffusers, with its alpha applied as trained and its metadata kept.",
-            inputs=[io.Combo.Input("lora", options=_lora_choices()[1:], tooltip="The LoRA in models/loras (any layout)."),
+            inputs=[io.Combo.Input("lora", options=lora_choices()[1:], tooltip="The LoRA in models/loras (any layout)."),
                     io.Combo.Input("format", options=list(lora_formats.FORMATS), default="comfyui",
                                    tooltip="comfyui: BFL names + alpha. diffusers: transformer.* names, q/k/v split."),
                     io.String.Input("output_name", default="klein_converted", tooltip=_NAME_TIP),
-                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP)],
+                    io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP,
+                                   advanced=True)],
             outputs=_outputs())
 
     @classmethod
     def execute(cls, lora: str, format: str, output_name: str, save_dtype: str) -> io.NodeOutput:
-        src = _load(lora, "lora")
+        src = load_lora(lora, "lora")
         path, sd = _save(src, output_name, format, _dtype(save_dtype, [src]))
         alphas = sorted({f"{d.alpha:g}/{d.rank}" for d in src.layers.values()})
         report = (f"{src.name}: read as {src.source_format}, {len(src.layers)} layers, {len(src.diffs)} diff tensors, "

@@ -1,8 +1,9 @@
 """In-memory log of the pack's websocket events, so a page reloaded mid-run can replay the chart.
 
 ComfyUI's websocket only delivers events to pages that are connected when they are sent; the trainer's
-progress would be lost on a reload. Every event the pack sends goes through `send`, which keeps a copy
-here (per trainer node, the current or last run only) and pushes it to the page. `GET /klein_lora/history`
+progress would be lost on a reload. Every event the pack sends is `record`ed (nodes/lora_trainer.py
+`_send`), which keeps a copy here (per trainer node, the current or last run only) and pushes it to
+the page. `GET /klein_lora/history`
 (nodes/web_routes.py) returns `events()`. Nothing here knows about training: it stores small dicts.
 """
 from __future__ import annotations
@@ -52,14 +53,3 @@ def clear() -> None:
     with _lock:
         _runs.clear()
         _last_step.clear()
-
-
-def send(event: str, data: dict) -> None:
-    """Record the event, then push it to the connected pages when a server runs (not in library use)."""
-    record(event, data)
-    try:
-        from server import PromptServer
-    except ImportError:
-        return
-    if getattr(PromptServer, "instance", None) is not None:
-        PromptServer.instance.send_sync(event, data)

@@ -1,15 +1,50 @@
+"""Klein Rank x Steps Grid: one image per LoRA, by rank and steps (glue over trainer/evaluation/sampling.py)."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import comfy.sd
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ..trainer import paths
 from ..trainer.evaluation import sampling as sp
 from ..trainer.jobs import sweep as job_queue
 from .checkpoint_sampler import resolve_checkpoints
 from .types import CATEGORY, model_inputs, one_prompt_inputs
+
+
+def manifest_path(name: str, output_dir: Path) -> Path:
+    """A sweep manifest inside the output folder, links and '../' resolved; one error for missing and outside.
+
+    The same words for both: the node must not tell which files exist elsewhere on the machine.
+    """
+    output = Path(os.path.realpath(output_dir))
+    raw = Path(os.path.expanduser(name.strip()))
+    real = Path(os.path.realpath(raw if raw.is_absolute() else output / raw))
+    if not paths.is_within(real, output) or not real.is_file():
+        raise ValueError(f"sweep_manifest '{name.strip()}' is not a sweep manifest in ComfyUI's output folder: give "
+                         "the sweep.json that `python -m klein_lora_studio.sweep` wrote there, as a path relative to "
+                         "the output folder (e.g. klein_sweeps/<sweep>/sweep.json).")
+    return real
+
+
+def check_job_names(path: Path) -> None:
+    """Every job name in the manifest is a plain name (as output_name is), so none is echoed or used unchecked."""
+    try:
+        jobs = json.loads(path.read_text(encoding="utf-8")).get("jobs", [])
+    except (OSError, ValueError, AttributeError):
+        return  # not a manifest: manifest_loras says so
+    for i, job in enumerate(jobs if isinstance(jobs, list) else []):
+        name = job.get("name", "") if isinstance(job, dict) else ""
+        try:
+            paths.safe_name(str(name), "job name")
+        except ValueError:
+            raise ValueError(f"sweep_manifest: job {i + 1} of {path.name} has a name that is not a plain file name "
+                             "(the sweep runner writes only such names): the manifest was edited or is not a "
+                             "sweep's; run the sweep again.") from None
 
 
 class KleinRankStepsGrid(io.ComfyNode):
@@ -46,7 +81,9 @@ class KleinRankStepsGrid(io.ComfyNode):
         swept = ""
         if (sweep_manifest or "").strip():
             output = Path(folder_paths.get_output_directory())
-            swept = "\n".join(str(p) for p in job_queue.manifest_loras(Path(sweep_manifest.strip()), output))
+            manifest = manifest_path(sweep_manifest, output)
+            check_job_names(manifest)
+            swept = "\n".join(str(p) for p in job_queue.manifest_loras(manifest, output))
         files = resolve_checkpoints("\n".join(s for s in (loras, run_1, run_2, run_3, swept) if s))
         settings = sp.SampleSettings(steps, cfg, seed, resolution, resolution)
         conds = sp.encode_prompts(clip, [sp.SuitePrompt("prompt", "prompt", prompt, True)])

@@ -33,12 +33,16 @@ class KleinBlockTargetSelector(io.ComfyNode):
                 io.Combo.Input("layers", options=list(tg.LAYER_KINDS), default="attention",
                                tooltip="attention: qkv + proj (single blocks' fused linear1/linear2 whole); "
                                        "attention_mlp: + double-block MLPs; all_linears: every linear in the blocks."),
-                io.Combo.Input("streams", options=list(tg.STREAMS), default="both",
-                               tooltip="Which stream of the double blocks to train: image, text or both."),
+                io.Combo.Input("streams", options=list(tg.STREAMS), default="both", advanced=True,
+                               tooltip="Which stream of the double blocks to train: image, text or both (expert: the "
+                                       "presets train both)."),
             ],
             outputs=[
-                KleinTargets.Output(display_name="targets"),
-                io.String.Output(display_name="description"),
+                KleinTargets.Output(display_name="targets",
+                                    tooltip="The resolved layer names for the Klein LoRA Trainer's targets input."),
+                io.String.Output(display_name="description",
+                                 tooltip="The selection in words: layer count, kinds and streams, and each group's "
+                                         "blocks in this model."),
             ],
             hidden=[io.Hidden.unique_id],
         )

@@ -5,19 +5,26 @@ custom_nodes/ folder). Tests marked `comfy` skip, saying so, only when neither e
 """
 from __future__ import annotations
 
-import asyncio
+import importlib.util
 import os
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACK = "klein_lora_studio"
-_PKG_DIR = Path(tempfile.mkdtemp(prefix="klein-pkg-"))
-(_PKG_DIR / PACK).symlink_to(REPO, target_is_directory=True)
-sys.path.insert(0, str(_PKG_DIR))
+
+
+def _load_by_path(name: str, path: Path):
+    """A pack module that imports nothing from the pack, loaded before the pack is importable."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_root = _load_by_path("klein_package_root", REPO / "devtools" / "package_root.py")
+PACK = _root.PACK
+_PKG_DIR = _root.make_importable(REPO)
 
 
 def find_comfyui() -> Path | None:
@@ -60,22 +67,11 @@ def comfy(base_dir):
     """ComfyUI used as a library (no server), with the pack loaded the way ComfyUI loads custom nodes."""
     if COMFYUI is None:
         pytest.skip(NO_COMFY)
-    sys.path.insert(1, str(COMFYUI))
-    import comfy.options
+    from klein_lora_studio.trainer.jobs import comfy_library
 
-    comfy.options.enable_args_parsing()
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu", "--base-directory", str(base_dir), "--disable-api-nodes"]
-    try:
-        import comfy.cli_args  # noqa: F401
-        import comfy.model_management  # noqa: F401
-        import folder_paths  # noqa: F401
-
-        import nodes
-    finally:
-        sys.argv = argv
     os.environ["KLEIN_LORA_DEV_NODES"] = "1"
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    assert asyncio.run(nodes.load_custom_node(str(base_dir / "custom_nodes" / PACK))), "the pack failed to load"
+    nodes = comfy_library.boot(COMFYUI, base_dir, cpu=True, builtin_nodes=True, extra_model_paths=False)
+    assert comfy_library.load_custom_node(nodes, base_dir / "custom_nodes" / PACK), "the pack failed to load"
     return nodes
 
 

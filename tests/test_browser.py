@@ -139,16 +139,13 @@ def test_panel_in_chromium_loads_workflows_charts_a_run_and_replays_it(server, b
     assert "it/s" in status, status
     print(f"reloaded at {at_reload}/{STEPS} points; after reload {status!r}")
 
-    # samples: the trainer does not render checkpoint samples yet, so the page gets a samples event
-    # pointing at a real image of this run (the loss graph the workflow saved) through the same listener
+    # samples: this workflow connects no clip/vae to the trainer, so it does not sample; the page gets a samples
+    # event pointing at a real image of this run (the loss graph the workflow saved) through the same listener
     img = done["outputs"]["7"]["images"][0]
-    page.evaluate(f"""(detail) => {{
-        const api = {API}, loss = app.graph.getNodeById(6).kleinPanel.run().ema.at(-1)[1];
-        api.dispatchEvent(new CustomEvent('klein_lora.samples', {{detail}}));
-        for (const [step, f] of [[5, 1.03], [10, 1.02], [15, 1.015], [20, 1.01]])
-            api.dispatchEvent(new CustomEvent('klein_lora.validation', {{detail: {{node: '6', step, loss: loss * f}}}}));
-    }}""", {"node": "6", "step": STEPS, "images": [img]})
-    assert page.evaluate("() => window.__kleinLora.validation") == 4
+    before = page.evaluate("() => window.__kleinLora.samples")
+    page.evaluate(f"""(detail) => {API}.dispatchEvent(new CustomEvent('klein_lora.samples', {{detail}}))""",
+                  {"node": "6", "step": STEPS, "images": [img]})
+    assert page.evaluate("() => window.__kleinLora.samples") == before + 1
     # frame the trainer node (thumbnails clickable, screenshot)
     page.evaluate("""() => {
         const n = app.graph.getNodeById(6), ds = app.canvas.ds;
@@ -186,3 +183,135 @@ def test_panel_in_chromium_loads_workflows_charts_a_run_and_replays_it(server, b
     ours = [e for e in errors if "klein" in e.lower()]
     assert not ours, ours
     print(f"browser test: {time.time() - t0:.1f} s; other console errors: {errors}")
+
+
+# ------------------------------------------------------------------ the V3 schema features, as the frontend shows them
+
+_PACK_INPUTS = """() => Object.fromEntries(Object.entries(LiteGraph.registered_node_types)
+    .filter(([, t]) => String(t.nodeData?.python_module ?? "").includes("klein_lora_studio"))
+    .map(([type, t]) => [type, Object.entries({...t.nodeData.input?.required, ...t.nodeData.input?.optional})
+        .map(([name, spec]) => ({name, type: Array.isArray(spec[0]) ? "COMBO" : spec[0], opts: spec[1] ?? {}}))]))"""
+
+_ADD = """(type) => {  // alone on the canvas, with a new id (the Vue node state of a reused id would carry over)
+    for (const old of [...app.graph.nodes]) app.graph.remove(old);
+    const n = LiteGraph.createNode(type);
+    n.pos = [80, 80];
+    app.graph.add(n);
+    app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; app.canvas.setDirty(true, true);
+    return n.id;
+}"""
+
+
+def _lines(page, node_id: int) -> list[str]:
+    """What the node shows (Vue nodes: its DOM), one label or value per line."""
+    return [t.strip() for t in page.locator(f'[data-node-id="{node_id}"]').inner_text().split("\n") if t.strip()]
+
+
+def _advanced_inputs_hide_behind_the_nodes_toggle(page, inputs: dict) -> set[str]:
+    """The advanced widgets (the frontend hides widgets only: an advanced socket input stays a socket)."""
+    with_advanced = {}
+    for node_type, ins in inputs.items():
+        advanced = [i for i in ins if i["opts"].get("advanced")]
+        if not advanced:
+            continue
+        nid = page.evaluate(_ADD, node_type)
+        widgets = set(page.evaluate("(id) => app.graph.getNodeById(id).widgets.map((w) => w.name)", nid))
+        labels = [i["opts"].get("display_name") or i["name"] for i in advanced if i["name"] in widgets]
+        if not labels:
+            continue
+        with_advanced[node_type] = labels
+        page.locator(f'[data-node-id="{nid}"]').wait_for(state="visible", timeout=15_000)
+        shown = _lines(page, nid)
+        assert not set(labels) & set(shown), f"{node_type}: advanced inputs shown before the toggle: {labels}"
+        toggle = page.locator(f'[data-node-id="{nid}"] [data-testid=advanced-inputs-button]')
+        assert toggle.inner_text().strip() == "Show advanced inputs", (node_type, toggle.inner_text())
+        toggle.click()
+        page.wait_for_function("([id, l]) => l.every((x) => document.querySelector(`[data-node-id='${id}']`)"
+                               ".innerText.split('\\n').map((s) => s.trim()).includes(x))", arg=[nid, labels],
+                               timeout=10_000)
+    return set(with_advanced)
+
+
+def _dynamic_combos_show_an_options_inputs_only_when_chosen(page, inputs: dict) -> dict[str, dict]:
+    seen = {}
+    for node_type, ins in inputs.items():
+        for combo in (i for i in ins if i["type"] == "COMFY_DYNAMICCOMBO_V3"):
+            nid = page.evaluate(_ADD, node_type)
+            for option in combo["opts"]["options"]:
+                got = page.evaluate("""async ([id, name, key]) => {
+                    const n = app.graph.getNodeById(id), w = n.widgets.find((w) => w.name === name);
+                    w.value = key; w.callback?.(key);  // what choosing it in the widget does
+                    await new Promise((r) => setTimeout(r, 400));
+                    const inputs = (await app.graphToPrompt()).output[String(id)].inputs;
+                    return {widgets: n.widgets.map((w) => w.name).filter((x) => x.startsWith(name + ".")),
+                            prompt: Object.keys(inputs).filter((x) => x.startsWith(name + "."))};
+                }""", [nid, combo["name"], option["key"]])
+                own = sorted(f"{combo['name']}.{k}" for part in option["inputs"].values() for k in part)
+                assert sorted(got["widgets"]) == own == sorted(got["prompt"]), (node_type, option["key"], got, own)
+                labels = set(_lines(page, nid))
+                others = {k for o in combo["opts"]["options"] if o["key"] != option["key"]
+                          for part in o["inputs"].values() for k in part} - {k.split(".", 1)[1] for k in own}
+                assert {k.split(".", 1)[1] for k in own} <= labels and not others & labels, (option["key"], labels)
+                seen.setdefault(f"{node_type}.{combo['name']}", {})[option["key"]] = [k.split(".", 1)[1] for k in own]
+    return seen
+
+
+def _autogrow_slots_grow_when_the_last_is_connected(page, inputs: dict) -> dict[str, list[int]]:
+    grown = {}
+    for node_type, ins in inputs.items():
+        for grow in (i for i in ins if i["type"] == "COMFY_AUTOGROW_V3"):
+            template = grow["opts"]["template"]
+            spec = next(iter({**template["input"].get("required", {}), **template["input"].get("optional", {})}
+                             .values()))
+            slot_type = "COMBO" if isinstance(spec[0], list) else spec[0]
+            nid = page.evaluate(_ADD, node_type)
+            counts = page.evaluate("""async ([id, name, type]) => {
+                const n = app.graph.getNodeById(id), sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+                const slots = () => n.inputs.filter((i) => i.name.startsWith(name + "."));
+                const fits = (o) => type === "*" || o === type || (Array.isArray(o) && type === "COMBO");
+                const sources = Object.entries(LiteGraph.registered_node_types)
+                    .filter(([, t]) => (t.nodeData?.output ?? []).some(fits));
+                const source = sources.find(([name]) => name.startsWith("Primitive")) ?? sources[0];
+                if (!source) return `no node outputs ${type}`;
+                const counts = [slots().length];
+                for (let k = 0; k < 2; k++) {
+                    const src = LiteGraph.createNode(source[0]);
+                    src.pos = [-400, 80 + 120 * k];
+                    app.graph.add(src);
+                    const out = src.constructor.nodeData.output.findIndex(fits);
+                    src.connect(out, n, n.inputs.indexOf(slots().at(-1)));
+                    await sleep(400);
+                    counts.push(slots().length);
+                }
+                return counts;
+            }""", [nid, grow["name"], slot_type])
+            assert isinstance(counts, list), f"{node_type}.{grow['name']}: {counts}"
+            assert counts[1] == counts[0] + 1 and counts[2] == counts[1] + 1, (node_type, grow["name"], counts)
+            grown[f"{node_type}.{grow['name']}"] = counts
+    return grown
+
+
+def test_v3_inputs_work_in_the_frontend(server, browser):
+    """With the frontend's Vue nodes: advanced inputs appear only after the node's 'Show advanced inputs' toggle;
+    the trainer's recipe DynamicCombo shows rank/alpha/lr/steps for 'custom' only; Autogrow slots grow when the
+    last one is connected. Every pack node with such an input is checked, read from the node definitions."""
+    _settings(server, **{"Comfy.TutorialCompleted": True, "Comfy.VueNodes.Enabled": True})
+    page = browser.new_page(viewport={"width": 1500, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+    try:
+        _open(page, server)
+        inputs = page.evaluate(_PACK_INPUTS)
+        advanced = _advanced_inputs_hide_behind_the_nodes_toggle(page, inputs)
+        combos = _dynamic_combos_show_an_options_inputs_only_when_chosen(page, inputs)
+        grown = _autogrow_slots_grow_when_the_last_is_connected(page, inputs)
+    finally:
+        _settings(server, **{"Comfy.VueNodes.Enabled": False})
+        page.close()
+    print(f"advanced: {sorted(advanced)}; dynamic combos: {combos}; autogrow slot counts: {grown}")
+    assert {"KleinLoRATrainer", "KleinBlockTargetSelector", "KleinDatasetLoader"} <= advanced, advanced
+    recipe = combos.get("KleinLoRATrainer.recipe", {})
+    assert recipe.get("custom") == ["alpha", "learning_rate", "rank", "steps"], combos
+    assert len(recipe) > 1 and not any(v for k, v in recipe.items() if k != "custom"), combos
+    assert any(k.startswith("KleinLoRAMerge.") for k in grown), f"the merge node has no Autogrow input: {grown}"
+    assert not errors, errors

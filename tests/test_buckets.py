@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 from klein_lora_studio.trainer.data import buckets as bk
+from klein_lora_studio.trainer.data import captions
 from PIL import Image
 
 
@@ -84,34 +85,17 @@ def test_repeats_per_image():
     assert got == Counter({0: 1, 1: 3, 2: 2})
 
 
-def test_caption_dropout_rate_and_seed():
-    rng = random.Random(0)
-    out = [bk.drop_caption("zxq, a cat", 0.25, rng) for _ in range(4000)]
-    assert set(out) == {"", "zxq, a cat"}
-    assert 0.22 < out.count("") / len(out) < 0.28
-    assert all(bk.drop_caption("x", 0.0, rng) == "x" for _ in range(100))
-    assert all(bk.drop_caption("x", 1.0, rng) == "" for _ in range(100))
-    with pytest.raises(ValueError, match="between 0 and 1"):
-        bk.drop_caption("x", 1.5, rng)
-
-
 def test_tag_shuffle_keeps_the_trigger_first():
     cap = "a cat, zxq style, red hat, on grass, smiling, at night"
     seen = set()
     for seed in range(30):
-        out = bk.shuffle_tags(cap, "zxq", random.Random(seed))
+        out = captions.shuffle_tags(cap, "zxq", random.Random(seed))
         tags = out.split(", ")
         assert tags[0] == "zxq style"
-        assert sorted(tags) == sorted(bk.split_tags(cap))
+        assert sorted(tags) == sorted(captions.split_tags(cap))
         seen.add(out)
     assert len(seen) > 10  # it does shuffle
-    assert bk.shuffle_tags("red hat, cat", "zxq", random.Random(0)).startswith("zxq, ")  # added when missing
-    assert bk.shuffle_tags(cap, "zxq", random.Random(5)) == bk.shuffle_tags(cap, "zxq", random.Random(5))
+    assert captions.shuffle_tags("red hat, cat", "zxq", random.Random(0)).startswith("zxq, ")  # added when missing
+    assert captions.shuffle_tags(cap, "zxq", random.Random(5)) == captions.shuffle_tags(cap, "zxq", random.Random(5))
 
 
-def test_training_caption_combines_dropout_and_shuffle():
-    rng = random.Random(1)
-    outs = [bk.training_caption("zxq, b, c, d", "zxq", rng, dropout=0.5, shuffle=True) for _ in range(200)]
-    assert "" in outs and all(o == "" or o.startswith("zxq, ") for o in outs)
-    assert len(set(outs)) > 2
-    assert bk.training_caption("zxq, b, c", "zxq", random.Random(0)) == "zxq, b, c"  # defaults: unchanged

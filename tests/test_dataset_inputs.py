@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from klein_lora_studio.trainer.data import captions, images
 from klein_lora_studio.trainer.data import dataset as ds
 from PIL import Image
 
@@ -25,15 +26,15 @@ def test_corrupt_image_is_named(tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
     with pytest.raises(ValueError, match=r"image .*broken\.png cannot be read .*corrupt or not an image"):
-        ds.load_image(bad, 64)
+        ds.load_image_sized(bad, (64, 64))
     with pytest.raises(ValueError, match=r"broken\.png cannot be read"):
-        ds.image_size(bad)  # the bucketing path reads headers first: the same error
+        images.image_size(bad)  # the bucketing path reads headers first: the same error
 
 
 def test_zero_byte_image_is_named(tmp_path):
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
-    for read in (lambda p: ds.load_image(p, 64), ds.image_size):
+    for read in (lambda p: ds.load_image_sized(p, (64, 64)), images.image_size):
         with pytest.raises(ValueError, match=r"empty\.jpg is an empty \(zero-byte\) file"):
             read(empty)
 
@@ -46,11 +47,11 @@ def test_cmyk_16bit_and_alpha_are_converted_with_a_note(tmp_path):
     rgba.save(tmp_path / "alpha.png")
     assert Image.open(tmp_path / "deep.png").mode.startswith("I")
 
-    pixels, note = ds.load_image(tmp_path / "cmyk.jpg", 64)
+    pixels, note = ds.load_image_sized(tmp_path / "cmyk.jpg", (64, 64))
     assert pixels.shape == (64, 64, 3) and note == "cmyk.jpg: converted from CMYK to RGB"
-    pixels, note = ds.load_image(tmp_path / "deep.png", 64)
+    pixels, note = ds.load_image_sized(tmp_path / "deep.png", (64, 64))
     assert note == "deep.png: 16-bit image scaled to 8-bit RGB" and 0.9 < float(pixels.max()) <= 1.0
-    pixels, note = ds.load_image(tmp_path / "alpha.png", 64)
+    pixels, note = ds.load_image_sized(tmp_path / "alpha.png", (64, 64))
     assert note == "alpha.png: transparency flattened onto white" and torch.allclose(pixels, torch.ones_like(pixels))
 
 
@@ -90,11 +91,11 @@ def test_bad_options_are_errors_with_the_fix(tmp_path):
 
 def test_caption_variants_are_seeded_distinct_and_keep_the_trigger_first():
     cap = "zxq, red car, night, rain, neon"
-    v = ds.caption_variants(cap, TRIGGER)
-    assert v == ds.caption_variants(cap, TRIGGER)  # same every run: the cache hits
-    assert v[0] == cap and len(v) == ds.SHUFFLE_VARIANTS == len(set(v))
+    v = captions.caption_variants(cap, TRIGGER)
+    assert v == captions.caption_variants(cap, TRIGGER)  # same every run: the cache hits
+    assert v[0] == cap and len(v) == captions.SHUFFLE_VARIANTS == len(set(v))
     assert all(x.startswith("zxq, ") and sorted(x.split(", ")) == sorted(cap.split(", ")) for x in v)
-    assert ds.caption_variants("zxq, one tag", TRIGGER) == ["zxq, one tag"]  # nothing to shuffle
+    assert captions.caption_variants("zxq, one tag", TRIGGER) == ["zxq, one tag"]  # nothing to shuffle
 
 
 # ------------------------------------------------------------------ real ComfyUI

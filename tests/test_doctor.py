@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from klein_lora_studio.trainer.data import doctor as dr
+from klein_lora_studio.trainer.data import images as listing
 from PIL import Image, ImageDraw, ImageFont
 
 
@@ -189,7 +190,7 @@ def test_caption_problems_are_each_reported(tmp_path):
     folder = write(tmp_path / "d", clean_set(5), captions={"001.png": "", "002.png": "a dog on grass"})
     (folder / "003.txt").unlink()
     (folder / "004.txt").write_bytes("zxq caf\xe9".encode("latin-1"))
-    found = dr.caption_problems(dr.list_images(folder), "zxq")
+    found = dr.caption_problems(listing.list_folder(folder), "zxq")
     by_text = " | ".join(f.message for f in found)
     assert [f.files for f in found] == [["003.png"], ["001.png"], ["002.png"], ["004"]], by_text
     assert "no .txt caption" in by_text and "empty" in by_text and "lack the trigger 'zxq'" in by_text
@@ -198,8 +199,8 @@ def test_caption_problems_are_each_reported(tmp_path):
 
 def test_captions_with_trigger_are_fine(tmp_path):
     folder = write(tmp_path / "d", clean_set(3), captions={"001.png": "A photo of ZXQ, smiling"})
-    assert dr.caption_problems(dr.list_images(folder), "zxq") == []
-    assert dr.caption_problems(dr.list_images(folder), "") == []  # no trigger: nothing to miss
+    assert dr.caption_problems(listing.list_folder(folder), "zxq") == []
+    assert dr.caption_problems(listing.list_folder(folder), "") == []  # no trigger: nothing to miss
 
 
 # ------------------------------------------------------------------ resolution

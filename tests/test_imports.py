@@ -9,8 +9,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parent.parent
 PACK = "klein_lora_studio"
 SKIP = {".git", "example_workflows", "web", "docs", "__pycache__", ".venv"}
@@ -113,15 +111,6 @@ def find_cycles(g: dict[str, set[str]]) -> list[list[str]]:
     return comps
 
 
-# Known offenders being fixed on another branch (issue 14, "part C": the buckets <-> dataset cycle, and
-# strength_sweep's use of merge's private helpers). Each is left out of the checks below and has its own
-# strict xfail: once fixed, that test passes unexpectedly and fails, so the entry is removed with the fix.
-_PART_C = "fixed on branch i14c (issue 14 part C); remove from KNOWN_* when merged"
-KNOWN_CYCLES: list[list[str]] = [["trainer.data.buckets", "trainer.data.dataset"]]
-KNOWN_BAD: list[tuple[str, str]] = [("nodes.strength_sweep", "nodes.merge._load"),
-                                    ("nodes.strength_sweep", "nodes.merge._lora_choices")]
-
-
 def test_the_import_graph_sees_the_pack():
     g = graph()
     assert "trainer.training.loop" in g and "trainer.jobs.session" in g["nodes.lora_trainer"]
@@ -130,7 +119,7 @@ def test_the_import_graph_sees_the_pack():
 
 
 def test_no_import_cycles():
-    cycles = [c for c in find_cycles(graph()) if c not in KNOWN_CYCLES]
+    cycles = [c for c in find_cycles(graph())]
     assert not cycles, f"import cycles: {cycles}"
 
 
@@ -151,12 +140,5 @@ def _direction_problems() -> list[tuple[str, str]]:
 
 
 def test_imports_run_one_way():
-    problems = [p for p in _direction_problems() if p not in KNOWN_BAD]
+    problems = [p for p in _direction_problems()]
     assert not problems, f"imports against the layering (importer, imported): {problems}"
-
-
-@pytest.mark.parametrize("known", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=_PART_C))
-                                   for k in [*KNOWN_BAD, *map(tuple, KNOWN_CYCLES)]])
-def test_known_offender_is_gone(known):
-    found = set(_direction_problems()) | {tuple(c) for c in find_cycles(graph())}
-    assert known not in found

@@ -60,26 +60,47 @@ def test_web_extension_is_plain_es_module_without_build_step():
 
 
 _PROBE = textwrap.dedent("""
-    import asyncio, json, sys, time
+    import asyncio, json, os, sys, time
     comfyui, base, pack = sys.argv[1:4]
     sys.path.insert(0, comfyui)
     import comfy.options
     comfy.options.enable_args_parsing()
     sys.argv = [sys.argv[0], "--cpu", "--base-directory", base, "--disable-api-nodes"]
     import comfy.cli_args, comfy.model_management, folder_paths
-    import nodes
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    import nodes, server
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    prompt_server = server.PromptServer(loop)  # main.py makes the server before it loads the packs
+
+    def extras():  # the pack's routes and on_prompt hooks on the server
+        return ([r.path for r in prompt_server.routes if str(getattr(r, "path", "")).startswith("/klein_lora")]
+                + [".".join([*h.__module__.split(".")[-2:], h.__name__]) for h in prompt_server.on_prompt_handlers
+                   if "klein_lora_studio" in h.__module__])  # ComfyUI names the module by its path
+
+    loop.run_until_complete(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     before = set(nodes.NODE_CLASS_MAPPINGS)
     t0 = time.perf_counter()
-    ok = asyncio.run(nodes.load_custom_node(pack))
+    ok = loop.run_until_complete(nodes.load_custom_node(pack))
     dt = time.perf_counter() - t0
+    seen = {"loaded": extras()}
+    for name in [m for m in sys.modules if m.split(".")[0] == "klein_lora_studio"]:
+        del sys.modules[name]  # a fresh copy of the pack: importing it must add nothing, its on_load adds each once
+    sys.path.insert(0, os.path.dirname(pack))
+    import klein_lora_studio.nodes as fresh
+    seen["imported again"] = extras()
+    extension = loop.run_until_complete(fresh.comfy_entrypoint())
+    for _ in range(2):
+        loop.run_until_complete(extension.on_load())
+    seen["its on_load, twice"] = extras()
     print(json.dumps({"ok": ok, "seconds": dt, "nodes": sorted(set(nodes.NODE_CLASS_MAPPINGS) - before),
-                      "web": nodes.EXTENSION_WEB_DIRS.get("klein_lora_studio")}))
+                      "web": nodes.EXTENSION_WEB_DIRS.get("klein_lora_studio"), "extras": seen}))
 """)
 
 
 @pytest.mark.comfy
 def test_pack_loads_in_comfyui_with_every_node_and_adds_little_start_up_time(tmp_path):
+    """ComfyUI's own loader, with its server object made first as main.py does: nodes, web folder, start-up cost,
+    and the server extras registered by on_load."""
     base = prepare_base(tmp_path / "base")
     pack = base / "custom_nodes" / "klein_lora_studio"
     env = dict(os.environ, KLEIN_LORA_DEV_NODES="0")
@@ -94,6 +115,10 @@ def test_pack_loads_in_comfyui_with_every_node_and_adds_little_start_up_time(tmp
     assert "KleinTinyCLIPLoader" not in res["nodes"], "a dev node is registered without KLEIN_LORA_DEV_NODES=1"
     assert res["web"] and os.path.samefile(res["web"], REPO / "web"), res["web"]
     assert res["seconds"] < MAX_IMPORT_S, f"the pack adds {res['seconds']:.3f} s to start-up (limit {MAX_IMPORT_S} s)"
+    # V3: the history route and the queue-time hook come from the extension's on_load, not from importing
+    route, hook = "/klein_lora/history", "nodes.queue_check.on_prompt"
+    assert res["extras"] == {"loaded": [route, hook], "imported again": [route, hook],
+                             "its on_load, twice": [route, route, hook, hook]}, res["extras"]
 
 
 COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "server", "nodes",
@@ -111,38 +136,16 @@ def _req_names(path) -> set[str]:
     return names
 
 
-def _closure(names: set[str]) -> set[str]:
-    """The distributions pip would bring for `names` (as installed here), dependencies included."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
-    seen, todo = set(), list(names)
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            reqs = metadata.requires(name) or []
-        except metadata.PackageNotFoundError:
-            continue
-        for r in reqs:
-            req = Requirement(r)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(req.name.lower().replace("_", "-"))
-    return seen
+RUNTIME_GLOBS = ("*.py", "nodes/*.py", "trainer/**/*.py")  # what ComfyUI and the CLIs import (not tests, devtools)
+LEFT_TO_COMFYUI = {"torch"}  # its CUDA build is ComfyUI's choice; the pack must not pin it
 
 
-@pytest.mark.comfy
-def test_every_import_of_the_pack_comes_from_comfyui_or_requirements_txt():
-    """A venv with ComfyUI's requirements plus `pip install -r requirements.txt` has every module the pack imports."""
+def _third_party_imports() -> dict[str, str]:
+    """{top-level module: a file importing it} for every absolute import of the pack's runtime code."""
     import ast
-    from importlib import metadata
 
-    runtime = [REPO / "__init__.py", REPO / "run.py", *(REPO / "nodes").glob("*.py"), *(REPO / "trainer").glob("*.py")]
     imported: dict[str, str] = {}
-    for path in runtime:
+    for path in sorted({p for g in RUNTIME_GLOBS for p in REPO.glob(g)}):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Import):
                 mods = [a.name for a in node.names]
@@ -151,14 +154,33 @@ def test_every_import_of_the_pack_comes_from_comfyui_or_requirements_txt():
             else:
                 continue
             for m in mods:
-                imported.setdefault(m.split(".")[0], path.name)
-    third_party = {m: f for m, f in imported.items()
-                   if m not in sys.stdlib_module_names and m not in COMFY_MODULES and m != "__future__"}
-    available = _closure(_req_names(COMFYUI / "requirements.txt") | _req_names(REPO / "requirements.txt"))
-    dists = metadata.packages_distributions()
-    missing = {m: f for m, f in third_party.items()
-               if not {d.lower().replace("_", "-") for d in dists.get(m, [m])} & available}
-    assert not missing, f"imported but neither in ComfyUI's nor the pack's requirements.txt: {missing}"
+                imported.setdefault(m.split(".")[0], path.relative_to(REPO).as_posix())
+    return {m: f for m, f in imported.items()
+            if m not in sys.stdlib_module_names and m not in COMFY_MODULES and m != "__future__"}
+
+
+def _distribution(module: str) -> str:
+    from importlib import metadata
+
+    return metadata.packages_distributions().get(module, [module])[0].lower().replace("_", "-")
+
+
+def test_every_third_party_import_is_declared_in_requirements_txt_and_pyproject():
+    """Each distribution the runtime code imports is named in requirements.txt (what ComfyUI Manager installs) and
+    in pyproject.toml's dependencies (what the registry shows), torch excepted; found by reading the imports."""
+    from packaging.requirements import Requirement
+
+    imported = _third_party_imports()
+    assert {"torch", "pydantic", "yaml", "scipy"} <= set(imported), f"the import scan missed some: {sorted(imported)}"
+    assert imported["scipy"] == "trainer/data/doctor.py", imported["scipy"]  # subpackages are scanned
+    wanted = {_distribution(m): f for m, f in imported.items() if m != "pydantic_core"}  # pinned by pydantic itself
+    declared = _req_names(REPO / "requirements.txt")
+    missing = {d: f for d, f in wanted.items() if d not in declared | LEFT_TO_COMFYUI}
+    assert not missing, f"imported but not in requirements.txt: {missing}"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    listed = {Requirement(r).name.lower().replace("_", "-") for r in project["dependencies"]}
+    assert listed == declared | LEFT_TO_COMFYUI, ("pyproject.toml's dependencies and requirements.txt differ: "
+                                                  f"{sorted(listed ^ (declared | LEFT_TO_COMFYUI))}")
 
 
 def _site_without(exclude: tuple[str, ...], dest) -> None:
@@ -206,3 +228,4 @@ def test_a_clean_env_with_comfyuis_requirements_needs_only_requirements_txt(tmp_
     assert expected <= set(res["nodes"]), f"not registered: {expected - set(res['nodes'])}"
     check = subprocess.run([py, "-c", "import peft, accelerate; print(peft.__file__)"], capture_output=True, text=True)
     assert check.returncode == 0 and str(venv) in check.stdout, "peft must come from the fresh install"
+

@@ -56,7 +56,7 @@ def test_pairs_match_by_name_and_take_the_targets_caption(tmp_path):
     target, control = write_pairs(tmp_path, 3)
     Image.open(control / "001.png").save(control / "001.jpg")  # the extension may differ
     (control / "001.png").unlink()
-    items, missing = ds.scan_pairs(target, control, TRIGGER)
+    items, missing, _ = ds.scan_pairs(target, control, TRIGGER)
     assert [(it.image.name, it.control.name) for it in items] == [("000.png", "000.png"), ("001.png", "001.jpg"),
                                                                    ("002.png", "002.png")]
     assert items[0].caption == "zxq, invert the colours" and missing == []

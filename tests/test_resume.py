@@ -282,11 +282,10 @@ def test_model_and_clones_unchanged_after_an_exception_mid_step(setup, monkeypat
 CHILD = r"""
 import sys, torch
 spec = sys.argv[4]
-sys.path[:0] = [sys.argv[1], sys.argv[2]]
-import comfy.options
-comfy.options.enable_args_parsing()
-sys.argv = [sys.argv[0], "--cpu", "--base-directory", sys.argv[3], "--disable-api-nodes"]
-import comfy.cli_args, comfy.model_management, comfy.sd, folder_paths
+sys.path[:0] = [sys.argv[2]]
+from klein_lora_studio.trainer.jobs import comfy_library
+comfy_library.boot(sys.argv[1], sys.argv[3], cpu=True, extra_model_paths=False)
+import comfy.sd, folder_paths
 from pathlib import Path
 from klein_lora_studio.trainer.data import dataset as ds
 from klein_lora_studio.trainer.training import loop

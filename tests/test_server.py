@@ -235,11 +235,25 @@ def test_example_workflows_show_in_the_template_browser_with_thumbnails(server):
             assert r.status == 200 and r.read(3) == b"\xff\xd8\xff", stem
 
 
-def test_history_route_serves_the_recorded_events(server):
-    with urllib.request.urlopen(server + "/klein_lora/history") as r:
-        events = json.load(r)["events"]
-    assert isinstance(events, list)
-    assert all({"event", "data", "t"} <= set(e) and e["event"].startswith("klein_lora.") for e in events)
+def test_history_route_serves_the_recorded_events(server, base_dir):
+    """A 3-step run's events come back from the route, for its node, in order, each step once."""
+    rc, text = _run(_tiny_style("server_history", steps=3, save_every=2), server)
+    assert rc == 0, text
+
+    def history(query: str = "") -> list[dict]:
+        with urllib.request.urlopen(server + "/klein_lora/history" + query) as r:
+            return json.load(r)["events"]
+
+    events = history("?node=6")  # the trainer's id in the style workflow
+    progress = [e["data"] for e in events if e["event"] == "klein_lora.progress"]
+    assert [(p["step"], p["total"]) for p in progress] == [(1, 3), (2, 3), (3, 3)], events
+    assert all(isinstance(p["loss"], float) and p["loss"] > 0 for p in progress), progress
+    checkpoints = [e["data"] for e in events if e["event"] == "klein_lora.checkpoint"]
+    assert checkpoints and checkpoints[0]["step"] == 2, events
+    assert checkpoints[0]["path"].endswith("server_history_step00002.safetensors"), checkpoints
+    assert [e["t"] for e in events] == sorted(e["t"] for e in events)
+    assert all(e in history() for e in events)  # the unfiltered history has them too
+    assert history("?node=no-such-node") == []
 
 
 @pytest.mark.slow

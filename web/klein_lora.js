@@ -1,23 +1,23 @@
 // Klein LoRA Studio: the trainer node's live panel.
-// A loss chart (raw points, EMA curve, validation loss, log-scale toggle), step/total, it/s and ETA,
-// and the latest checkpoint samples as thumbnails (click: full image). Data comes from the pack's
-// websocket events (klein_lora.progress / .checkpoint / .validation / .samples); on page load the
+// A loss chart (raw points, EMA curve, log-scale toggle), step/total, it/s and ETA, and the latest
+// checkpoint samples as thumbnails (click: full image). Data comes from the pack's websocket events
+// (klein_lora.progress / .checkpoint / .samples, sent by nodes/lora_trainer.py); on page load the
 // current/last run is replayed from GET /klein_lora/history, so a reload mid-run keeps the chart.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TRAINER = "KleinLoRATrainer";
-const EVENTS = ["progress", "checkpoint", "validation", "samples"];
+const EVENTS = ["progress", "checkpoint", "samples"];
 const EMA = 0.9; // weight of the previous smoothed value
 const RATE_WINDOW = 20; // steps used for it/s
 
 // Test hook and debugging aid: counts of what the panel received and drew.
-const stats = (window.__kleinLora = { points: 0, validation: 0, samples: 0, thumbnails: 0, replayed: 0, draws: 0 });
+const stats = (window.__kleinLora = { points: 0, samples: 0, thumbnails: 0, replayed: 0, draws: 0 });
 
 const runs = new Map(); // node id (string) -> run state
 
 function newRun() {
-  return { points: [], ema: [], val: [], step: 0, total: 0, rate: [], samples: null, checkpoint: null, done: null };
+  return { points: [], ema: [], step: 0, total: 0, rate: [], samples: null, checkpoint: null, done: null };
 }
 
 function runFor(id) {
@@ -46,9 +46,6 @@ function apply(event, data, t, source) {
     run.rate.push([data.step, t, source]);
     if (run.rate.length > RATE_WINDOW) run.rate.shift();
     stats.points += 1;
-  } else if (name === "validation") {
-    run.val.push([data.step, data.loss]);
-    stats.validation += 1;
   } else if (name === "samples") {
     run.samples = { step: data.step, images: data.images ?? [] };
     stats.samples += 1;
@@ -161,7 +158,6 @@ class Panel {
     this.status.textContent = `step ${run.step}/${run.total}  loss ${loss.toFixed(4)}  ` +
       `${rate ? rate.toFixed(2) : "–"} it/s  ${eta}`;
     const parts = [];
-    if (run.val.length) parts.push(`val ${run.val[run.val.length - 1][1].toFixed(4)}`);
     if (run.checkpoint) parts.push(`ckpt @${run.checkpoint.step}: ${run.checkpoint.path.split(/[\\/]/).pop()}`);
     if (run.done) parts.push(`saved ${run.done.split(/[\\/]/).pop()}`);
     this.sub.textContent = parts.join("  ·  ");
@@ -201,8 +197,7 @@ class Panel {
       return;
     }
     const f = this.log ? (v) => Math.log10(Math.max(v, 1e-12)) : (v) => v;
-    const all = [...run.points, ...run.val];
-    let lo = Math.min(...all.map((p) => f(p[1]))), hi = Math.max(...all.map((p) => f(p[1])));
+    let lo = Math.min(...run.points.map((p) => f(p[1]))), hi = Math.max(...run.points.map((p) => f(p[1])));
     if (hi - lo < 1e-9) { hi += 0.5; lo -= 0.5; }
     const maxStep = Math.max(run.total, run.step, 1);
     const L = 40, R = 6, T = 6, B = 16;
@@ -232,15 +227,6 @@ class Panel {
     ctx.beginPath();
     run.ema.forEach(([s, v], i) => (i ? ctx.lineTo(x(s), y(v)) : ctx.moveTo(x(s), y(v))));
     ctx.stroke();
-    // validation
-    if (run.val.length) {
-      ctx.strokeStyle = ctx.fillStyle = "#f59e0b";
-      ctx.lineWidth = 1.5;
-      ctx.beginPath();
-      run.val.forEach(([s, v], i) => (i ? ctx.lineTo(x(s), y(v)) : ctx.moveTo(x(s), y(v))));
-      ctx.stroke();
-      for (const [s, v] of run.val) { ctx.beginPath(); ctx.arc(x(s), y(v), 2.5, 0, 7); ctx.fill(); }
-    }
   }
 }
 
@@ -275,9 +261,7 @@ for (const name of EVENTS) {
 function replayed(event, data) {
   const run = runs.get(String(data.node));
   if (!run) return false;
-  if (event.endsWith(".progress")) return data.step <= run.step;
-  if (event.endsWith(".validation")) return run.val.some(([s]) => s === data.step);
-  return false;
+  return event.endsWith(".progress") && data.step <= run.step;
 }
 
 async function replayHistory() {

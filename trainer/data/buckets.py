@@ -5,8 +5,7 @@ Every image goes to the bucket whose aspect ratio is nearest its own (compared i
 sides in multiples of 16 px (klein's latent is 16x smaller than the image). A batch holds one
 bucket only, since latents of different shapes cannot be stacked.
 
-Caption helpers are pure functions of a string and a seeded `random.Random`, so a run is
-reproducible and the functions are testable on their own.
+Batches are drawn from (seed, epoch) alone, so a run is reproducible and resumes bit-exact.
 """
 from __future__ import annotations
 
@@ -16,8 +15,6 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from PIL import Image
-
-from .dataset import has_trigger
 
 STEP = 16
 # Width:height ratios offered by default: square, the common photo and screen formats, both orientations.
@@ -117,9 +114,6 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
         self.batch_size, self.seed, self.repeats, self.drop_last = batch_size, seed, repeats, drop_last
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def batches(self, epoch: int) -> list[list[int]]:
         rng = random.Random(f"{self.seed}:{epoch}")  # str seeds hash deterministically (sha512), across runs
         out: list[list[int]] = []
@@ -140,45 +134,3 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches(self.epoch))
-
-
-# ---------------------------------------------------------------- captions
-
-
-def split_tags(caption: str) -> list[str]:
-    return [t.strip() for t in caption.split(",") if t.strip()]
-
-
-def shuffle_tags(caption: str, trigger: str, rng: random.Random) -> str:
-    """The comma-separated tags in random order, the trigger's tag first (added when missing).
-
-    Shuffling stops the model tying meaning to tag position; the trigger stays first so it keeps
-    one position and binds to the concept.
-    """
-    tags = split_tags(caption)
-    if not trigger:
-        rng.shuffle(tags)
-        return ", ".join(tags)
-    first = [t for t in tags if has_trigger(t, trigger)] or [trigger]
-    rest = [t for t in tags if not has_trigger(t, trigger)]
-    rng.shuffle(rest)
-    return ", ".join(first + rest)
-
-
-def drop_caption(caption: str, probability: float, rng: random.Random) -> str:
-    """The empty caption with `probability`, else the caption unchanged.
-
-    Training on the empty caption keeps the unconditional prediction of the LoRA sane, so CFG with
-    an empty negative still works after training.
-    """
-    if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"caption dropout {probability} must be between 0 and 1")
-    return "" if rng.random() < probability else caption
-
-
-def training_caption(caption: str, trigger: str, rng: random.Random, dropout: float = 0.0, shuffle: bool = False) -> str:
-    """The caption a step trains on: dropped to "" with `dropout`, else tag-shuffled when `shuffle`."""
-    caption = drop_caption(caption, dropout, rng)
-    if caption and shuffle:
-        caption = shuffle_tags(caption, trigger, rng)
-    return caption

@@ -9,25 +9,26 @@ name without extension (`pimpmyride_control/001.png` -> `pimpmyride/001.jpg`); t
 target's `.txt`. Each control is encoded at its target's size and trained as FLUX.2 reference
 conditioning (the `ref_latents` of ComfyUI's flux model, what the stock ReferenceLatent node feeds).
 
-With bucketing on, images keep their aspect ratio (trainer/buckets.py) instead of a square centre crop.
+With bucketing on, images keep their aspect ratio (trainer/data/buckets.py) instead of a square centre crop.
 """
 from __future__ import annotations
 
 import logging
 import math
 import random
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+from . import captions, images
+from .buckets import assign_buckets, bucket_sizes, histogram, resize_to_bucket
+
 CONTEXT_TOKENS = 512  # Flux2 pads text conditioning to at least 512 tokens (comfy.model_base.Flux2.extra_conds)
-SHUFFLE_VARIANTS = 4  # tag-shuffled encodings kept per caption (the caption as written + up to 3 shuffles)
 PAIR_RATIO_TOLERANCE = 0.02  # control and target aspect ratios may differ by 2% (rounding of exports)
 
-Size = tuple[int, int]  # (width, height) in pixels
+Size = images.Size
 
 
 @dataclass
@@ -90,8 +91,6 @@ class KleinDataset:
         return self.contexts[i]
 
     def report(self) -> str:
-        from .buckets import histogram
-
         kind = f"{len(self)} image-to-image pairs ({self.control_folder} -> {self.folder})" if self.references \
             else f"{len(self)} images from {self.folder}"
         head = (f"{kind} at {self.resolution}px, trigger '{self.trigger}', "
@@ -117,44 +116,26 @@ class KleinDataset:
         return "\n".join([*lines, *self.notes])
 
 
-def has_trigger(caption: str, trigger: str) -> bool:
-    return re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption, flags=re.IGNORECASE) is not None
+def _caption_file(listing: images.FolderListing, img: Path, trigger: str) -> CaptionedImage:
+    cap_file = listing.caption_of(img)
+    caption = captions.read_caption(cap_file) if cap_file is not None else ""
+    return CaptionedImage(img, captions.with_trigger(caption, trigger), cap_file)
 
 
-def with_trigger(caption: str, trigger: str) -> str:
-    caption = caption.strip()
-    if not trigger or has_trigger(caption, trigger):
-        return caption
-    return f"{trigger}, {caption}" if caption else trigger
+def scan_folder(folder: Path, trigger: str, roots: Sequence[Path] | None = None
+                ) -> tuple[list[CaptionedImage], list[str], list[str]]:
+    """The folder's images with their captions (trigger added), the names of images with no caption, and
+    warnings for files the folder holds that are not used (subfolders, orphan captions).
 
-
-def read_caption(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"caption {path} is not UTF-8 text ({e.reason} at byte {e.start}): re-save it as UTF-8.") from e
-
-
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
-def scan_folder(folder: Path, trigger: str) -> tuple[list[CaptionedImage], list[str]]:
-    """The folder's images with their captions (trigger added), and the names of images with no caption."""
-    images = list_images(folder)
-    if not images:
-        raise ValueError(f"dataset folder {folder} has no images ({', '.join(IMAGE_SUFFIXES)}): put the training "
-                         "images there with same-name .txt captions.")
-    items, missing = [], []
-    for img in images:
-        cap_file = img.with_suffix(".txt")
-        if cap_file.is_file():
-            caption = read_caption(cap_file)
-        else:
-            caption, cap_file = "", None
-            missing.append(img.name)
-        items.append(CaptionedImage(img, with_trigger(caption, trigger), cap_file))
-    return items, missing
+    `roots`: where the files may really live after resolving links (default: the folder itself).
+    """
+    listing = images.list_folder(folder, roots)
+    if (refused := listing.outside_error()) is not None:
+        raise ValueError(refused)
+    if not listing.images:
+        raise ValueError(images.no_images_error(listing))
+    items = [_caption_file(listing, img, trigger) for img in listing.images]
+    return items, [it.image.name for it in items if it.caption_file is None], listing.warnings()
 
 
 def _names(paths: list[Path], limit: int = 10) -> str:
@@ -162,38 +143,37 @@ def _names(paths: list[Path], limit: int = 10) -> str:
     return shown + (f" (+{len(paths) - limit} more)" if len(paths) > limit else "")
 
 
-def _by_stem(folder: Path, images: list[Path]) -> dict[str, Path]:
-    out: dict[str, list[Path]] = {}
-    for p in images:
-        out.setdefault(p.stem, []).append(p)
-    clash = [v for v in out.values() if len(v) > 1]
+def _check_unique_stems(folder: Path, files: list[Path]) -> None:
+    clash = images.stem_clashes(files)
     if clash:
         raise ValueError(f"{folder} has several images with one name: "
                          + "; ".join(" and ".join(p.name for p in v) for v in clash)
                          + ". Pairs are matched by file name without extension: keep one of each.")
-    return {k: v[0] for k, v in out.items()}
 
 
-def scan_pairs(folder: Path, control_folder: Path, trigger: str) -> tuple[list[CaptionedImage], list[str]]:
+def scan_pairs(folder: Path, control_folder: Path, trigger: str, roots: Sequence[Path] | None = None
+               ) -> tuple[list[CaptionedImage], list[str], list[str]]:
     """Target images (with captions) of `folder`, each with its same-name control from `control_folder`.
 
     Every target needs a control and every control a target: a lone file is almost always a naming
     mistake, and training on half a pair is impossible.
     """
-    items, missing = scan_folder(folder, trigger)
-    controls = list_images(control_folder)
+    items, missing, warnings = scan_folder(folder, trigger, roots)
+    listing = images.list_folder(control_folder, roots or [control_folder])
+    if (refused := listing.outside_error()) is not None:
+        raise ValueError(refused)
+    controls = listing.images
     if not controls:
-        raise ValueError(f"control folder {control_folder} has no images ({', '.join(IMAGE_SUFFIXES)}): put the "
-                         f"input images there, named like their targets in {folder}.")
-    targets = _by_stem(folder, [it.image for it in items])
-    by_stem = _by_stem(control_folder, controls)
-    matched = set(targets) & set(by_stem)
-    if not matched:
+        raise ValueError(images.no_images_error(listing, "control folder", "put the input images there, named like "
+                                                f"their targets in {folder}."))
+    targets = [it.image for it in items]
+    _check_unique_stems(folder, targets)
+    _check_unique_stems(control_folder, controls)
+    pairs, lone_targets, lone_controls = images.pair_by_stem(targets, controls)
+    if not pairs:
         raise ValueError(f"control folder {control_folder} matches none of the {len(targets)} images of {folder} by "
-                         f"file name (targets: {_names(list(targets.values()), 5)}; controls: {_names(controls, 5)}). "
+                         f"file name (targets: {_names(targets, 5)}; controls: {_names(controls, 5)}). "
                          "Name each control image after its target (001.png -> 001.png; the extension may differ).")
-    lone_targets = [targets[s] for s in sorted(set(targets) - matched)]
-    lone_controls = [by_stem[s] for s in sorted(set(by_stem) - matched)]
     if lone_targets or lone_controls:
         parts = []
         if lone_targets:
@@ -203,62 +183,10 @@ def scan_pairs(folder: Path, control_folder: Path, trigger: str) -> tuple[list[C
                          f"{_names(lone_controls)}")
         raise ValueError("; ".join(parts) + ". Pairs are matched by file name without extension: add the partner, "
                          "fix the name, or move the file out of the folder.")
+    control_of = dict(pairs)
     for it in items:
-        it.control = by_stem[it.image.stem]
-    return items, missing
-
-
-def image_size(path: Path) -> Size:
-    """(width, height) as the image will be used (after EXIF rotation), read from the header only."""
-    from PIL import Image, UnidentifiedImageError
-
-    _check_nonempty(path)
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap width and height
-                w, h = h, w
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise _unreadable(path, e) from e
-    return w, h
-
-
-def _check_nonempty(path: Path) -> None:
-    if path.stat().st_size == 0:
-        raise ValueError(f"image {path} is an empty (zero-byte) file: remove it or replace it with the real image.")
-
-
-def _unreadable(path: Path, e: Exception) -> ValueError:
-    return ValueError(f"image {path} cannot be read ({e}): the file is corrupt or not an image; "
-                      "re-export it or remove it from the folder.")
-
-
-def open_rgb(path: Path):
-    """The image as an 8-bit RGB PIL image (EXIF-rotated) and a note when it had to be converted."""
-    import numpy as np
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    _check_nonempty(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            note = None
-            if im.mode != "RGB":
-                note = f"{path.name}: converted from {im.mode} to RGB"
-                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                    bg = Image.new("RGB", im.size, (255, 255, 255))
-                    bg.paste(im.convert("RGBA"), mask=im.convert("RGBA").getchannel("A"))
-                    im, note = bg, f"{path.name}: transparency flattened onto white"
-                elif im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                    arr = np.asarray(im, dtype=np.float32)
-                    im = Image.fromarray((arr / max(float(arr.max()), 1.0) * 255).astype("uint8")).convert("RGB")
-                    note = f"{path.name}: 16-bit image scaled to 8-bit RGB"
-                else:
-                    im = im.convert("RGB")
-            return im, note
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise _unreadable(path, e) from e
+        it.control = control_of[it.image]
+    return items, missing, warnings
 
 
 def _to_tensor(im) -> torch.Tensor:
@@ -267,20 +195,9 @@ def _to_tensor(im) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
 
 
-def load_image(path: Path, resolution: int) -> tuple[torch.Tensor, str | None]:
-    """RGB float image (H, W, 3) in [0, 1], resized to cover `resolution` and centre-cropped square.
-
-    Returns the image and a note when it had to be converted or upscaled.
-    """
-    return load_image_sized(path, (resolution, resolution))
-
-
 def load_image_sized(path: Path, size: Size) -> tuple[torch.Tensor, str | None]:
     """RGB float image (H, W, 3) in [0, 1] scaled to cover `size` (width, height), then centre-cropped to it."""
-    from .buckets import resize_to_bucket
-
-    im, note = open_rgb(path)
-    w, h = im.size
+    im, note, (w, h) = images.open_rgb(path)
     if w < size[0] or h < size[1]:
         note = (note + "; " if note else "") + f"{path.name}: {w}x{h} is below {size[0]}x{size[1]} and was upscaled"
     return _to_tensor(resize_to_bucket(im, size)), note
@@ -304,24 +221,6 @@ def encode_caption(clip, caption: str) -> torch.Tensor:
     return pad_context(cond[0][0][0].detach().to("cpu"), CONTEXT_TOKENS)
 
 
-def caption_variants(caption: str, trigger: str, count: int = SHUFFLE_VARIANTS) -> list[str]:
-    """The caption as written plus up to count-1 distinct tag shuffles (trigger tag first), seeded by the caption.
-
-    Seeding by the caption text makes the variants, and so their cache entries, the same every run.
-    """
-    from .buckets import shuffle_tags, split_tags
-
-    out = [caption]
-    rng = random.Random(caption)
-    tries = 0
-    while len(out) < min(count, math.factorial(max(1, len(split_tags(caption))))) and tries < 8 * count:
-        v = shuffle_tags(caption, trigger, rng)
-        if v not in out:
-            out.append(v)
-        tries += 1
-    return out
-
-
 def _pair_size_check(target: Path, control: Path, ts: Size, cs: Size) -> str | None:
     """An error for pairs of different aspect ratio; a note for the same ratio at another resolution."""
     if abs(math.log((ts[0] / ts[1]) / (cs[0] / cs[1]))) > PAIR_RATIO_TOLERANCE:
@@ -333,16 +232,7 @@ def _pair_size_check(target: Path, control: Path, ts: Size, cs: Size) -> str | N
     return None
 
 
-def encode_folder(folder: Path, vae, clip, resolution: int, trigger: str, progress=None, *,
-                  control_folder: Path | None = None, bucketing: bool = False, repeats: int = 1,
-                  caption_dropout: float = 0.0, shuffle_tags: bool = False, cache=None) -> KleinDataset:
-    """Load, size and encode every image (and control) and caption of `folder` once.
-
-    `cache` is a trainer.cache.EncodeCache (or None): with it, latents and captions already on disk are
-    read instead of encoded, and images are only decoded when their latent is missing.
-    """
-    from .buckets import assign_buckets, bucket_sizes
-
+def _check_options(resolution: int, repeats: int, caption_dropout: float) -> None:
     if resolution % 16:
         raise ValueError(f"resolution {resolution} is not a multiple of 16 (klein's latent is 16x smaller): "
                          f"use {max(16, resolution // 16 * 16)} or {resolution // 16 * 16 + 16}.")
@@ -351,28 +241,55 @@ def encode_folder(folder: Path, vae, clip, resolution: int, trigger: str, progre
     if not 0.0 <= caption_dropout < 1.0:
         raise ValueError(f"caption_dropout is {caption_dropout}: use a share from 0 (off) to below 1 "
                          "(0.05-0.1 is common).")
+
+
+def _item_sizes(items: list[CaptionedImage], resolution: int, bucketing: bool, notes: list[str]) -> list[Size | None]:
+    """Each item's encode size: None for the square crop (the cache's "square" key), else its bucket."""
+    sizes: list[Size | None] = [None] * len(items)
+    pairs = any(it.control is not None for it in items)
+    if not (bucketing or pairs):
+        return sizes
+    dims = [images.image_size(it.image) for it in items]
+    if pairs:
+        for it, d in zip(items, dims, strict=True):
+            if (note := _pair_size_check(it.image, it.control, d, images.image_size(it.control))):
+                notes.append(note)
+    if bucketing:
+        for b, idx in assign_buckets(dims, bucket_sizes(resolution)).items():
+            for i in idx:
+                sizes[i] = b
+    return sizes
+
+
+def _fit_captions(items: list[CaptionedImage], clip, notes: list[str]) -> None:
+    """Cut captions longer than the text encoder takes, naming their files."""
+    tokenizer = captions.encoder_tokenizer(clip)
+    for it in items:
+        it.caption, tokens = captions.fit_caption(it.caption, tokenizer)
+        if tokens > captions.MAX_TOKENS:
+            notes.append(captions.cut_note((it.caption_file or it.image).name, tokens))
+
+
+def encode_folder(folder: Path, vae, clip, resolution: int, trigger: str, progress=None, *,
+                  control_folder: Path | None = None, bucketing: bool = False, repeats: int = 1,
+                  caption_dropout: float = 0.0, shuffle_tags: bool = False, cache=None,
+                  roots: Sequence[Path] | None = None) -> KleinDataset:
+    """Load, size and encode every image (and control) and caption of `folder` once.
+
+    `cache` is a trainer.cache.EncodeCache (or None): with it, latents and captions already on disk are
+    read instead of encoded, and images are only decoded when their latent is missing. `roots`: where
+    the folder's files may really live once links are resolved (default: inside the folder itself).
+    """
+    _check_options(resolution, repeats, caption_dropout)
     if control_folder is not None:
-        items, missing = scan_pairs(folder, control_folder, trigger)
+        items, missing, notes = scan_pairs(folder, control_folder, trigger, roots)
     else:
-        items, missing = scan_folder(folder, trigger)
-    notes: list[str] = []
+        items, missing, notes = scan_folder(folder, trigger, roots)
     if missing:
         notes.append(f"{len(missing)} image(s) without a .txt caption train on the trigger alone: "
                      + ", ".join(missing))
-
-    sizes: list[Size | None] = [None] * len(items)  # None: the square crop (the cache's "square" key)
-    if bucketing or control_folder is not None:
-        dims = [image_size(it.image) for it in items]
-        if control_folder is not None:
-            for it, d in zip(items, dims, strict=True):
-                note = _pair_size_check(it.image, it.control, d, image_size(it.control))
-                if note:
-                    notes.append(note)
-        if bucketing:
-            for b, idx in assign_buckets(dims, bucket_sizes(resolution)).items():
-                for i in idx:
-                    sizes[i] = b
-
+    _fit_captions(items, clip, notes)
+    sizes = _item_sizes(items, resolution, bucketing, notes)
     text_memo: dict[str, torch.Tensor] = {}
 
     def text(caption: str) -> torch.Tensor:
@@ -398,7 +315,7 @@ def encode_folder(folder: Path, vae, clip, resolution: int, trigger: str, progre
             references.append(latent(item.control, sizes[i]))
         contexts.append(text(item.caption))
         if shuffle_tags:
-            variants.append([text(c) for c in caption_variants(item.caption, trigger)])
+            variants.append([text(c) for c in captions.caption_variants(item.caption, trigger)])
         if progress is not None:
             progress(i + 1, len(items))
     empty = text("") if caption_dropout > 0 else None

@@ -10,7 +10,10 @@ What is checked, and why it hurts a LoRA:
 - one shared background colour (border pixels): the background is learned as part of the concept;
 - reused framing (low-res edge-layout hash): the composition / camera angle is learned;
 - corner watermarks or text (edge energy concentrated in a corner): the mark is reproduced;
-- missing or trigger-less captions: the trigger is not bound to the concept;
+- missing or trigger-less captions: the trigger is not bound to the concept; captions longer than
+  the text encoder takes (cut at 512 tokens);
+- files not used: images in subfolders, captions without an image; files linked from outside the
+  allowed roots (listed, never shown on the contact sheet);
 - images below the training resolution: they are upscaled, so blur is learned;
 - image-to-image pairs with a missing partner or a different size;
 - dataset size against the task's recommended range (trainer.recipes).
@@ -23,10 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFont
 
 from ..training.recipes import RECIPES
-from .dataset import IMAGE_SUFFIXES, has_trigger
+from . import captions, images
+from .captions import has_trigger
 
 ANALYSIS_SIZE = 256  # long side of the copy every check looks at: enough for hashes and corners, fast on CPU
 HASH_BITS = 64
@@ -43,6 +47,7 @@ CORNER_MIN_ENERGY = 10.0  # mean |gradient| (0-255 grey levels) of a corner befo
 
 CHECKS = {  # check id -> (short label on the contact sheet, border colour)
     "unreadable": ("BAD", (160, 160, 160)),  # listed in the text only: it has no thumbnail
+    "files": ("FILES", (120, 120, 120)),  # files not used (subfolders, orphan captions, links out): text only
     "duplicate": ("DUP", (230, 40, 40)),
     "background": ("BG", (255, 150, 0)),
     "framing": ("FRAME", (230, 210, 0)),
@@ -193,23 +198,37 @@ def shared_framing(layouts: dict[str, int], total: int, max_distance: int = LAYO
     return group if _shared_enough(group, total) else None
 
 
-def caption_problems(images: list[Path], trigger: str) -> list[Finding]:
-    """Images with no caption file, an empty or unreadable caption, or a caption without the trigger."""
-    missing, empty, no_trigger, unreadable = [], [], [], []
-    for img in images:
-        cap = img.with_suffix(".txt")
-        if not cap.is_file():
-            missing.append(img.name)
+def _read_captions(listing: images.FolderListing, tokenizer) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """Image name -> caption text, and the problem kind -> image names (missing, unreadable, too long...)."""
+    texts: dict[str, str] = {}
+    problems: dict[str, list[str]] = {"missing": [], "unreadable": [], "too_large": [], "long": []}
+    for img in listing.images:
+        cap = listing.caption_of(img)
+        if cap is None:
+            problems["missing"].append(img.name)
             continue
         try:
-            text = cap.read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError:
-            unreadable.append(cap.name)
+            text = captions.read_caption(cap)
+        except captions.CaptionTooLarge:
+            problems["too_large"].append(cap.name)
             continue
-        if not text:
-            empty.append(img.name)
-        elif trigger and not has_trigger(text, trigger):
-            no_trigger.append(img.name)
+        except ValueError:
+            problems["unreadable"].append(cap.name)
+            continue
+        _, tokens = captions.fit_caption(text, tokenizer)
+        if tokens > captions.MAX_TOKENS:
+            problems["long"].append(f"{cap.name} ({tokens} tokens)")
+        texts[img.name] = text
+    return texts, problems
+
+
+def caption_problems(listing: images.FolderListing, trigger: str, tokenizer=None) -> list[Finding]:
+    """Images with no caption file, an empty, unreadable or over-long caption, or a caption without the trigger."""
+    texts, problems = _read_captions(listing, tokenizer)
+    empty = [n for n, t in texts.items() if not t]
+    no_trigger = [n for n, t in texts.items() if t and trigger and not has_trigger(t, trigger)]
+    missing, unreadable, too_large, long = (problems[k] for k in ("missing", "unreadable", "too_large", "long"))
+    stem = lambda names: [Path(n.split(" (")[0]).stem for n in names]  # noqa: E731 - caption names -> image stems
     found = []
     if missing:
         found.append(Finding("caption", f"{len(missing)} image(s) have no .txt caption (they train on the trigger "
@@ -222,7 +241,25 @@ def caption_problems(images: list[Path], trigger: str) -> list[Finding]:
                                         f"it first): {_names(no_trigger)}.", no_trigger))
     if unreadable:
         found.append(Finding("caption", f"{len(unreadable)} caption(s) are not UTF-8 text: {_names(unreadable)}. "
-                                        "Re-save them as UTF-8.", [Path(u).with_suffix("").name for u in unreadable]))
+                                        "Re-save them as UTF-8.", stem(unreadable)))
+    if too_large:
+        found.append(Finding("caption", f"{len(too_large)} caption file(s) are larger than any caption "
+                                        f"({captions.MAX_CAPTION_BYTES:,} bytes) and stop the loader: "
+                                        f"{_names(too_large)}. Is it the right file? Shorten it.", stem(too_large)))
+    if long:
+        found.append(Finding("caption", f"{len(long)} caption(s) are longer than the text encoder's "
+                                        f"{captions.MAX_TOKENS} tokens and are cut there when training: {_names(long)}. "
+                                        "Shorten them, or put what matters first.", stem(long)))
+    return found
+
+
+def file_problems(listings: list[images.FolderListing]) -> list[Finding]:
+    """Files in the folders that training does not use, and files linked from outside the allowed roots."""
+    found = []
+    for listing in listings:
+        found += [Finding("files", w) for w in listing.warnings()]
+        if (refused := listing.outside_error()) is not None:
+            found.append(Finding("files", refused.replace("Copy the files", "The loader refuses them: copy the files")))
     return found
 
 
@@ -233,29 +270,24 @@ def low_resolution(sizes: dict[str, tuple[int, int]], resolution: int) -> list[s
 
 def pair_problems(targets: dict[str, tuple[int, int]], controls: dict[str, tuple[int, int]]) -> list[Finding]:
     """Pairs are matched by file stem; report partners missing on either side and size mismatches."""
-    t_by_stem = {Path(n).stem: n for n in targets}
-    c_by_stem = {Path(n).stem: n for n in controls}
-    both = sorted(set(t_by_stem) & set(c_by_stem))
-    if not both:
+    pairs, no_control, no_target = images.pair_by_stem(list(targets), list(controls))
+    if not pairs:
         return [Finding("pair", f"the control folder matches none of the {len(targets)} target images by file name "
                                 "(pairs are matched by name without extension, e.g. 001.png <-> 001.jpg): rename "
                                 "the control images after their targets.", list(targets))]
     found = []
-    no_control = [t_by_stem[s] for s in sorted(set(t_by_stem) - set(c_by_stem))]
-    no_target = [c_by_stem[s] for s in sorted(set(c_by_stem) - set(t_by_stem))]
     if no_control:
         found.append(Finding("pair", f"{len(no_control)} target image(s) have no control image of the same name: "
                                      f"{_names(no_control)}.", no_control))
     if no_target:
         found.append(Finding("pair", f"{len(no_target)} control image(s) have no target of the same name: "
                                      f"{_names(no_target)}.", []))
-    mismatched = [(s, targets[t_by_stem[s]], controls[c_by_stem[s]]) for s in both
-                  if targets[t_by_stem[s]] != controls[c_by_stem[s]]]
+    mismatched = [(Path(t).stem, targets[t], controls[c], t) for t, c in pairs if targets[t] != controls[c]]
     if mismatched:
-        detail = ", ".join(f"{s} (target {a[0]}x{a[1]}, control {b[0]}x{b[1]})" for s, a, b in mismatched[:10])
+        detail = ", ".join(f"{s} (target {a[0]}x{a[1]}, control {b[0]}x{b[1]})" for s, a, b, _ in mismatched[:10])
         found.append(Finding("pair", f"{len(mismatched)} pair(s) differ in size: {detail}"
                                      f"{' ...' if len(mismatched) > 10 else ''}. Export control and target at the "
-                                     "same size so they stay aligned.", [t_by_stem[s] for s, _, _ in mismatched]))
+                                     "same size so they stay aligned.", [t for *_, t in mismatched]))
     return found
 
 
@@ -282,37 +314,13 @@ def _names(names: list[str], limit: int = 12) -> str:
 # ---------------------------------------------------------------- reading images
 
 
-def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-
-
 def read_image(path: Path) -> ImageInfo:
     """The image's true size (EXIF rotation applied) and an RGB copy with a long side of ANALYSIS_SIZE.
 
     Raises ValueError naming the file when it is empty or cannot be decoded.
     """
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path.name} is an empty (zero-byte) file")
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation: rotated by 90 degrees
-                w, h = h, w
-            im.draft("RGB", (ANALYSIS_SIZE * 2, ANALYSIS_SIZE * 2))  # JPEG: decode at reduced size, much faster
-            im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                a = np.asarray(im, dtype=np.float32)
-                im = Image.fromarray((a / max(float(a.max()), 1.0) * 255).astype(np.uint8))
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                im = Image.new("RGB", im.size, (255, 255, 255))
-                im.paste(rgba, mask=rgba.getchannel("A"))
-            im = im.convert("RGB")
-            im.thumbnail((ANALYSIS_SIZE, ANALYSIS_SIZE), Image.Resampling.BILINEAR)
-            return ImageInfo(path.name, (w, h), im.copy())
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{path.name} cannot be read ({e})") from e
+    decoded = images.open_rgb(path, max_side=ANALYSIS_SIZE)
+    return ImageInfo(path.name, decoded.size, decoded.image)
 
 
 def _read_all(images: list[Path]) -> tuple[list[ImageInfo], list[Finding]]:
@@ -321,7 +329,7 @@ def _read_all(images: list[Path]) -> tuple[list[ImageInfo], list[Finding]]:
         try:
             infos.append(read_image(p))
         except ValueError as e:
-            bad.append(Finding("unreadable", f"{e}: re-export it or remove it.", [p.name]))
+            bad.append(Finding("unreadable", str(e), [p.name]))
     return infos, bad
 
 
@@ -401,62 +409,80 @@ class DoctorReport:
         return torch.from_numpy(arr)[None]
 
 
+def _image_findings(infos: list[ImageInfo], resolution: int) -> list[Finding]:
+    """The checks that look at the pixels: duplicates, background, framing, watermarks, resolution."""
+    findings: list[Finding] = []
+    if not infos:
+        return findings
+    dups = near_duplicates({i.name: phash(i.thumb) for i in infos})
+    if dups:
+        listed = ", ".join(f"{a} ~ {b} ({d} bits)" for a, b, d in dups[:20])
+        files = sorted({n for a, b, _ in dups for n in (a, b)})
+        findings.append(Finding("duplicate", f"{len(dups)} near-duplicate pair(s): {listed}"
+                                             f"{' ...' if len(dups) > 20 else ''}. Keep one of each.", files))
+    bg = shared_background({i.name: border_colour(i.thumb) for i in infos}, len(infos))
+    if bg:
+        (r, g, b), names = bg
+        findings.append(Finding("background", f"{len(names)} of {len(infos)} images share one background colour "
+                                              f"RGB({r}, {g}, {b}): the LoRA will learn it. Vary the backgrounds "
+                                              "or caption them.", names))
+    framing = shared_framing({i.name: layout_hash(i.thumb) for i in infos}, len(infos))
+    if framing:
+        findings.append(Finding("framing", f"{len(framing)} of {len(infos)} images reuse one framing / layout "
+                                           f"({_names(framing, 6)}): vary camera angle, distance and crop.", framing))
+    marks = {i.name: s for i in infos if (s := corner_text_score(i.thumb))}
+    if marks:
+        detail = ", ".join(f"{n} ({c})" for n, (c, _) in list(marks.items())[:12])
+        findings.append(Finding("watermark", f"{len(marks)} image(s) likely have a watermark or text in a corner: "
+                                             f"{detail}. Crop or inpaint it out.", list(marks)))
+    low = low_resolution({i.name: i.size for i in infos}, resolution)
+    if low:
+        sizes = {i.name: i.size for i in infos}
+        detail = ", ".join(f"{n} ({sizes[n][0]}x{sizes[n][1]})" for n in low[:12])
+        findings.append(Finding("low_res", f"{len(low)} image(s) are below {resolution}px on the short side and "
+                                           f"will be upscaled (soft): {detail}{' ...' if len(low) > 12 else ''}.", low))
+    return findings
+
+
+def _pair_findings(infos: list[ImageInfo], control_folder, roots) -> tuple[list[Finding], int, images.FolderListing]:
+    """Unreadable controls and pair problems, the number of matched pairs, and the control folder's listing."""
+    controls_listing = images.list_folder(Path(control_folder), roots or [Path(control_folder)])
+    controls, bad_controls = _read_all(controls_listing.images)
+    for f in bad_controls:
+        f.message, f.files = f"control {f.message}", []
+    found = bad_controls + pair_problems({i.name: i.size for i in infos}, {c.name: c.size for c in controls})
+    count = len(images.pair_by_stem([i.name for i in infos], [c.name for c in controls])[0])
+    return found, count, controls_listing
+
+
 def examine(folder: Path | str, trigger: str, resolution: int, task: str | None = None,
-            control_folder: Path | str | None = None) -> DoctorReport:
-    """Run every check over `folder` (and `control_folder`'s pairs). Never raises for a bad image: it is a finding."""
+            control_folder: Path | str | None = None, roots=None, tokenizer=None) -> DoctorReport:
+    """Run every check over `folder` (and `control_folder`'s pairs). Never raises for a bad image: it is a finding.
+
+    `roots`: where the folders' files may really live once links are resolved (default: inside the folder);
+    a file linked from elsewhere is a finding and never read or shown. `tokenizer`: klein's, to find
+    captions longer than the text encoder takes (default: ComfyUI's copy of it, when ComfyUI is importable).
+    """
     folder = Path(folder)
     trigger = (trigger or "").strip()
-    paths = list_images(folder)
-    infos, findings = _read_all(paths)
-    summary = []
-
+    listing = images.list_folder(folder, roots)
+    infos, findings = _read_all(listing.images)
+    listings = [listing]
     if task == "image-to-image" and control_folder is None:
         findings.append(Finding("pair", "task image-to-image needs a control folder (the inputs), matched to these "
                                         "targets by file name."))
+    count = len(listing.images)
     if control_folder is not None:
-        control_paths = list_images(Path(control_folder))
-        controls, bad_controls = _read_all(control_paths)
-        for f in bad_controls:
-            f.message, f.files = f"control {f.message}", []
-        findings += bad_controls
-        findings += pair_problems({i.name: i.size for i in infos}, {c.name: c.size for c in controls})
-        count = len({Path(i.name).stem for i in infos} & {Path(c.name).stem for c in controls})
-    else:
-        count = len(paths)
+        pair_found, count, controls_listing = _pair_findings(infos, control_folder, roots)
+        findings += pair_found
+        listings.append(controls_listing)
     size_finding, size_line = size_advice(count, task)
-    summary.append(f"{size_line}; training resolution {resolution}px; trigger '{trigger}'")
     if size_finding:
         findings.append(size_finding)
-
-    if infos:
-        dups = near_duplicates({i.name: phash(i.thumb) for i in infos})
-        if dups:
-            listed = ", ".join(f"{a} ~ {b} ({d} bits)" for a, b, d in dups[:20])
-            files = sorted({n for a, b, _ in dups for n in (a, b)})
-            findings.append(Finding("duplicate", f"{len(dups)} near-duplicate pair(s): {listed}"
-                                                 f"{' ...' if len(dups) > 20 else ''}. Keep one of each.", files))
-        bg = shared_background({i.name: border_colour(i.thumb) for i in infos}, len(infos))
-        if bg:
-            (r, g, b), names = bg
-            findings.append(Finding("background", f"{len(names)} of {len(infos)} images share one background colour "
-                                                  f"RGB({r}, {g}, {b}): the LoRA will learn it. Vary the backgrounds "
-                                                  "or caption them.", names))
-        framing = shared_framing({i.name: layout_hash(i.thumb) for i in infos}, len(infos))
-        if framing:
-            findings.append(Finding("framing", f"{len(framing)} of {len(infos)} images reuse one framing / layout "
-                                               f"({_names(framing, 6)}): vary camera angle, distance and crop.", framing))
-        marks = {i.name: s for i in infos if (s := corner_text_score(i.thumb))}
-        if marks:
-            detail = ", ".join(f"{n} ({c})" for n, (c, _) in list(marks.items())[:12])
-            findings.append(Finding("watermark", f"{len(marks)} image(s) likely have a watermark or text in a corner: "
-                                                 f"{detail}. Crop or inpaint it out.", list(marks)))
-        low = low_resolution({i.name: i.size for i in infos}, resolution)
-        if low:
-            sizes = {i.name: i.size for i in infos}
-            detail = ", ".join(f"{n} ({sizes[n][0]}x{sizes[n][1]})" for n in low[:12])
-            findings.append(Finding("low_res", f"{len(low)} image(s) are below {resolution}px on the short side and "
-                                               f"will be upscaled (soft): {detail}{' ...' if len(low) > 12 else ''}.", low))
-    findings += caption_problems(paths, trigger)
+    findings += _image_findings(infos, resolution)
+    findings += caption_problems(listing, trigger, tokenizer)
+    findings += file_problems(listings)
     for f in findings:
         logging.debug("Klein dataset doctor: %s", f.message)
+    summary = [f"{size_line}; training resolution {resolution}px; trigger '{trigger}'"]
     return DoctorReport(str(folder), task, resolution, trigger, infos, findings, summary)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from ..lora.formats import read_lora_file as read_lora  # noqa: F401 - the nodes' name for it
+
 BASE_STEPS = 50
 BASE_CFG = 4.0
 PREVIEW_STEPS = 8
@@ -62,11 +64,6 @@ class SampleSettings:
             raise ValueError(f"sample steps is {self.steps}: use 1 or more (klein Base: 50, preview: {PREVIEW_STEPS}).")
 
 
-def preview_settings(settings: SampleSettings, steps: int = PREVIEW_STEPS) -> SampleSettings:
-    """The same cells with fewer steps: a quick look while training, not the final judgement."""
-    return SampleSettings(steps, settings.cfg, settings.seed, settings.width, settings.height, settings.sampler)
-
-
 def parse_subjects(text: str) -> list[tuple[str, str]]:
     """User prompts, one per line (`label: prompt` or just the prompt); empty means the default suite."""
     subjects = []
@@ -84,7 +81,7 @@ def parse_subjects(text: str) -> list[tuple[str, str]]:
 def prompt_suite(trigger: str, subjects: Sequence[tuple[str, str]] | None = None,
                  untriggered: bool = True) -> list[SuitePrompt]:
     """Each subject with the trigger first (as the captions have it) and, when asked, without it."""
-    from ..data.dataset import with_trigger
+    from ..data.captions import with_trigger
 
     rows = []
     for label, text in subjects or DEFAULT_SUBJECTS:
@@ -166,6 +163,25 @@ class Column:
     meta: dict[str, str] = field(default_factory=dict)
 
 
+def report_path_within(report: Path, roots: Sequence[Path], fallback_dir: Path) -> Path:
+    """Where an evaluation report may be written: `report` when it lies inside `roots` once links are
+    resolved (a LoRA linked in from elsewhere resolves outside), else the same name in `fallback_dir`.
+
+    The Checkpoint Sampler writes `<run>_eval.json` beside the LoRA; this keeps that write inside
+    ComfyUI's models/ and output/ folders whatever the LoRA file links to.
+    """
+    import os
+
+    from ..paths import is_within
+
+    real = Path(os.path.realpath(report))
+    if any(is_within(real, Path(os.path.realpath(r))) for r in roots):
+        return real
+    target = Path(fallback_dir) / Path(report).name
+    logging.info("Klein eval: %s is outside ComfyUI's folders (a linked LoRA); the report goes to %s", real, target)
+    return target
+
+
 def lora_step(path: Path, meta: dict[str, str] | None = None) -> int | None:
     """The training step of a checkpoint: `_stepNNNNN` in its name, else the `steps` metadata."""
     from ..training.run_files import parse_step
@@ -176,20 +192,6 @@ def lora_step(path: Path, meta: dict[str, str] | None = None) -> int | None:
         return int((meta or {}).get("steps", ""))
     except ValueError:
         return None
-
-
-def read_lora(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a LoRA file, with the file named in any error."""
-    import comfy.utils
-    import safetensors
-
-    try:
-        sd = comfy.utils.load_torch_file(str(path), safe_load=True)
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises several types for a truncated or foreign file
-        raise ValueError(f"LoRA checkpoint {path} cannot be read ({e}): re-run the training or pick another file.") from e
-    return sd, meta
 
 
 @torch.no_grad()  # never differentiated; outside the executor's inference mode a GPU-moved VAE would fail otherwise

@@ -10,17 +10,38 @@
                   "sample_steps": 20}}                                       # optional
 
 Model, clip and vae files are names in ComfyUI's model folders or absolute paths. `dataset.encoded` is the
-encoded dataset the node exported (trainer/dataset_file.py), relative to ComfyUI's output folder; without it
-the run encodes `dataset.folder` (relative to ComfyUI's input folder, as the Dataset Loader resolves it) with
-`dataset.vae` and `dataset.clip`, through the same latent/text cache. The LoRA, checkpoints and states go to
-models/loras under `train.output_name`, as the node's do. Every error names the field and what to do.
+encoded dataset the node exported (trainer/data/dataset_file.py), relative to ComfyUI's output folder; without
+it the run encodes `dataset.folder` (relative to ComfyUI's input folder, as the Dataset Loader resolves it)
+with `dataset.vae` and `dataset.clip`, through the same latent/text cache. The LoRA, checkpoints and states go
+to models/loras under `train.output_name`, as the node's do.
+
+The sections are pydantic models (`extra="forbid"`; a file is read in strict mode, so "8" is not a rank);
+`json_schema()` is their JSON Schema (`python -m <pack>.train --schema`). Every error names the field's path
+and what to do: pydantic's errors are reworded by `describe`, the pack's own rules raise their advice.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import typing
+from collections.abc import Callable
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from ..model import targets as tg
 from ..paths import safe_name
@@ -36,176 +57,276 @@ class ConfigError(ValueError):
     pass
 
 
-@dataclass
-class ModelSpec:
-    file: str
-    weight_dtype: str = "default"
+# ------------------------------------------------------------------ field rules: advice without the field's path
+
+def _section_problem(message: str) -> PydanticCustomError:
+    """A rule over several fields of a section: its message names the fields itself (no path is prefixed)."""
+    return PydanticCustomError("klein_section", "{message}", {"message": message})
 
 
-@dataclass
-class DatasetSpec:
+def _rule(kind: type, ok: Callable[[Any], bool], advice: str, **schema) -> Any:
+    """`kind` failing with '<path> <value>: <advice>' unless ok(value); `schema` shows the rule in the JSON Schema."""
+    def check(value):
+        if not ok(value):
+            raise ValueError(f"{value}: {advice}")
+        return value
+
+    return Annotated[kind, AfterValidator(check), Field(json_schema_extra=schema)]
+
+
+def _one_of(options: tuple[str, ...]) -> Any:
+    def check(value: str) -> str:
+        if value not in options:
+            raise ValueError(f"'{value}' is not one of {list(options)}.")
+        return value
+
+    return Annotated[str, AfterValidator(check), Field(json_schema_extra={"enum": list(options)})]
+
+
+def _not_empty(advice: str) -> Any:
+    def check(value: str) -> str:
+        if not value.strip():
+            raise ValueError(f"is empty: {advice}")
+        return value
+
+    return Annotated[str, AfterValidator(check)]
+
+
+def _as_list(value):
+    return [value] if isinstance(value, str) else value
+
+
+Names = Annotated[list[str], BeforeValidator(_as_list)]  # a single name is a list of one
+AtLeastOne = _rule(int, lambda v: v >= 1, "use 1 or more.", minimum=1)
+ModelFile = _not_empty("name the klein Base diffusion model (a file in models/diffusion_models or an absolute path).")
+Resolution = _rule(int, lambda v: v >= 64 and v % 16 == 0, "use a multiple of 16, at least 64.", minimum=64,
+                   multipleOf=16)
+WeightDtype = _one_of(WEIGHT_DTYPES)
+LayerKind = _one_of(tg.LAYER_KINDS)
+Stream = _one_of(tg.STREAMS)
+Dropout = _rule(float, lambda v: 0.0 <= v < 1.0, "use a value in [0, 1).", minimum=0, exclusiveMaximum=1)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ------------------------------------------------------------------ the sections
+
+class ModelSpec(_Section):
+    file: ModelFile
+    weight_dtype: WeightDtype = "default"
+
+
+class DatasetSpec(_Section):
     encoded: str = ""
     folder: str = ""
     trigger: str = ""
-    resolution: int = 1024
+    resolution: Resolution = 1024
     control_folder: str = ""
     bucketing: bool = True
-    repeats: int = 1
-    caption_dropout: float = 0.0
+    repeats: AtLeastOne = 1
+    caption_dropout: Dropout = 0.0
     shuffle_tags: bool = False
     use_cache: bool = True
     vae: str = ""
-    clip: list[str] = field(default_factory=list)
+    clip: Names = Field(default_factory=list)
     clip_type: str = "flux2"
 
+    @model_validator(mode="after")
+    def _encoded_or_encodable(self) -> DatasetSpec:
+        if not self.encoded and not self.folder:
+            raise _section_problem("dataset: give dataset.encoded (an exported encoded dataset) or dataset.folder "
+                                   "with dataset.vae and dataset.clip to encode it.")
+        if not self.encoded and not (self.vae and self.clip):
+            raise _section_problem(f"dataset.folder '{self.folder}' needs dataset.vae and dataset.clip (model files) "
+                                   "to be encoded; or export the run from the trainer node, which writes "
+                                   "dataset.encoded.")
+        return self
 
-@dataclass
-class TargetSpec:
-    groups: list[str] = field(default_factory=lambda: list(tg.GROUPS))
-    layers: str = "attention"
-    streams: str = "both"
-    modules: list[str] = field(default_factory=list)  # when given, exactly these (checked against the model)
+
+class TargetSpec(_Section):
+    groups: Names = Field(default_factory=lambda: list(tg.GROUPS),
+                          json_schema_extra={"items": {"type": "string", "enum": list(tg.GROUPS)}})
+    layers: LayerKind = "attention"
+    streams: Stream = "both"
+    modules: Names = Field(default_factory=list)  # when given, exactly these (checked against the model)
+
+    @model_validator(mode="after")
+    def _known_groups(self) -> TargetSpec:
+        unknown = [g for g in self.groups if g not in tg.GROUPS]
+        if unknown or not (self.groups or self.modules):
+            raise _section_problem(f"targets.groups {self.groups}: choose one or more of {list(tg.GROUPS)}.")
+        return self
 
 
-@dataclass
-class SamplingSpec:
-    clip: list[str] = field(default_factory=list)
+class SamplingSpec(_Section):
+    clip: Names = Field(default_factory=list)
     clip_type: str = "flux2"
     vae: str = ""
-    sample_steps: int = 20
+    sample_steps: AtLeastOne = 20
 
     @property
     def enabled(self) -> bool:
         return bool(self.clip and self.vae)
 
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> SamplingSpec:
+        if bool(self.clip) != bool(self.vae):
+            raise _section_problem("sampling: give both sampling.clip and sampling.vae to sample checkpoints, or "
+                                   "neither.")
+        return self
 
-@dataclass
-class ComfySpec:
+
+class ComfySpec(_Section):
     path: str = ""
     base_directory: str = ""
 
 
-@dataclass
-class RunConfig:
+# ------------------------------------------------------------------ train: TrainConfig's own fields
+
+def _train_section() -> type[BaseModel]:
+    """The train section's model, made from TrainConfig's fields: their names, types and defaults live there."""
+    hints = typing.get_type_hints(TrainConfig)
+    fields = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = Field(default_factory=f.default_factory)
+        else:
+            default = ...
+        fields[f.name] = (hints[f.name], default)
+    # strict here too: the section is validated on its own (train_config), outside the file's strict call
+    return create_model("TrainSection", __config__=ConfigDict(extra="forbid", strict=True), **fields)
+
+
+TrainSection = _train_section()
+
+
+def train_config(raw) -> TrainConfig:
+    """The train section as the loop's TrainConfig, checked by its own rules and the LoRA file-name rule."""
+    cfg = raw if isinstance(raw, TrainConfig) else TrainConfig(**TrainSection.model_validate(raw).model_dump())
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise _section_problem(f"train: {e}") from None
+    try:
+        safe_name(cfg.output_name, "train.output_name")  # the LoRA's file name: no folders, no '..'
+    except ValueError as e:
+        raise _section_problem(str(e)) from None
+    return cfg
+
+
+Train = Annotated[TrainConfig, PlainValidator(train_config, json_schema_input_type=TrainSection),
+                  PlainSerializer(dataclasses.asdict)]
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = VERSION
     model: ModelSpec
     dataset: DatasetSpec
-    train: TrainConfig
-    targets: TargetSpec = field(default_factory=TargetSpec)
-    sampling: SamplingSpec = field(default_factory=SamplingSpec)
-    comfyui: ComfySpec = field(default_factory=ComfySpec)
-    version: int = VERSION
+    train: Train
+    targets: TargetSpec = Field(default_factory=TargetSpec)
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    comfyui: ComfySpec = Field(default_factory=ComfySpec)
+
+    @field_validator("version")
+    @classmethod
+    def _supported(cls, version: int) -> int:
+        if not 1 <= version <= VERSION:
+            raise ValueError(f"{version!r} is not supported (this pack reads 1..{VERSION}); export the config again "
+                             "with this pack.")
+        return version
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def validate(self) -> None:
-        if not self.model.file.strip():
-            raise ConfigError("model.file is empty: name the klein Base diffusion model (a file in "
-                              "models/diffusion_models or an absolute path).")
-        if self.model.weight_dtype not in WEIGHT_DTYPES:
-            raise ConfigError(f"model.weight_dtype '{self.model.weight_dtype}' is not one of {list(WEIGHT_DTYPES)}.")
-        d = self.dataset
-        if not d.encoded and not d.folder:
-            raise ConfigError("dataset: give dataset.encoded (an exported encoded dataset) or dataset.folder with "
-                              "dataset.vae and dataset.clip to encode it.")
-        if not d.encoded and not (d.vae and d.clip):
-            raise ConfigError(f"dataset.folder '{d.folder}' needs dataset.vae and dataset.clip (model files) to be "
-                              "encoded; or export the run from the trainer node, which writes dataset.encoded.")
-        if d.resolution < 64 or d.resolution % 16:
-            raise ConfigError(f"dataset.resolution {d.resolution}: use a multiple of 16, at least 64.")
-        if d.repeats < 1:
-            raise ConfigError(f"dataset.repeats {d.repeats}: use 1 or more.")
-        if not 0.0 <= d.caption_dropout < 1.0:
-            raise ConfigError(f"dataset.caption_dropout {d.caption_dropout}: use a value in [0, 1).")
-        t = self.targets
-        for name, value, allowed in (("layers", t.layers, tg.LAYER_KINDS), ("streams", t.streams, tg.STREAMS)):
-            if value not in allowed:
-                raise ConfigError(f"targets.{name} '{value}' is not one of {list(allowed)}.")
-        unknown = [g for g in t.groups if g not in tg.GROUPS]
-        if unknown or not (t.groups or t.modules):
-            raise ConfigError(f"targets.groups {t.groups}: choose one or more of {list(tg.GROUPS)}.")
-        if self.sampling.sample_steps < 1:
-            raise ConfigError(f"sampling.sample_steps {self.sampling.sample_steps}: use 1 or more.")
-        if bool(self.sampling.clip) != bool(self.sampling.vae):
-            raise ConfigError("sampling: give both sampling.clip and sampling.vae to sample checkpoints, or neither.")
-        try:
-            self.train.validate()
-            safe_name(self.train.output_name, "train.output_name")  # the LoRA's file name: no folders, no '..'
-        except ValueError as e:
-            raise ConfigError(f"train: {e}") from e
+    def validate(self, source: str = "config") -> None:  # pydantic's deprecated classmethod of that name
+        """Check again (fields may have been set since): ConfigError naming each bad field."""
+        from_dict(self.to_dict(), source)
 
 
-_SECTIONS = {"model": ModelSpec, "dataset": DatasetSpec, "train": TrainConfig, "targets": TargetSpec,
-             "sampling": SamplingSpec, "comfyui": ComfySpec}
-_REQUIRED = ("model", "dataset", "train")
+SECTIONS: dict[str, type[BaseModel]] = {"model": ModelSpec, "dataset": DatasetSpec, "train": TrainSection,
+                                        "targets": TargetSpec, "sampling": SamplingSpec, "comfyui": ComfySpec}
+_KINDS = {"int_type": "a whole number", "float_type": "a number", "bool_type": "true or false", "string_type": "text",
+          "list_type": "a list of text"}
+_MAPPING = ("model_type", "model_attributes_type", "dict_type")
 
 
-def _section(name: str, cls, raw) -> object:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{name} must be a mapping of fields, not {type(raw).__name__}.")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{name}: unknown field(s) {unknown}; known: {sorted(fields)}.")
-    missing = [n for n, f in fields.items() if n not in raw and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{name}: missing field(s) {missing}.")
-    out = {}
-    for key, value in raw.items():
-        out[key] = _coerce(f"{name}.{key}", fields[key], value)
-    return cls(**out)
+# ------------------------------------------------------------------ errors in the pack's words
+
+def _path(loc: tuple) -> str:
+    """('dataset', 'clip', 1) -> 'dataset.clip[1]'."""
+    return "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(loc))
 
 
-def _coerce(where: str, f: dataclasses.Field, value):
-    """Check a value against the field's annotated type (JSON has no int/float distinction for 1e-4 vs 1)."""
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, not {value!r}.")
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be a whole number, not {value!r}.")
-    elif kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, not {value!r}.")
-        value = float(value)
-    elif kind == "str":
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be text, not {value!r}.")
-    elif kind.startswith("list"):
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where} must be a list of text, not {value!r}.")
-    return value
+def _grouped(errors: list[dict], kind: str) -> dict[str, list[str]]:
+    """{parent path: [field names]} of one kind of error (missing, extra_forbidden), in the order met."""
+    out: dict[str, list[str]] = {}
+    for e in errors:
+        if e["type"] == kind:
+            out.setdefault(_path(e["loc"][:-1]), []).append(str(e["loc"][-1]))
+    return out
 
+
+def _reworded(e: dict) -> str:
+    where, kind = _path(e["loc"]), e["type"]
+    if kind == "klein_section":  # the message names its fields
+        return e["msg"]
+    if kind == "value_error":
+        return f"{where} {e['ctx']['error']}"
+    if kind in _KINDS:
+        return f"{where} must be {_KINDS[kind]}, not {e['input']!r}."
+    if kind in _MAPPING:
+        return f"{where} must be a mapping of fields, not {type(e['input']).__name__}."
+    return f"{where}: {e['msg']}."
+
+
+def describe(error: ValidationError) -> list[str]:
+    """pydantic's errors in this pack's words, each naming the field's path and what to do."""
+    errors = error.errors()
+    out = []
+    for parent, names in _grouped(errors, "missing").items():
+        out += [f"{parent}: missing field(s) {names}."] if parent else [f"the '{n}' section is missing." for n in names]
+    for parent, names in _grouped(errors, "extra_forbidden").items():
+        known = sorted(SECTIONS[parent].model_fields) if parent in SECTIONS else []
+        out.append(f"{parent}: unknown field(s) {sorted(names)}; known: {known}." if parent
+                   else f"unknown section(s) {sorted(names)}; known: {sorted(SECTIONS)}.")
+    return out + [_reworded(e) for e in errors if e["type"] not in ("missing", "extra_forbidden")]
+
+
+def _error(source: str, problems: list[str]) -> ConfigError:
+    if len(problems) == 1:
+        return ConfigError(f"{source}: {problems[0]}")
+    return ConfigError(f"{source}: {len(problems)} problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# ------------------------------------------------------------------ reading, writing, changing
 
 def from_dict(raw: dict, source: str = "config") -> RunConfig:
+    """A file's mapping as a RunConfig, in strict mode (a file says 4, not "4"); ConfigError names every bad field."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: a run config is a mapping with sections {sorted(_SECTIONS)}.")
-    version = raw.get("version")
-    if version is None:
+        raise ConfigError(f"{source}: a run config is a mapping with sections {sorted(SECTIONS)}.")
+    if raw.get("version") is None:
         raise ConfigError(f"{source}: no 'version' field (this pack writes version {VERSION}).")
-    if not isinstance(version, int) or version > VERSION or version < 1:
-        raise ConfigError(f"{source}: version {version!r} is not supported (this pack reads 1..{VERSION}); "
-                          "export the config again with this pack.")
-    unknown = sorted(set(raw) - set(_SECTIONS) - {"version"})
-    if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}.")
-    for name in _REQUIRED:
-        if name not in raw:
-            raise ConfigError(f"{source}: the '{name}' section is missing.")
     try:
-        cfg = RunConfig(version=version, **{name: _section(name, cls, raw[name])
-                                            for name, cls in _SECTIONS.items() if name in raw})
-        cfg.validate()
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-    return cfg
+        return RunConfig.model_validate(raw, strict=True)
+    except ValidationError as e:
+        raise _error(source, describe(e)) from None
+
+
+def json_schema() -> dict:
+    """The run config's JSON Schema (a file must say its version, which the Python constructor defaults)."""
+    schema = RunConfig.model_json_schema()
+    schema["required"] = ["version", *schema.get("required", [])]
+    schema["title"] = "Klein LoRA Studio run config"
+    return schema
 
 
 def load(path: str | Path) -> RunConfig:
@@ -230,7 +351,7 @@ def save(cfg: RunConfig, path: Path) -> Path:
     """Validate and write atomically as JSON."""
     from ..paths import atomic_write_text
 
-    cfg.validate()
+    cfg.validate(str(path))
     return atomic_write_text(cfg.to_json() + "\n", Path(path))
 
 

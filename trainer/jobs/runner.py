@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from ..data import dataset_file
 from ..training import loop, sharding
 from ..training.distributed import Ranks
+from . import comfy_library
 from . import config as run_config
 from .events import PACK_DIR, emit_line
 from .session import Reporter, Sampling, run_session
@@ -47,28 +47,7 @@ def find_comfyui(explicit: str | None, cfg: run_config.RunConfig | None = None) 
 
 def boot_comfyui(comfy_dir: Path, base_directory: str = "", cpu: bool = False) -> None:
     """Import ComfyUI as a library (no server, no custom nodes), with its folders under `base_directory`."""
-    # first on the path: a `nodes` package in the working directory (this pack has one) must not shadow ComfyUI's
-    sys.path.insert(0, str(comfy_dir))
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    argv = [sys.argv[0], "--disable-api-nodes"] + (["--cpu"] if cpu else [])
-    if base_directory:
-        argv += ["--base-directory", str(base_directory)]
-    saved, sys.argv = sys.argv, argv
-    try:
-        import comfy.cli_args  # noqa: F401
-        import comfy.model_management  # noqa: F401
-        import folder_paths  # noqa: F401
-
-        import nodes  # noqa: F401  (ComfyUI's loaders)
-    finally:
-        sys.argv = saved
-    extra = comfy_dir / "extra_model_paths.yaml"
-    if extra.is_file():  # model folders the user added, as ComfyUI's main.py reads them
-        from utils.extra_config import load_extra_path_config
-
-        load_extra_path_config(str(extra))
+    comfy_library.boot(comfy_dir, base_directory, cpu)
 
 
 def _full_path(kind: str, name: str, field: str) -> str:

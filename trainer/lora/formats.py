@@ -294,18 +294,44 @@ def from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None
     return out
 
 
-def load_lora_file(path: str | Path) -> KleinLora:
-    """Read a .safetensors LoRA of any supported layout, with its metadata."""
-    from safetensors import safe_open
+def read_lora_file(path: str | Path, field: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA file, read in one open; the error names the field and the file.
 
+    safetensors raises several types (and messages like 'header too large') for a truncated or foreign
+    file: every one becomes the same advice.
+    """
     path = Path(path)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    lora = from_state_dict(sd, metadata, name=path.name)
+    try:
+        if path.suffix.lower() in (".safetensors", ".sft"):
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        import comfy.utils  # .pt / .ckpt LoRAs: ComfyUI's loader, weights only
+
+        return comfy.utils.load_torch_file(str(path), safe_load=True), {}
+    except Exception as e:  # noqa: BLE001 - see above
+        where = f"{field}: " if field else ""
+        raise ValueError(f"{where}LoRA file {path} cannot be read ({e}): it is truncated or not a safetensors LoRA. "
+                         "Download or save it again, or pick another file.") from e
+
+
+def load_lora_file(path: str | Path, field: str = "") -> KleinLora:
+    """Read a LoRA of any supported layout, with its metadata; errors name `field` (the node input) and the file."""
+    path = Path(path)
+    sd, metadata = read_lora_file(path, field)
+    try:
+        lora = from_state_dict(sd, metadata, name=path.name)
+    except ValueError as e:
+        raise ValueError(f"{field}: {e}" if field else str(e)) from e
     logging.info("Klein LoRA: read %s (%s, %d layers, %d diff tensors)", path.name, lora.source_format,
                  len(lora.layers), len(lora.diffs))
     return lora
+
+
+def bfl_key(layer: str, part: str) -> str:
+    """The ComfyUI/BFL file key of a layer's part ("lora_A.weight", "lora_B.weight", "alpha")."""
+    return f"{PREFIX}{layer}.{part}"
 
 
 def to_comfy_state_dict(lora: KleinLora, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -313,9 +339,9 @@ def to_comfy_state_dict(lora: KleinLora, dtype: torch.dtype | None = None) -> di
     sd = {}
     for layer, d in sorted(lora.layers.items()):
         cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
-        sd[f"{PREFIX}{layer}.lora_A.weight"] = cast(d.down).contiguous()
-        sd[f"{PREFIX}{layer}.lora_B.weight"] = cast(d.up).contiguous()
-        sd[f"{PREFIX}{layer}.alpha"] = torch.tensor(float(d.alpha), dtype=dtype or torch.float32)
+        sd[bfl_key(layer, "lora_A.weight")] = cast(d.down).contiguous()
+        sd[bfl_key(layer, "lora_B.weight")] = cast(d.up).contiguous()
+        sd[bfl_key(layer, "alpha")] = torch.tensor(float(d.alpha), dtype=dtype or torch.float32)
     for key, t in sorted(lora.diffs.items()):
         sd[PREFIX + key] = t.to(dtype) if dtype is not None else t
     return sd

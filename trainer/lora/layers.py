@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .formats import KleinLora, LoraDelta, bfl_key, to_comfy_state_dict
+
 ADAPTER = "klein"
-PREFIX = "diffusion_model."
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -61,27 +62,29 @@ class LoraHandle:
             out += [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
         return out
 
+    def to_lora(self, dtype: torch.dtype = torch.float32) -> KleinLora:
+        """The trained layers as a KleinLora (CPU copies), for any of trainer/lora/formats.py's writers."""
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to("cpu", dtype).clone()
+
+        return KleinLora({name: LoraDelta(copy(self.layer(name).lora_A[ADAPTER].weight),
+                                          copy(self.layer(name).lora_B[ADAPTER].weight), self.alpha)
+                          for name in self.modules})
+
     def state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """ComfyUI/BFL-format tensors on the CPU."""
-        sd = {}
-        for name in self.modules:
-            layer = self.layer(name)
-            key = PREFIX + name
-            sd[f"{key}.lora_A.weight"] = layer.lora_A[ADAPTER].weight.detach().to("cpu", dtype).clone()
-            sd[f"{key}.lora_B.weight"] = layer.lora_B[ADAPTER].weight.detach().to("cpu", dtype).clone()
-            sd[f"{key}.alpha"] = torch.tensor(float(self.alpha), dtype=dtype)
-        return sd
+        return to_comfy_state_dict(self.to_lora(dtype), dtype)
 
     @torch.no_grad()
     def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
         for name in self.modules:
             layer = self.layer(name)
-            key = PREFIX + name
             for part in ("lora_A", "lora_B"):
                 dst = getattr(layer, part)[ADAPTER].weight
-                src = sd[f"{key}.{part}.weight"]
+                key = bfl_key(name, f"{part}.weight")
+                src = sd[key]
                 if src.shape != dst.shape:
-                    raise ValueError(f"{key}.{part}.weight has shape {tuple(src.shape)}, the run expects "
+                    raise ValueError(f"{key} has shape {tuple(src.shape)}, the run expects "
                                      f"{tuple(dst.shape)}: the file was trained with another rank or model.")
                 dst.copy_(src)
 

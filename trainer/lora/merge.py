@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
+from ..model.sizes import width_label
 from .formats import KleinLora, LoraDelta
 
-# hidden width -> model, for error messages
-KNOWN_WIDTHS = {3072: "klein 4B", 4096: "klein 9B"}
 _IN_IS_HIDDEN = ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "txt_mlp.0",
                  "linear1")
 _OUT_IS_HIDDEN = ("img_mlp.2", "txt_mlp.2", "linear2")
@@ -66,7 +65,7 @@ class MergeReport:
 
 
 def base_width(lora: KleinLora) -> int | None:
-    """The transformer's hidden width the LoRA was trained on (3072 klein 4B, 4096 klein 9B)."""
+    """The transformer's hidden width the LoRA was trained on (trainer/model/sizes.py names it)."""
     for layer, d in lora.layers.items():
         if layer.endswith(_IN_IS_HIDDEN):
             return d.shape[1]
@@ -76,7 +75,7 @@ def base_width(lora: KleinLora) -> int | None:
 
 
 def _describe_width(w: int | None) -> str:
-    return "unknown width" if w is None else f"width {w}" + (f" ({KNOWN_WIDTHS[w]})" if w in KNOWN_WIDTHS else "")
+    return "unknown width" if w is None else f"width {w}" + (f" ({width_label(w)})" if width_label(w) else "")
 
 
 def check_same_base(loras: list[KleinLora]) -> None:

@@ -15,8 +15,10 @@ import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-KNOWN_SIZES = {(5, 20, 3072): "flux2-klein-4b", (8, 24, 4096): "flux2-klein-9b"}
-FLUX2_DEV = (8, 48, 6144)  # double blocks, single blocks, hidden width of FLUX.2 [dev] (32B)
+from . import sizes
+from .sizes import KNOWN_SIZES  # noqa: F401 - the training loop's import
+
+FLUX2_DEV = sizes.FLUX2_DEV.blocks  # double blocks, single blocks, hidden width of FLUX.2 [dev] (32B)
 KLEIN_FILES = "flux-2-klein-base-4b.safetensors or flux-2-klein-base-9b.safetensors"
 # ComfyUI's model config class names -> what users call them
 _FRIENDLY = {"Flux": "FLUX.1 [dev]", "FluxSchnell": "FLUX.1 [schnell]", "FluxInpaint": "FLUX.1 Fill",
@@ -44,10 +46,8 @@ class ModelFacts:
 
     def describe(self) -> str:
         if self.is_flux2:
-            size = KNOWN_SIZES.get((self.double, self.single, self.hidden))
-            name = {"flux2-klein-4b": "FLUX.2 [klein] 4B", "flux2-klein-9b": "FLUX.2 [klein] 9B"}.get(size or "")
-            if (self.double, self.single, self.hidden) == FLUX2_DEV:
-                name = "FLUX.2 [dev] (32B)"
+            size = sizes.by_blocks(self.double, self.single, self.hidden)
+            name = size.label if size is not None else None
             return f"{name or 'a FLUX.2 model'}: {self.double} double + {self.single} single blocks, width {self.hidden}"
         friendly = _FRIENDLY.get(self.arch)
         return f"{friendly} (ComfyUI detects it as {self.arch})" if friendly else f"a {self.arch} model"
@@ -56,7 +56,9 @@ class ModelFacts:
 def flux2_problem(double: int, single: int, hidden: int) -> str | None:
     """FLUX.2 models the trainer refuses: [dev] shares the architecture but not klein's text encoder or size."""
     if (double, single, hidden) == FLUX2_DEV:
-        return ("FLUX.2 [dev] (32B: 8 double + 48 single blocks, width 6144), not FLUX.2 [klein]: this trainer "
+        d = sizes.FLUX2_DEV
+        return (f"{d.label[:-1]}: {d.double} double + {d.single} single blocks, width {d.hidden}), not FLUX.2 "
+                "[klein]: this trainer "
                 f"trains klein Base 4B or 9B; load {KLEIN_FILES}")
     return None
 
