@@ -484,7 +484,7 @@ def _write_record(out: Path, record: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from ..trainer.jobs import runner
+    from ..trainer.jobs import comfy_library, runner
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the weights, manifest and records")
@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
     args.out.mkdir(parents=True, exist_ok=True)
     base = args.out / "comfy"  # the evaluation's ComfyUI models/ folder (and ComfyUI's other folders)
-    runner.boot_comfyui(runner.find_comfyui(args.comfyui), str(base), cpu=args.cpu)
+    comfy_library.boot(runner.find_comfyui(args.comfyui), base, cpu=args.cpu)
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     return run(cfg, args.out, device)
 

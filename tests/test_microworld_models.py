@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from klein_lora_studio.microworld import models, reader, world
+from klein_lora_studio.trainer.evaluation import sampling
 
 pytestmark = pytest.mark.comfy
 
@@ -95,14 +96,12 @@ def test_a_different_taef2_is_never_overwritten(comfy, tmp_path):
     assert models.write_micro_models(tmp_path) == first  # identical files are kept as they are
 
 
-PREVIEW_STEPS = 8  # the pack's preview sampler steps (trainer/evaluation/sampling.PREVIEW_STEPS)
-
-
 def test_base_draws_the_prompted_colour_and_background(micro):
     """A quick CPU look at the base: held-out prompts at the preview step count, read by the reader."""
     model, clip, vae = micro
     scenes = world.heldout_scenes(16, 3)
-    images = models.generate(model, clip, vae, [world.caption(s) for s in scenes], seed=16, steps=PREVIEW_STEPS)
+    images = models.generate(model, clip, vae, [world.caption(s) for s in scenes], seed=16,
+                             steps=sampling.PREVIEW_STEPS)
     readings = [reader.attributes_match(reader.read(im), s) for im, s in zip(images, scenes, strict=True)]
     # chance is 1/8 (colour) and 1/6 (background) per prompt: a base that lost its world fails
     assert sum(r["colour"] for r in readings) >= 2, readings  # measured: 3 of 3 (79.9% of 144 at 50 steps, H200)
