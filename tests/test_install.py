@@ -60,14 +60,11 @@ def test_web_extension_is_plain_es_module_without_build_step():
 
 
 _PROBE = textwrap.dedent("""
-    import asyncio, json, os, sys, time
+    import asyncio, json, os, runpy, sys, time
     comfyui, base, pack = sys.argv[1:4]
-    sys.path.insert(0, comfyui)
-    import comfy.options
-    comfy.options.enable_args_parsing()
-    sys.argv = [sys.argv[0], "--cpu", "--base-directory", base, "--disable-api-nodes"]
-    import comfy.cli_args, comfy.model_management, folder_paths
-    import nodes, server
+    boot = runpy.run_path(pack + "/trainer/jobs/comfy_library.py")["boot"]  # by path: the pack is not imported
+    nodes = boot(comfyui, base, cpu=True, extra_model_paths=False)
+    import server
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     prompt_server = server.PromptServer(loop)  # main.py makes the server before it loads the packs
