@@ -185,25 +185,34 @@ def test_the_sweep_manifest_is_read_only_inside_the_output_folder(comfy, base_di
     assert "etc/x" not in str(e.value)
 
 
-def test_an_eval_report_for_a_linked_lora_stays_inside_comfyuis_folders(comfy, base_dir, tmp_path):
+def test_an_eval_report_for_a_linked_lora_stays_inside_comfyuis_folders(comfy, tiny, base_dir, tmp_path):
+    """The Checkpoint Sampler given a LoRA linked in from outside writes its report in output/, not beside the target."""
     import folder_paths
-    from klein_lora_studio.trainer.evaluation import metrics as mt
-    from klein_lora_studio.trainer.evaluation import sampling as sp
+    import torch
+    from klein_lora_studio.tests import lora_kit
 
-    target = tmp_path / "elsewhere" / "linked.safetensors"
+    target = tmp_path / "elsewhere" / "hd_far.safetensors"
     target.parent.mkdir()
-    target.write_bytes(b"x")
+    safetensors.torch.save_file(lora_kit.bfl_sd(lora_kit.random_lora(3), alpha=4.0), str(target))
     loras = Path(folder_paths.get_folder_paths("loras")[0])
     loras.mkdir(parents=True, exist_ok=True)
-    (loras / "linked.safetensors").symlink_to(target)
-    roots = [Path(folder_paths.models_dir), Path(folder_paths.get_output_directory())]
-    fallback = Path(folder_paths.get_output_directory()) / "klein_lora_eval"
-    real = Path(os.path.realpath(loras / "linked.safetensors"))  # what the sampler's checkpoint list holds
-    where = sp.report_path_within(mt.report_path(real), roots, fallback)
-    assert where == fallback / "linked_eval.json"
-    own = loras / "own.safetensors"
-    own.write_bytes(b"x")
-    assert sp.report_path_within(mt.report_path(own), roots, fallback) == Path(os.path.realpath(loras)) / "own_eval.json"
+    (loras / "hd_linked.safetensors").symlink_to(target)
+    own = loras / "hd_own.safetensors"
+    safetensors.torch.save_file(lora_kit.bfl_sd(lora_kit.random_lora(4), alpha=4.0), str(own))
+    node = _node(comfy, "KleinCheckpointSampler")
+
+    def sample(checkpoints: str) -> str:
+        with torch.inference_mode():
+            return node.execute(model=tiny.unet(), clip=tiny.clip, vae=tiny.vae, checkpoints=checkpoints,
+                                trigger="zxq", prompts="car: a red car", steps=1, cfg=4.0, seed=0, preview=True,
+                                preview_steps=1, resolution=64).args[1]
+
+    text = sample("hd_linked.safetensors")
+    assert list(target.parent.iterdir()) == [target], "a report was written beside the linked LoRA's target"
+    fallback = Path(folder_paths.get_output_directory()) / "klein_lora_eval" / "hd_far_eval.json"
+    assert fallback.is_file() and f"Report: {fallback}" in text
+    text = sample("hd_own.safetensors")  # a LoRA that lives in models/loras keeps its report beside it
+    assert (Path(os.path.realpath(loras)) / "hd_own_eval.json").is_file() and "hd_own_eval.json" in text
 
 
 # ------------------------------------------------------------------ issue 14: re-run when the folder changes
