@@ -256,3 +256,50 @@ def test_doctor_and_loader_rerun_when_a_caption_changes_and_only_then(tiny, base
         (folder / "001.txt").write_text("a caption edited without the trigger", encoding="utf-8")
         assert "1" not in _cached(_post_and_wait(url, prompt)), "an edited caption must re-run the node"
         assert "1" in _cached(_post_and_wait(url, prompt))
+
+
+# ------------------------------------------------------------------ item 3 on the command line
+
+
+def test_the_command_line_checks_dataset_files_against_the_nodes_roots(comfy, tiny, base_dir, tmp_path, monkeypatch):
+    """`python -m klein_lora_studio.train` resolves the folder as the Dataset Loader does and checks each file
+    against the same roots: a link to another folder of input/ trains, a link out of the roots is refused."""
+    import json
+    import subprocess
+
+    from klein_lora_studio.devtools.tiny_models import TE_FILE, UNET_FILE
+    from klein_lora_studio.tests.conftest import COMFYUI
+    from klein_lora_studio.trainer.jobs import config as run_config
+    from klein_lora_studio.trainer.jobs import events, launch, runner
+
+    source = write_concept_dataset(base_dir / "input" / "hd_cli_source", n=1, size=64)
+    folder = write_concept_dataset(base_dir / "input" / "hd_cli", n=2, size=64)
+    (folder / "linked.png").symlink_to(source / "000.png")  # inside the roots: the node trains on it
+
+    def train(name: str) -> dict:
+        cfg = {"version": run_config.VERSION, "model": {"file": UNET_FILE}, "targets": {"groups": ["double"]},
+               "dataset": {"folder": "hd_cli", "trigger": "zxq", "resolution": 64, "bucketing": False,
+                           "use_cache": False, "vae": "taef2", "clip": [TE_FILE], "clip_type": run_config.DEV_CLIP_TYPE},
+               "train": {"steps": 1, "rank": 2, "alpha": 2.0, "learning_rate": 1e-3, "output_name": name, "save_dtype": "fp32"},
+               "comfyui": {"path": str(COMFYUI), "base_directory": str(base_dir)}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(cfg), encoding="utf-8")
+        cmd, env = launch.command(path, ["cpu"], ["--no-sampling"])
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        found = [e for e in map(events.parse_event, done.stdout.splitlines()) if e]
+        assert found, done.stderr[-2000:]
+        return found[-1]
+
+    done = train("hd_cli_inside")
+    assert done["klein_lora"] == "done", done
+    assert Path(done["lora_path"]).name == "hd_cli_inside.safetensors"
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    concept_image(64, 9).save(outside / "secret.png")
+    (folder / "evil.png").symlink_to(outside / "secret.png")
+    cfg = run_config.RunConfig.model_validate(json.loads((tmp_path / "hd_cli_inside.json").read_text()))
+    monkeypatch.setitem(runner.CLIP_LOADERS, run_config.DEV_CLIP_TYPE, lambda files: tiny.clip)  # as train.py does
+    with pytest.raises(ValueError, match=r"link outside the allowed roots: .*evil\.png") as e:  # the CLI's own step
+        runner.encode_folder(cfg)
+    assert "linked.png" not in str(e.value)
