@@ -1,7 +1,6 @@
 """Klein Rank x Steps Grid: one image per LoRA, by rank and steps (glue over trainer/evaluation/sampling.py)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -29,22 +28,6 @@ def manifest_path(name: str, output_dir: Path) -> Path:
                          "the sweep.json that `python -m klein_lora_studio.sweep` wrote there, as a path relative to "
                          "the output folder (e.g. klein_sweeps/<sweep>/sweep.json).")
     return real
-
-
-def check_job_names(path: Path) -> None:
-    """Every job name in the manifest is a plain name (as output_name is), so none is echoed or used unchecked."""
-    try:
-        jobs = json.loads(path.read_text(encoding="utf-8")).get("jobs", [])
-    except (OSError, ValueError, AttributeError):
-        return  # not a manifest: manifest_loras says so
-    for i, job in enumerate(jobs if isinstance(jobs, list) else []):
-        name = job.get("name", "") if isinstance(job, dict) else ""
-        try:
-            paths.safe_name(str(name), "job name")
-        except ValueError:
-            raise ValueError(f"sweep_manifest: job {i + 1} of {path.name} has a name that is not a plain file name "
-                             "(the sweep runner writes only such names): the manifest was edited or is not a "
-                             "sweep's; run the sweep again.") from None
 
 
 class KleinRankStepsGrid(io.ComfyNode):
@@ -82,7 +65,6 @@ class KleinRankStepsGrid(io.ComfyNode):
         if (sweep_manifest or "").strip():
             output = Path(folder_paths.get_output_directory())
             manifest = manifest_path(sweep_manifest, output)
-            check_job_names(manifest)
             swept = "\n".join(str(p) for p in job_queue.manifest_loras(manifest, output))
         files = resolve_checkpoints("\n".join(s for s in (loras, run_1, run_2, run_3, swept) if s))
         settings = sp.SampleSettings(steps, cfg, seed, resolution, resolution)

@@ -185,6 +185,25 @@ def test_the_sweep_manifest_is_read_only_inside_the_output_folder(comfy, base_di
     assert "etc/x" not in str(e.value)
 
 
+def test_the_sweep_backend_checks_job_names_itself(tmp_path):
+    """manifest_loras (also what the sweep CLI's callers use) refuses a crafted job name without echoing it."""
+    import json
+
+    from klein_lora_studio.trainer.jobs import sweep
+
+    manifest = tmp_path / "sweep.json"
+    for jobs in ([{"name": "ok", "status": "done", "checkpoints": [], "lora_path": "/x/ok.safetensors"},
+                  {"name": "../../etc/evil", "status": "done", "checkpoints": [], "lora_path": "/etc/passwd"}],
+                 [{"name": "ok", "status": "done", "checkpoints": [], "lora_path": "ok.safetensors"}, "../etc/evil"]):
+        manifest.write_text(json.dumps({"format": sweep.FORMAT, "jobs": jobs}), encoding="utf-8")
+        with pytest.raises(ValueError, match="job 2 of sweep.json has a name that is not a plain file name") as e:
+            sweep.manifest_loras(manifest, tmp_path)
+        assert "evil" not in str(e.value) and "passwd" not in str(e.value)
+    manifest.write_text(json.dumps({"format": sweep.FORMAT, "jobs": [{"name": "a", "status": "done"}]}), encoding="utf-8")
+    with pytest.raises(ValueError, match="a finished job of .*sweep.json lists no checkpoints or lora_path"):
+        sweep.manifest_loras(manifest, tmp_path)
+
+
 def test_an_eval_report_for_a_linked_lora_stays_inside_comfyuis_folders(comfy, tiny, base_dir, tmp_path):
     """The Checkpoint Sampler given a LoRA linked in from outside writes its report in output/, not beside the target."""
     import folder_paths
