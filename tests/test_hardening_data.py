@@ -312,6 +312,8 @@ def test_the_command_line_checks_dataset_files_against_the_nodes_roots(comfy, ti
     done = train("hd_cli_inside")
     assert done["klein_lora"] == "done", done
     assert Path(done["lora_path"]).name == "hd_cli_inside.safetensors"
+    with safetensors.safe_open(done["lora_path"], "pt") as f:  # the size table names the tiny shape
+        assert f.metadata()["base_model"] == "flux2-1x2-h256"
 
     outside = tmp_path / "outside"
     outside.mkdir()
