@@ -260,21 +260,56 @@ def _cached(entry: dict) -> set[str]:
     return {n for kind, data in entry["status"]["messages"] if kind == "execution_cached" for n in data["nodes"]}
 
 
-def test_doctor_and_loader_rerun_when_a_caption_changes_and_only_then(tiny, base_dir):
+def _new_files(folder: Path, before: set[Path]) -> list[Path]:
+    return sorted(set(folder.rglob("*.safetensors")) - before)
+
+
+def test_doctor_loader_and_trainer_rerun_when_a_caption_changes_and_train_on_it(tiny, base_dir):
+    """Through a real server: an unchanged folder comes from the cache (no new run); an edited caption re-runs the
+    Doctor, the Loader and the Trainer, and the second run trains on the edited caption."""
+    import json
+
+    import torch
     from klein_lora_studio.devtools.server import ComfyServer
+    from klein_lora_studio.devtools.workflows import api_path, to_tiny
     from klein_lora_studio.tests.conftest import COMFYUI
+    from klein_lora_studio.trainer.data import captions, dataset
 
     folder = write_concept_dataset(base_dir / "input" / "hd_fingerprint", n=3, size=64)
-    for p in folder.glob("*.txt"):
-        p.write_text("zxq, " + p.read_text(encoding="utf-8"), encoding="utf-8")
-    prompt = {"1": {"class_type": "KleinDatasetDoctor",
-                    "inputs": {"folder": "hd_fingerprint", "trigger": "zxq", "resolution": 64, "task": "none"}}}
+    prompt = to_tiny(json.loads(api_path("klein_style_lora").read_text()), "hd_fingerprint", steps=3, save_every=3,
+                     output_name="hd_fp")
+    del prompt["7"]  # the loss graph: not needed here
+    trainer = prompt["6"]["inputs"]
+    del trainer["clip"], trainer["vae"]  # no sampling: only the training matters
+    trainer["batch_size"] = 3  # every step sees the edited caption (Adam's first steps barely depend on the data)
+    prompt["8"] = {"class_type": "KleinDatasetDoctor",
+                   "inputs": {"folder": "hd_fingerprint", "trigger": "zxq", "resolution": 64, "task": "none"}}
+    trigger = prompt["4"]["inputs"]["trigger"]
+    loras, text_cache = base_dir / "models" / "loras", base_dir / "output" / "klein_lora_cache" / "text"
+    text_cache.mkdir(parents=True, exist_ok=True)
+    watched = {"4", "6", "8"}  # loader, trainer, doctor
     with ComfyServer(COMFYUI, base_dir) as url:
-        assert "1" not in _cached(_post_and_wait(url, prompt))
-        assert "1" in _cached(_post_and_wait(url, prompt)), "an unchanged folder must come from the cache"
-        (folder / "001.txt").write_text("a caption edited without the trigger", encoding="utf-8")
-        assert "1" not in _cached(_post_and_wait(url, prompt)), "an edited caption must re-run the node"
-        assert "1" in _cached(_post_and_wait(url, prompt))
+        assert not watched & _cached(_post_and_wait(url, prompt))
+        first = loras / "hd_fp.safetensors"
+        assert first.is_file()
+        loras_before, texts_before = set(loras.rglob("*.safetensors")), set(text_cache.rglob("*.safetensors"))
+        assert watched <= _cached(_post_and_wait(url, prompt)), "an unchanged folder must come from the cache"
+        assert not _new_files(loras, loras_before), "an unchanged folder trained again"
+
+        edited = "a caption edited without the trigger"
+        (folder / "001.txt").write_text(edited, encoding="utf-8")
+        assert not watched & _cached(_post_and_wait(url, prompt)), "an edited caption must re-run the three nodes"
+        assert watched <= _cached(_post_and_wait(url, prompt))  # and the edited folder is cached in its turn
+        new_texts = _new_files(text_cache, texts_before)
+        second = loras / "hd_fp_2.safetensors"
+    assert second in _new_files(loras, loras_before) and not (loras / "hd_fp_3.safetensors").exists()
+    assert len(new_texts) == 1, new_texts  # the edited caption, encoded once; the others came from the cache
+    stored = safetensors.torch.load_file(str(new_texts[0]))["value"]
+    with torch.inference_mode():
+        expected = dataset.encode_caption(tiny.clip, captions.with_trigger(edited, trigger))
+    assert torch.allclose(stored, expected, atol=1e-5), (stored - expected).abs().max()
+    a, b = safetensors.torch.load_file(str(first)), safetensors.torch.load_file(str(second))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), "the edited caption changed nothing"
 
 
 # ------------------------------------------------------------------ item 3 on the command line
