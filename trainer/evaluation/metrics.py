@@ -159,7 +159,7 @@ def validation_loss(patcher, latents: Sequence[torch.Tensor], contexts: Sequence
 
     `patcher` is a ComfyUI MODEL (with a LoRA from load_lora_for_models, or the trainer's live model);
     it is loaded the way ComfyUI loads a model to sample, so its patches are in the weights, and its
-    diffusion_model is called as trainer/loop.train_step calls it. The noise for image i is drawn from
+    diffusion_model is called as trainer/training/loop.py train_step calls it. The noise for image i is drawn from
     `seed + i`, so every checkpoint sees the same noisy inputs.
     """
     import comfy.model_management as mm
