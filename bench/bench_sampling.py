@@ -1,7 +1,7 @@
 """Checkpoint sampling speed (issue 5 item 4): one 50-step 1024² klein 4B sample with CFG 4, cond and
 uncond in one batch (ComfyUI's sampler batches them), eager vs the compiled blocks the live sampler uses.
 
-The same function the trainer's LiveSampler calls (trainer.sampling.sample_latents, comfy.sample
+The same function the trainer's LiveSampler calls (trainer.evaluation.sampling.sample_latents, comfy.sample
 underneath) on a ComfyUI model of random weights; 512-token contexts as klein's text encoder pads to.
 A forward at 1024² with 512 text tokens is 34.6 TFLOP (KLEIN.md: linear 27.8 + attention 6.8), so
 50 steps x 2 (CFG) is 3.46 PFLOP: 4.3 s at the H100's ~800 TFLOP/s dense bf16.

@@ -107,7 +107,7 @@ def random_run(pcn, name: str, patcher, res: int, n: int = 1):
 
 
 def run_ours(pcn, patcher, name, res, gc, variant="base", warm=WARM, steps=STEPS, seed=0):
-    """trainer.loop.train_lora itself (what KleinLoRATrainer calls), timed between its per-step callbacks.
+    """trainer.training.loop.train_lora itself (what KleinLoRATrainer calls), timed between its per-step callbacks.
 
     on_step runs after the step's float(loss), which synchronises the GPU, so the time between two
     callbacks is one whole step: batch, forward, backward, clipping, AdamW update.
@@ -345,7 +345,7 @@ def report(folders, dest=None):
          f"GPU: {env.get('gpu')} | torch {env.get('torch')} | diffusers {env.get('diffusers')} | "
          f"peft {env.get('peft')} | ComfyUI {env.get('comfyui')} | Python {env.get('python')} | {env.get('date')}", "",
          "Random weights at real klein sizes, batch 1, 512 text tokens, rank 32, bf16 base, AdamW. "
-         "ours: trainer.loop.train_lora as the node runs it (compiled blocks on CUDA; `ours:eager` without). "
+         "ours: trainer.training.loop.train_lora as the node runs it (compiled blocks on CUDA; `ours:eager` without). "
          "ours and diffusers+peft: attention targets (double qkv/proj both streams, single linear1/linear2), "
          "LoRA weights fp32 under bf16 autocast; ComfyUI native: all linears, bf16 LoRA (its defaults). "
          "s/step: median after warm-up (ComfyUI: long-minus-short run). Peak: max_memory_allocated incl. "

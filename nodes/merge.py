@@ -1,4 +1,4 @@
-"""Merge, resize, convert and bake LoRAs: glue over trainer.lora_formats / trainer.lora_merge."""
+"""Merge, resize, convert and bake LoRAs: glue over trainer/lora/formats.py and trainer/lora/merge.py."""
 from __future__ import annotations
 
 import logging

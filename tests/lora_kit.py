@@ -1,6 +1,6 @@
 """Hand-written LoRA files in each foreign layout, and a ComfyUI forward pass, for the merge/format tests.
 
-The writers here do not use trainer/lora_formats: they spell each layout out by hand so that a
+The writers here do not use trainer/lora/formats.py: they spell each layout out by hand so that a
 converter bug cannot hide in both the writer and the reader.
 """
 from __future__ import annotations

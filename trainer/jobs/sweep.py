@@ -1,7 +1,7 @@
 """Sweeps: a grid of run configs (rank x steps, a learning-rate sweep) as independent jobs over the free GPUs.
 
 `expand` turns a base config and `--set field=v1,v2` lists into one config per combination (named
-after its values); `run_sweep` runs them as jobs (trainer/jobs.py), one per slot (a GPU, or "0+1" for
+after its values); `run_sweep` runs them as jobs (trainer/jobs/launch.py), one per slot (a GPU, or "0+1" for
 a data-parallel pair), as many at once as there are slots, and keeps a manifest (sweep.json, rewritten
 atomically after every change) with each job's status, LoRA and checkpoints. The Rank x Steps Grid node
 reads the manifest (its `sweep_manifest` input).

@@ -107,7 +107,7 @@ def _training_model(patcher, sharded_over: int = 0):
     """A patcher whose weights are plain tensors on the compute device (not dynamic VRAM views).
 
     `sharded_over` N > 1: instead of ComfyUI loading the whole model onto the card, this process keeps
-    1/N of the frozen weights there (trainer/sharding.py); the model stays sharded after the run (the
+    1/N of the frozen weights there (trainer/training/sharding.py); the model stays sharded after the run (the
     command line's processes own their model).
     """
     import comfy.model_management as mm
@@ -230,7 +230,7 @@ def train_step(dm, work, batch_x0, batch_ctx, generator, device, dtype, options,
                batch_ref: torch.Tensor | None = None, part: slice | None = None) -> torch.Tensor:
     """One forward/backward on a batch; returns the (detached) loss.
 
-    `part` (data parallel, trainer/distributed.py): the sigmas and noise are drawn for the whole global
+    `part` (data parallel, trainer/training/distributed.py): the sigmas and noise are drawn for the whole global
     batch, as one process draws them, and only this process's slice of the batch is trained, so N
     processes see exactly the samples, sigmas and noise of the one-process run.
 
