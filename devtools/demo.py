@@ -4,9 +4,11 @@
 
 With real klein weights in DIR/models (flux-2-klein-base-4b.safetensors, qwen_3_4b.safetensors,
 flux2-vae.safetensors) and images in DIR/input/klein_style_dataset, it runs the workflow as shipped.
-Otherwise it writes the tiny random klein models and a synthetic concept dataset, and runs the same
-graph on them (the tiny text encoder through the dev loader node), so every step of the real path
-runs on any machine.
+Otherwise it runs the same graph on the micro klein models pretrained on the micro world
+(microworld/): a style dataset of that world (shapes in the "qzv" stripes), a short schedule, then a
+before/after grid on held-out prompts with and without the trigger, every cell graded by the
+reader; it prints the grid's path and the counts. Without the micro weights it falls back to the
+tiny random models (every step of the real path runs, but they learn nothing visible).
 """
 from __future__ import annotations
 
@@ -26,39 +28,100 @@ REAL_FILES = ("diffusion_models/flux-2-klein-base-4b.safetensors", "text_encoder
               "vae/flux2-vae.safetensors")
 
 
-def _tiny_assets(base: Path, comfyui: Path) -> None:
-    """Tiny models and a concept dataset, written in a child process that imports ComfyUI as a library."""
+MICRO_DATASET, MICRO_IMAGES, MICRO_LORA = "klein_micro_style", 24, "klein_micro_style_demo"
+GRID_FILE = "klein_demo_before_after.png"
+MICRO_STEPS, MICRO_LR = 160, 1.5e-3  # the H200 style run (docs/quality.md) showed stripes from step 160 at 1.5e-3;
+# the 3-minute CPU budget of this schedule is not yet measured on an idle 2-core machine
+_BOOT = ("import sys, pathlib; comfyui, base = sys.argv[1], sys.argv[2];"
+         "from klein_lora_studio.trainer.jobs import comfy_library; comfy_library.boot(comfyui, base, cpu=True);"
+         "import folder_paths;")
+
+
+def _in_comfy(base: Path, comfyui: Path, code: str) -> None:
+    """Run `code` in a child process that imports ComfyUI as a library on `base`."""
     import subprocess
 
-    code = (
-        "import sys, pathlib; comfyui, base = sys.argv[1], sys.argv[2];"
-        "from klein_lora_studio.trainer.jobs import comfy_library; comfy_library.boot(comfyui, base, cpu=True);"
-        "import folder_paths;"
-        "from klein_lora_studio.devtools.tiny_models import write_tiny_models; write_tiny_models(folder_paths.models_dir);"
-        "from klein_lora_studio.devtools.datasets import write_concept_dataset;"
-        "write_concept_dataset(pathlib.Path(base) / 'input' / 'klein_style_dataset', n=6, size=64)"
-    )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(package_parent()), os.environ.get("PYTHONPATH", "")]))
-    subprocess.run([sys.executable, "-c", code, str(comfyui), str(base)], check=True, env=env)
+    subprocess.run([sys.executable, "-c", _BOOT + code, str(comfyui), str(base)], check=True, env=env)
+
+
+def _tiny_assets(base: Path, comfyui: Path) -> None:
+    """Tiny random models and a synthetic concept dataset."""
+    _in_comfy(base, comfyui,
+              "from klein_lora_studio.devtools.tiny_models import write_tiny_models; write_tiny_models(folder_paths.models_dir);"
+              "from klein_lora_studio.devtools.datasets import write_concept_dataset;"
+              "write_concept_dataset(pathlib.Path(base) / 'input' / 'klein_style_dataset', n=6, size=64)")
+
+
+def micro_available() -> bool:
+    from ..microworld import models
+
+    return models.MANIFEST.is_file()
+
+
+def _micro_assets(base: Path, comfyui: Path) -> None:
+    """The micro models (checked against their manifest) and a style dataset of the micro world."""
+    _in_comfy(base, comfyui,
+              "from klein_lora_studio.microworld import models, world; models.write_micro_models(folder_paths.models_dir);"
+              f"world.write_dataset(pathlib.Path(base) / 'input' / {MICRO_DATASET!r}, 'style', {MICRO_IMAGES}, seed=0)")
+
+
+def _micro_grid(base: Path, comfyui: Path) -> Path:
+    """The before/after grid of the trained LoRA (microworld.showcase), written to output/ and summarised."""
+    _in_comfy(base, comfyui,
+              "from klein_lora_studio.microworld import models, showcase;"
+              "from klein_lora_studio.trainer.paths import atomic_save_image;"
+              "m, clip, vae = models.load_micro_models(folder_paths.models_dir);"
+              f"sc = showcase.before_after(m, {MICRO_LORA + '.safetensors'!r}, clip, vae, 'style', n=4);"
+              f"atomic_save_image(sc.grid, pathlib.Path(base) / 'output' / {GRID_FILE!r}); print(sc.summary())")
+    return base / "output" / GRID_FILE
+
+
+def to_micro(api: dict, steps: int) -> dict:
+    """The shipped graph on the micro models: the micro text encoder through its dev loader, the style
+    recipe's rank and targets at a learning rate and step count for a 6M-parameter model, no sampling."""
+    from ..microworld import models
+
+    wf = to_tiny(api, MICRO_DATASET, steps=steps, resolution=128, save_every=0, output_name=MICRO_LORA)
+    for node in wf.values():
+        t, inp = node["class_type"], node["inputs"]
+        if t == "UNETLoader":
+            inp["unet_name"] = models.UNET_FILE
+        elif t == "KleinTinyCLIPLoader":
+            node["class_type"], node["inputs"] = "KleinMicroCLIPLoader", {"clip_name": models.TE_FILE}
+        elif t == "KleinDatasetLoader":
+            inp["trigger"] = "qzv"
+        elif t == "KleinLoRATrainer":
+            inp["recipe.learning_rate"] = MICRO_LR
+    return wf
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the example style LoRA headless in a real ComfyUI.")
     ap.add_argument("--base", type=Path, default=Path(os.environ.get("KLEIN_DEMO_DIR", Path.home() / ".cache" / "klein-demo")),
                     help="ComfyUI --base-directory (models/, input/, output/) for the demo")
-    ap.add_argument("--steps", type=int, default=30, help="training steps on the tiny models")
+    ap.add_argument("--steps", type=int, default=0,
+                    help=f"training steps on the micro models (default {MICRO_STEPS}) or the tiny ones (default 30)")
     args = ap.parse_args(argv)
     comfyui = Path(os.environ.get("COMFYUI_PATH", Path(__file__).resolve().parents[1] / ".." / "shared" / "ComfyUI"))
     base = prepare_base(args.base.resolve())
     api = json.loads(api_path("klein_style_lora").read_text(encoding="utf-8"))
     real = all((base / "models" / f).exists() for f in REAL_FILES) and (base / "input" / "klein_style_dataset").is_dir()
-    if not real:
+    micro = not real and micro_available()
+    if micro:
+        print(f"no klein weights in {base / 'models'}: training a style LoRA on the micro klein models (micro world)")
+        _micro_assets(base, comfyui)
+        api = to_micro(api, args.steps or MICRO_STEPS)
+    elif not real:
         print(f"no klein weights in {base / 'models'}: running the workflow on tiny random klein models")
         _tiny_assets(base, comfyui)
-        api = to_tiny(api, "klein_style_dataset", steps=args.steps, save_every=10, output_name="klein_style_demo")
+        api = to_tiny(api, "klein_style_dataset", steps=args.steps or 30, save_every=10, output_name="klein_style_demo")
     with ComfyServer(comfyui, base, dev_nodes=not real) as url:
         print(f"ComfyUI at {url} (log: {base / 'comfyui.log'})")
-        return asyncio.run(runner.run(api, url))
+        code = asyncio.run(runner.run(api, url))
+    if micro and code == 0:
+        print(f"before/after grid: {_micro_grid(base, comfyui)}")
+    return code
 
 
 if __name__ == "__main__":

@@ -26,4 +26,25 @@ class KleinTinyCLIPLoader(io.ComfyNode):
         return io.NodeOutput(tiny_clip(folder_paths.get_full_path_or_raise("text_encoders", clip_name)))
 
 
-DEV_NODES = [KleinTinyCLIPLoader]
+class KleinMicroCLIPLoader(io.ComfyNode):
+    """Loads the micro klein text encoder (microworld/models.py: the tiny Qwen3 without tokenizer padding)."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinMicroCLIPLoader",
+            display_name="Klein Micro Text Encoder (dev)",
+            category="Klein LoRA/dev",
+            inputs=[io.Combo.Input("clip_name", options=folder_paths.get_filename_list("text_encoders"),
+                                   tooltip="The micro klein text encoder file written by microworld.models.")],
+            outputs=[io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls, clip_name: str) -> io.NodeOutput:
+        from ..microworld.models import micro_clip
+
+        return io.NodeOutput(micro_clip(folder_paths.get_full_path_or_raise("text_encoders", clip_name)))
+
+
+DEV_NODES = [KleinTinyCLIPLoader, KleinMicroCLIPLoader]
