@@ -14,6 +14,20 @@ from ..trainer.jobs import sweep as job_queue
 from .checkpoint_sampler import resolve_checkpoints
 from .types import CATEGORY, model_inputs, one_prompt_inputs
 
+RUN_SLOTS = 16
+
+
+def run_slots() -> io.Autogrow.Input:
+    """Sockets `runs.run_1`, `.run_2`, ... for trainers' `checkpoints` outputs; one more appears when the last is
+    connected, none is required."""
+    template = io.Autogrow.TemplateNames(
+        io.String.Input("run", force_input=True, tooltip="A trainer's `checkpoints` output (its checkpoints and final "
+                                                         "LoRA, one per line)."),
+        names=[f"run_{i}" for i in range(1, RUN_SLOTS + 1)], min=0)
+    return io.Autogrow.Input("runs", optional=True, template=template,
+                             tooltip="Trainers' `checkpoints` outputs, one per slot (a slot appears when the last is "
+                                     "connected); their checkpoints and final LoRAs are added to the list.")
+
 
 def manifest_path(name: str, output_dir: Path) -> Path:
     """A sweep manifest inside the output folder, links and '../' resolved; one error for missing and outside.
@@ -46,9 +60,7 @@ class KleinRankStepsGrid(io.ComfyNode):
                                 tooltip="LoRA files, one per line (trainer lora_path outputs or names in models/loras), "
                                         "e.g. runs at rank 8/16/32 x 250/500/1000 steps."),
                 *one_prompt_inputs("kln_concept, " + sp.DEFAULT_SUBJECTS[0][1]),
-                *(io.String.Input(f"run_{i}", optional=True, force_input=True,
-                                  tooltip="A trainer's `checkpoints` output (its checkpoints and final LoRA); added "
-                                          "to the list above.") for i in (1, 2, 3)),
+                run_slots(),
                 io.String.Input("sweep_manifest", default="", optional=True,
                                 tooltip="A sweep's sweep.json (python -m klein_lora_studio.sweep), absolute or relative "
                                         "to the output folder: the checkpoints and final LoRA of every finished job "
@@ -59,14 +71,13 @@ class KleinRankStepsGrid(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, loras: str, prompt: str, steps: int, cfg: float, seed: int,
-                resolution: int, run_1: str = "", run_2: str = "", run_3: str = "",
-                sweep_manifest: str = "") -> io.NodeOutput:
+                resolution: int, runs: dict[str, str] | None = None, sweep_manifest: str = "") -> io.NodeOutput:
         swept = ""
         if (sweep_manifest or "").strip():
             output = Path(folder_paths.get_output_directory())
             manifest = manifest_path(sweep_manifest, output)
             swept = "\n".join(str(p) for p in job_queue.manifest_loras(manifest, output))
-        files = resolve_checkpoints("\n".join(s for s in (loras, run_1, run_2, run_3, swept) if s))
+        files = resolve_checkpoints("\n".join(s for s in (loras, *(runs or {}).values(), swept) if s))
         settings = sp.SampleSettings(steps, cfg, seed, resolution, resolution)
         conds = sp.encode_prompts(clip, [sp.SuitePrompt("prompt", "prompt", prompt, True)])
         entries = []

@@ -209,8 +209,8 @@ def test_loras_of_different_bases_into_merge(comfy, base_dir, guarded):
     safetensors.torch.save_file(lora_kit.bfl_sd(small, 4.0), str(folder / "base_tiny.safetensors"))
     safetensors.torch.save_file(lora_kit.bfl_sd(wide, 4.0), str(folder / "base_4b.safetensors"))
     with guarded(), pytest.raises(ValueError, match="base_tiny|base_4b"):
-        KleinLoRAMerge.execute("exact", 8, "bad_merge", "comfyui", "auto", lora_1="base_tiny.safetensors",
-                               weight_1=1.0, lora_2="base_4b.safetensors", weight_2=1.0)
+        KleinLoRAMerge.execute(mode="exact", target_rank=8, output_name="bad_merge", format="comfyui", save_dtype="auto",
+                               loras=lora_kit.lora_slots(("base_tiny.safetensors", 1.0), ("base_4b.safetensors", 1.0)))
 
 
 # Every case of issue 15 (its items 1-11, and the distilled-name and no-Triton must-holds): each has a row whose

@@ -160,9 +160,9 @@ def test_rank_steps_grid_node_places_loras_by_metadata(run, comfy, tiny):
     schema = node.GET_SCHEMA() if hasattr(node, "GET_SCHEMA") else node.define_schema()
     assert all(i.tooltip for i in schema.inputs), "every input needs a tooltip"
     with torch.inference_mode():
-        out = node.execute(model=run["unet"], clip=tiny.clip, vae=tiny.vae,
-                           loras=f"{result.lora_path}\n{result.checkpoints[0]}", prompt=f"{TRIGGER}, a red car",
-                           steps=2, cfg=4.0, seed=0, resolution=64)
+        out = node.execute(model=run["unet"], clip=tiny.clip, vae=tiny.vae, loras=str(result.lora_path),
+                           prompt=f"{TRIGGER}, a red car", steps=2, cfg=4.0, seed=0, resolution=64,
+                           runs={"run_1": str(result.checkpoints[0])})  # a trainer's output in a runs slot
     grid = out.args[0]
     assert grid.shape[0] == 1 and grid.shape[2] > 2 * 64 and grid.shape[1] < 3 * 64  # rank 4: 1 row; 10, 20 steps
     from PIL import Image

@@ -147,9 +147,9 @@ def test_a_bad_file_in_a_merge_slot_names_the_slot_and_the_file(comfy, base_dir)
     (loras / "hd_text.safetensors").write_text("not a LoRA at all", encoding="utf-8")
     merge = _node(comfy, "KleinLoRAMerge")
     for bad in ("hd_truncated.safetensors", "hd_text.safetensors"):
-        with pytest.raises(ValueError, match=rf"lora_2: LoRA file .*{bad} cannot be read .*Download or save it again"):
+        with pytest.raises(ValueError, match=rf"^loras\.lora_2: LoRA file .*{bad} cannot be read .*Download or save it again"):
             merge.execute(mode="exact", target_rank=4, output_name="hd_merged", format="comfyui", save_dtype="auto",
-                          lora_1="hd_good.safetensors", weight_1=1.0, lora_2=bad, weight_2=1.0)
+                          loras=lora_kit.lora_slots(("hd_good.safetensors", 1.0), (bad, 1.0)))
     with pytest.raises(ValueError, match=r"^lora: LoRA file .*hd_text\.safetensors cannot be read"):
         _node(comfy, "KleinLoRAConvert").execute(lora="hd_text.safetensors", format="comfyui", output_name="hd_c",
                                                  save_dtype="auto")
