@@ -26,6 +26,11 @@ def dataset_name(concept: str, images: int, seed: int) -> str:
     return f"{DATASET_PREFIX}{concept}_{images}_s{seed}"
 
 
+def diffusion_models_folder(paths: list[str]) -> Path:
+    """models/diffusion_models among ComfyUI's folders for the kind (models/unet is listed first), else the first."""
+    return Path(next((p for p in paths if Path(p).name == "diffusion_models"), paths[0]))
+
+
 def install_unet(folder: Path) -> str:
     """<diffusion_models folder>/klein-micro.safetensors (checked against the manifest); a different file there is never
     replaced. Returns the name UNETLoader lists it under."""
@@ -128,7 +133,7 @@ class KleinMicroWorld(io.ComfyNode):
 
         from ..microworld import models, world
 
-        unet = install_unet(Path(folder_paths.get_folder_paths("diffusion_models")[0]))
+        unet = install_unet(diffusion_models_folder(folder_paths.get_folder_paths("diffusion_models")))
         (model,) = nodes.UNETLoader().load_unet(unet, "default")
         folder, control = write_world_dataset(Path(folder_paths.get_input_directory()), concept, images, dataset_seed)
         return io.NodeOutput(model, models.micro_clip(), micro_vae(), folder, control, world.CONCEPTS[concept].trigger)
