@@ -102,3 +102,20 @@ def test_demo_graph_runs_and_its_grid_is_read_by_the_reader(tmp_path):
     untriggered_base = [p for p, t in zip(cells["present"][showcase.BEFORE], cells["triggered"], strict=True) if not t]
     assert sum(untriggered_base) == 0, cells["stripe_score"]  # measured: 0/4 (base stripe scores well under 0.35)
     assert (base / "models" / "vae_approx" / "taef2_encoder.safetensors").read_bytes() == b"a user's taef2"
+
+
+@pytest.mark.slow
+def test_sandbox_workflow_runs_in_a_real_comfyui(tmp_path):
+    """The shipped sandbox graph, shortened (4 training steps, 2 sampling steps), queued and run headless: the
+    links into the Dataset Loader's widgets pass validation, the LoRA and the sample are written."""
+    from klein_lora_studio import run as runner
+    from klein_lora_studio.devtools.server import ComfyServer
+
+    api = json.loads(wf.api_path("klein_micro_sandbox").read_text())
+    api["4"]["inputs"].update({"recipe.steps": 4, "save_every": 2, "sample_steps": 2})
+    api["10"]["inputs"]["steps"] = 4
+    with ComfyServer(Path(os.environ["COMFYUI_PATH"]), tmp_path, dev_nodes=False) as url:
+        assert asyncio.run(runner.run(api, url)) == 0, (tmp_path / "comfyui.log").read_text()[-3000:]
+    assert (tmp_path / "models" / "loras" / "klein_micro_style.safetensors").is_file()
+    assert list((tmp_path / "output").glob("klein_micro_style_sample*.png"))
+    assert not (tmp_path / "models" / "vae_approx").exists() or not any((tmp_path / "models" / "vae_approx").iterdir())
