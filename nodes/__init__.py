@@ -18,6 +18,7 @@ from .doctor import KleinDatasetDoctor
 from .lora_files import KleinLoRAFile
 from .lora_trainer import KleinLoRATrainer
 from .merge import MERGE_NODES
+from .micro_world import KleinMicroWorld
 from .rank_steps_grid import KleinRankStepsGrid
 from .strength_sweep import KleinStrengthSweep
 from .target_selector import KleinBlockTargetSelector
@@ -49,7 +50,7 @@ class KleinLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         found: list[type[io.ComfyNode]] = [KleinDatasetLoader, KleinBlockTargetSelector, KleinLoRATrainer,
                                            KleinDatasetDoctor, KleinCheckpointSampler, KleinRankStepsGrid, KleinStrengthSweep,
-                                           KleinLoRAFile, *MERGE_NODES]
+                                           KleinLoRAFile, *MERGE_NODES, KleinMicroWorld]
         if os.environ.get(DEV_NODES_ENV) == "1":
             from ..devtools.nodes import DEV_NODES
 
