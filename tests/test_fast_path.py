@@ -18,7 +18,7 @@ def _step(unet, data, targets, recompute: bool, compiled: bool):
         dm = work.model.diffusion_model
         with lora_layers(dm, targets.modules, 4, 4, seed=0) as lora, \
                 inplace_safe_norms(dm), \
-                loop.comfy_training_mode(recompute), loop._dynamo_limits(compiled):
+                loop.comfy_training_mode(), loop._dynamo_limits(compiled):
             g = torch.Generator().manual_seed(5)
             with torch.no_grad():
                 for p in lora.parameters():
