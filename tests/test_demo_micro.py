@@ -24,7 +24,7 @@ def test_micro_world_node_gives_the_micro_models_and_a_world_dataset(comfy, base
     from klein_lora_studio.trainer.evaluation import sampling
 
     vae_approx = _files(base_dir / "models" / "vae_approx")
-    model, clip, vae, folder, control, trigger = KleinMicroWorld.execute("style", 6, 3).result
+    model, clip, vae, folder, control, trigger = KleinMicroWorld.execute(concept="style", images=6, dataset_seed=3).result
     assert (folder, control, trigger) == (dataset_name("style", 6, 3), "", "qzv")
     images = sorted((base_dir / "input" / folder).glob("*.png"))
     captions = [p.with_suffix(".txt").read_text() for p in images]
