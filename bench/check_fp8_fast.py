@@ -27,7 +27,7 @@ def step(sd, fast: bool) -> dict:
         dm = work.model.diffusion_model
         targets = tg.resolve_targets(tg.GROUPS, "attention", tg.BlockCounts.of_model(dm),
                                      linear_names=tg.linear_layer_names(dm))
-        with lora_layers(dm, targets.modules, 4, 4, seed=0) as lora, loop.comfy_training_mode(False):
+        with lora_layers(dm, targets.modules, 4, 4, seed=0) as lora, loop.comfy_training_mode():
             g = torch.Generator().manual_seed(5)
             with torch.no_grad():
                 for p in lora.parameters():

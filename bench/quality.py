@@ -116,6 +116,7 @@ class Run:
     px: int
     seed: int = 0
     lr_scale: float = 1.0
+    base_compute: str = "auto"  # the trainer's base_compute (issue 17: fp8 against bf16 on the same seeds)
     concept: str = field(init=False)
 
     def __post_init__(self):
@@ -148,7 +149,7 @@ def train(models: Models, run: Run, base_model):
                   "steps": run.steps}  # the recipe's DynamicCombo value, as ComfyUI passes it
         out = KleinLoRATrainer.execute(model=base_model, dataset=data, targets=targets, recipe=recipe,
                                        output_name=name, save_every=run.every, batch_size=1, seed=run.seed,
-                                       compile_blocks="off", save_dtype="fp32").args
+                                       compile_blocks="off", save_dtype="fp32", base_compute=run.base_compute).args
     seconds = time.perf_counter() - t0
     checkpoints = [Path(p) for p in out[4].splitlines() if p.strip()]
     logging.info("quality: %s trained %d steps in %.0f s (%s)", run.recipe, run.steps, seconds, report.splitlines()[0])
@@ -417,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-steps", type=int, default=8, help="8 = the pack's preview, 50 = klein Base's")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="times the recipe's learning rate")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base-compute", default="auto", choices=("auto", "bf16", "fp8"),
+                    help="the frozen base's products (issue 17's check: fp8 within the run-to-run noise of bf16)")
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--docs", type=Path, default=REPO / "docs", help="where quality.md and images/ go")
     ap.add_argument("--weights", type=Path, default=None, help="micro weights folder (default: the committed ones)")
@@ -428,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     base_model = models.unet()
     results = []
     for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
-        run = Run(recipe, args.steps, args.every, args.images, args.px, args.seed, args.lr_scale)
+        run = Run(recipe, args.steps, args.every, args.images, args.px, args.seed, args.lr_scale, args.base_compute)
         results.append(run_recipe(models, base_model, run, args.prompts, args.sample_steps,
                                   args.docs / "images", args.tag))
         logging.info("quality: %s", json.dumps({k: results[-1][k] for k in ("truth", "calibration")

@@ -85,7 +85,7 @@ def rank_steps_grid() -> list[N]:
             "output_name": f"klein_style_r{rank}"}, title=f"rank {rank}"))
     nodes.append(N(9, "KleinRankStepsGrid", {"model": (1, 0), "clip": (2, 0), "vae": (3, 0),
                                             "prompt": f"{TRIGGERS['style']}, a portrait of a woman",
-                                            "run_1": (6, 4), "run_2": (7, 4), "run_3": (8, 4)}))
+                                            "runs.run_1": (6, 4), "runs.run_2": (7, 4), "runs.run_3": (8, 4)}))
     return nodes
 
 
@@ -109,8 +109,9 @@ def merge_strength_sweep() -> list[N]:
                                     "lora_b": "klein_character.safetensors", "strengths": "0.25, 0.5, 0.75, 1.0",
                                     "prompt": "kln_style, kln_person, a portrait in a garden"}),
         N(5, "SaveImage", {"images": (4, 0), "filename_prefix": "klein_strength_sweep"}),
-        N(6, "KleinLoRAMerge", {"lora_1": "klein_style.safetensors", "weight_1": 0.75,
-                                "lora_2": "klein_character.safetensors", "weight_2": 1.0, "mode": "exact",
+        N(6, "KleinLoRAFile", {"lora_name": "klein_style.safetensors", "weight": 0.75}),
+        N(7, "KleinLoRAFile", {"lora_name": "klein_character.safetensors", "weight": 1.0}),
+        N(8, "KleinLoRAMerge", {"loras.lora_1": (6, 0), "loras.lora_2": (7, 0), "mode": "exact",
                                 "output_name": "klein_style_character"}),
     ]
 
@@ -132,16 +133,30 @@ def _defaults(spec: dict) -> object:
 
 
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # V3's DynamicCombo: its chosen option's inputs follow it as "<combo>.<input>"
+AUTOGROW = "COMFY_AUTOGROW_V3"  # V3's Autogrow: its sockets are "<input>.<slot name>"
+
+
+def _autogrow_slots(name: str, opts: dict, values: dict) -> list[tuple[str, object, dict]]:
+    """The sockets of an Autogrow input that `values` connects, in slot order (the frontend adds the empty one)."""
+    template = opts["template"]
+    (spec,) = [*template["input"].get("required", {}).values(), *template["input"].get("optional", {}).values()]
+    slots = template.get("names") or [f"{template['prefix']}{i}" for i in range(template["max"])]
+    return [(f"{name}.{slot}", spec[0], spec[1] if len(spec) > 1 else {}) for slot in slots
+            if f"{name}.{slot}" in values]
 
 
 def _inputs(cls, values: dict | None = None) -> list[tuple[str, object, dict]]:
     """(name, type, options) of every input in order; a DynamicCombo as a combo of its option keys, followed by the
-    inputs of the option `values` chooses (the first by default), named as the frontend and the prompt name them."""
+    inputs of the option `values` chooses (the first by default), and an Autogrow as the sockets `values` connects,
+    named as the frontend and the prompt name them."""
     it, values = cls.INPUT_TYPES(), values or {}
     out = []
     for group in ("required", "optional"):
         for name, spec in it.get(group, {}).items():
             kind, opts = spec[0], spec[1] if len(spec) > 1 else {}
+            if kind == AUTOGROW:
+                out.extend(_autogrow_slots(name, opts, values))
+                continue
             if kind != DYNAMIC_COMBO:
                 out.append((name, kind, opts))
                 continue

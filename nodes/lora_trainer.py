@@ -15,7 +15,7 @@ from ..trainer.jobs import export as run_export
 from ..trainer.jobs import launch
 from ..trainer.jobs.session import SAMPLES_FOLDER, Job, Reporter, Sampling, run_session
 from ..trainer.training import recipes
-from ..trainer.training.config import COMPILE_CHOICES, OPTIMIZERS, SAVE_DTYPE_NAMES, TrainConfig
+from ..trainer.training.config import BASE_COMPUTE_CHOICES, COMPILE_CHOICES, OPTIMIZERS, SAVE_DTYPE_NAMES, TrainConfig
 from . import progress_log, queue_check
 from .types import CATEGORY, KleinDataset, KleinTargets
 from .web_routes import prompt_server
@@ -77,6 +77,11 @@ def _expert_inputs() -> list[io.Input]:
         io.Combo.Input("compile_blocks", options=list(COMPILE_CHOICES), default="auto", optional=True,
                        advanced=True, tooltip="torch.compile the transformer blocks: ~1.4x faster steps on an "
                                               "H100 after 20-40 s of compilation. auto = on CUDA only."),
+        io.Combo.Input("base_compute", options=list(BASE_COMPUTE_CHOICES), default="auto", optional=True,
+                       advanced=True, tooltip="Products of the frozen base model: bf16, or fp8 (e4m3, row-wise "
+                                              "scaled; NVIDIA Ada/Hopper/Blackwell) for faster steps, the LoRA "
+                                              "itself stays bf16/fp32. auto = bf16 until fp8's quality check "
+                                              "holds."),
         io.Combo.Input("save_dtype", options=list(SAVE_DTYPE_NAMES), default="bf16", optional=True,
                        advanced=True, tooltip="Precision of the saved LoRA tensors."),
     ]
@@ -188,11 +193,12 @@ class KleinLoRATrainer(io.ComfyNode):
                 seed: int, clip=None, vae=None, sample_steps: int = 20, resume_from: str = "", low_vram: bool = False,
                 gpus: str = "", export_config: bool = False, optimizer: str = "AdamW",
                 gradient_checkpointing: bool = False, compile_blocks: str = "auto",
-                save_dtype: str = "bf16") -> io.NodeOutput:
+                save_dtype: str = "bf16", base_compute: str = "auto") -> io.NodeOutput:
         cfg = train_config(recipe, batch_size=batch_size, seed=seed, optimizer=optimizer, save_every=save_every,
                            gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks,
                            output_name=paths.safe_name(output_name), save_dtype=save_dtype,
-                           resume_from=(resume_from or "").strip(), low_vram=bool(low_vram))
+                           resume_from=(resume_from or "").strip(), low_vram=bool(low_vram),
+                           base_compute=base_compute)
         devices = launch.job_devices(gpus or "")
         job = None
         if export_config or devices:

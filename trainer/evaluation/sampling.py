@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..lora.formats import read_lora_file as read_lora  # noqa: F401 - the nodes' name for it
+from ..model import attention
 
 BASE_STEPS = 50
 BASE_CFG = 4.0
@@ -110,7 +111,8 @@ def encode_prompts(clip, prompts: Sequence[SuitePrompt]) -> tuple[list, list]:
 
 def sample_latents(model, positives: Sequence, negative, settings: SampleSettings,
                    on_cell: Callable[[int], None] | None = None) -> list[torch.Tensor]:
-    """One latent (C, h, w) per conditioning, all from the same seed, through comfy.sample.sample_custom."""
+    """One latent (C, h, w) per conditioning, all from the same seed, through comfy.sample.sample_custom, with
+    attention on the card's fastest backend (trainer/model/attention.py; the trainer's own choice)."""
     import comfy.sample
     import comfy.samplers
 
@@ -121,12 +123,13 @@ def sample_latents(model, positives: Sequence, negative, settings: SampleSetting
     latent = comfy.sample.fix_empty_latent_channels(model, empty)
     noise = comfy.sample.prepare_noise(latent, settings.seed)
     out = []
-    for i, positive in enumerate(positives):
-        s = comfy.sample.sample_custom(model, noise, settings.cfg, sampler, sigmas, positive, negative, latent,
-                                       disable_pbar=True, seed=settings.seed)
-        out.append(s[0].detach().to("cpu", torch.float32))
-        if on_cell is not None:
-            on_cell(i)
+    with attention.run_attention(model.model.diffusion_model, model.load_device, model.model.get_dtype_inference()):
+        for i, positive in enumerate(positives):
+            s = comfy.sample.sample_custom(model, noise, settings.cfg, sampler, sigmas, positive, negative, latent,
+                                           disable_pbar=True, seed=settings.seed)
+            out.append(s[0].detach().to("cpu", torch.float32))
+            if on_cell is not None:
+                on_cell(i)
     return out
 
 

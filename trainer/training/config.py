@@ -11,6 +11,8 @@ from dataclasses import dataclass
 OPTIMIZERS = ("AdamW", "Adafactor", "AdamW8bit")  # AdamW8bit: torchao's 8-bit optimizer states (low-VRAM mode)
 COMPILE_CHOICES = ("auto", "on", "off")  # auto: compile the blocks on CUDA, not on the CPU
 SHARD_CHOICES = ("auto", "on", "off")  # several processes: shard the frozen base over them (trainer/training/sharding.py)
+# the frozen base's products (trainer/model/fp8_compute.py): auto = bf16 until fp8's quality check holds
+BASE_COMPUTE_CHOICES = ("auto", "bf16", "fp8")
 SAVE_DTYPE_NAMES = ("bf16", "fp32", "fp16")  # the keys of trainer/lora/layers.SAVE_DTYPES (tests check they agree)
 
 
@@ -34,6 +36,7 @@ class TrainConfig:
     keep_states: int = 2  # training states kept beside the checkpoints (0: all); each is ~3x the fp32 LoRA
     low_vram: bool = False  # gradient checkpointing + 8-bit AdamW; load the base with weight_dtype fp8 for the rest
     shard_base: str = "auto"  # several processes: shard the frozen base over them (FSDP, trainer/training/sharding.py)
+    base_compute: str = "auto"  # the frozen base's products: bf16, or fp8 e4m3 row-wise (trainer/model/fp8_compute.py)
 
     @property
     def recompute(self) -> bool:
@@ -56,7 +59,8 @@ class TrainConfig:
         for name, value, choices in (("optimizer", self.optimizer, OPTIMIZERS),
                                      ("compile_blocks", self.compile_blocks, COMPILE_CHOICES),
                                      ("save_dtype", self.save_dtype, SAVE_DTYPE_NAMES),
-                                     ("shard_base", self.shard_base, SHARD_CHOICES)):
+                                     ("shard_base", self.shard_base, SHARD_CHOICES),
+                                     ("base_compute", self.base_compute, BASE_COMPUTE_CHOICES)):
             if value not in choices:
                 raise ValueError(f"{name} '{value}' is not one of {list(choices)}.")
         if self.keep_states < 0:

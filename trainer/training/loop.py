@@ -18,9 +18,10 @@ import torch
 
 from ..data.dataset import KleinDataset, stack_contexts
 from ..lora.layers import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
-from ..model import compile_support
+from ..model import attention, compile_support, fp8_compute
 from ..model.checkpointing import block_options, inplace_safe_norms
-from ..model.model_check import KNOWN_SIZES, flux2_problem
+from ..model.model_check import flux2_problem
+from ..model.sizes import size_key
 from ..model.targets import KleinTargets
 from ..paths import atomic_save_safetensors, remove_stale_temps, unique_run_name
 from . import objective, resume, sharding
@@ -51,11 +52,6 @@ class TrainResult:
     seconds: float = 0.0
     sharded_base: bool = False
     base_bytes_here: int = 0  # frozen base weights this process held (its shard when sharded)
-
-
-def klein_size(diffusion_model) -> str:
-    key = (len(diffusion_model.double_blocks), len(diffusion_model.single_blocks), diffusion_model.hidden_size)
-    return KNOWN_SIZES.get(key, f"flux2-{key[0]}x{key[1]}-h{key[2]}")
 
 
 def check_klein(patcher) -> None:
@@ -111,7 +107,7 @@ def _training_model(patcher, sharded_over: int = 0):
     """A patcher whose weights are plain tensors on the compute device (not dynamic VRAM views).
 
     `sharded_over` N > 1: instead of ComfyUI loading the whole model onto the card, this process keeps
-    1/N of the frozen weights there (trainer/sharding.py); the model stays sharded after the run (the
+    1/N of the frozen weights there (trainer/training/sharding.py); the model stays sharded after the run (the
     command line's processes own their model).
     """
     import comfy.model_management as mm
@@ -171,31 +167,17 @@ def _make_differentiable(module: torch.nn.Module) -> None:
 
 
 @contextmanager
-def comfy_training_mode(recompute: bool = False):
+def comfy_training_mode():
     """ComfyUI's switch to differentiable kernels (e.g. RoPE without comfy_kitchen), reset afterwards.
-
-    With recomputation (gradient checkpointing) cuDNN attention is left out of ComfyUI's SDPA backend
-    list for the run: on an H100 at 512^2 the forward picked cuDNN and the recompute flash attention,
-    whose saved statistics differ in shape, and torch.utils.checkpoint stopped with a CheckpointError
-    (ComfyUI's own trainer fails the same way; measured in bench/RESULTS.md).
-    """
+    (Attention runs on one pinned backend for forward and recompute: trainer/model/attention.py.)"""
     import comfy.model_management as mm
-    import comfy.ops
 
     before = mm.in_training
-    priority = getattr(comfy.ops, "SDPA_BACKEND_PRIORITY", None)
-    saved = list(priority) if priority is not None else None
     mm.in_training = True
-    if recompute and priority is not None:
-        from torch.nn.attention import SDPBackend
-
-        priority[:] = [b for b in priority if b != SDPBackend.CUDNN_ATTENTION]
     try:
         yield
     finally:
         mm.in_training = before
-        if saved is not None:
-            priority[:] = saved
 
 
 @contextmanager
@@ -234,7 +216,7 @@ def train_step(dm, work, batch_x0, batch_ctx, generator, device, dtype, options,
                batch_ref: torch.Tensor | None = None, part: slice | None = None) -> torch.Tensor:
     """One forward/backward on a batch; returns the (detached) loss.
 
-    `part` (data parallel, trainer/distributed.py): the sigmas and noise are drawn for the whole global
+    `part` (data parallel, trainer/training/distributed.py): the sigmas and noise are drawn for the whole global
     batch, as one process draws them, and only this process's slice of the batch is trained, so N
     processes see exactly the samples, sigmas and noise of the one-process run.
 
@@ -272,6 +254,7 @@ class _Placed:
     compiled: bool
     options: dict
     sharded: bool
+    base_compute: str  # 'bf16' or 'fp8': the frozen base's products (cfg.base_compute resolved for the device)
 
     @property
     def dm(self):
@@ -317,7 +300,9 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
                         BatchOrder(dataset, cfg.batch_size, generator, cfg.seed))
         with lora_layers(placed.dm, targets.modules, cfg.rank, cfg.alpha, seed=cfg.seed) as lora, \
                 (nullcontext() if placed.compiled else inplace_safe_norms(placed.dm)), \
-                comfy_training_mode(cfg.recompute), _dynamo_limits(placed.compiled):
+                comfy_training_mode(), _dynamo_limits(placed.compiled), \
+                attention.run_attention(placed.dm, placed.device, placed.dtype), \
+                fp8_compute.apply_base_compute(placed.dm, placed.base_compute, placed.device):
             opt = _make_optimizer(cfg.optimizer_used, lora.parameters(), cfg.learning_rate)
             if resumed is not None:
                 _restore(run, resumed, lora, opt, cfg)
@@ -374,20 +359,35 @@ def _place(patcher, cfg: TrainConfig, ranks: Ranks) -> _Placed:
     autocast = torch.autocast(device.type, dtype=dtype) if mixed else nullcontext()
     compiled = compile_support.usable(cfg.compile_blocks, device, resolve_compile(
         cfg.compile_blocks, device.type, mixed, uses_fp8_matmuls(dm), shard))
-    return _Placed(work, device, dtype, autocast, compiled, block_options(dm, cfg.recompute, compiled), shard)
+    return _Placed(work, device, dtype, autocast, compiled, block_options(dm, cfg.recompute, compiled), shard,
+                   _base_compute(cfg.base_compute, device, shard))
+
+
+def _base_compute(choice: str, device: torch.device, sharded: bool) -> str:
+    """cfg.base_compute for this device; the fp8 layers are not made for a base sharded over processes."""
+    mode = fp8_compute.resolve_mode(choice, device)
+    if mode == "fp8" and sharded:
+        if choice == "fp8":
+            raise ValueError("base_compute 'fp8' does not combine with a base sharded over processes (shard_base): "
+                             "set shard_base to 'off' or base_compute to 'auto'.")
+        return "bf16"
+    return mode
 
 
 def _run_metadata(patcher, placed: _Placed, dataset: KleinDataset, targets: KleinTargets, cfg: TrainConfig,
                   ranks: Ranks) -> dict[str, str]:
     """The LoRA file's header: how it was trained, on what."""
+    dm = placed.dm
     return lora_metadata(
-        format="comfyui-bfl-lora", base_model=klein_size(placed.dm), base_model_file=base_model_file(patcher),
+        format="comfyui-bfl-lora", base_model=size_key(len(dm.double_blocks), len(dm.single_blocks), dm.hidden_size),
+        base_model_file=base_model_file(patcher),
         rank=cfg.rank, alpha=cfg.alpha, learning_rate=cfg.learning_rate, steps=cfg.steps,
         batch_size=cfg.batch_size, seed=cfg.seed, optimizer=cfg.optimizer_used, recipe=cfg.recipe,
         trigger=dataset.trigger, dataset_size=len(dataset), resolution=dataset.resolution,
         target_groups=list(targets.groups), target_layers=targets.layers, targets=targets.modules,
         low_vram=cfg.low_vram, base_weight_dtype=str(placed.work.model.get_dtype()).removeprefix("torch."),
         gradient_checkpointing=cfg.recompute, compiled=placed.compiled, software="klein-lora-studio",
+        base_compute=placed.base_compute,
         task_kind="image-to-image" if dataset.references else "text-to-image",
         buckets=[f"{w}x{h}:{len(v)}" for (w, h), v in dataset.bucket_assignment().items()],
         repeats=dataset.repeats, caption_dropout=dataset.caption_dropout,
