@@ -1,6 +1,6 @@
 """Train a LoRA from a run config, outside the ComfyUI server: `python -m klein_lora_studio.train CONFIG`.
 
-The same training loop as the Klein LoRA Trainer node (trainer.loop.train_lora), on a model loaded
+The same training loop as the Klein LoRA Trainer node (trainer.training.loop.train_lora), on a model loaded
 through ComfyUI's own loaders (ComfyUI used as a library). Data parallel on several GPUs:
 
     accelerate launch --num_processes 2 -m klein_lora_studio.train CONFIG

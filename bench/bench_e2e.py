@@ -5,7 +5,7 @@ contexts), 4 prompts sampled every 100 steps (50 steps, CFG 4, decoded). Both si
 weights, data and VAE (the real taef2 preview-VAE architecture with random weights: no weights reach
 the GPU machine, and the full VAE's decode is the same for both).
 
-  ours   trainer.loop.train_lora as KleinLoRATrainer runs it (style targets, compiled blocks), its
+  ours   trainer.training.loop.train_lora as KleinLoRATrainer runs it (style targets, compiled blocks), its
          LiveSampler on the checkpoint hook (compiled blocks, the suite's conditionings encoded once).
   comfy  ComfyUI's TrainLoraNode (600 steps, rank 16, lr 3e-4, bf16, no checkpointing: its fastest
          setting that fits), then KSampler + VAEDecode for the 4 prompts at each of the 6 checkpoints

@@ -1,7 +1,7 @@
 """Low-VRAM mode (issue 5 item 3): klein 4B/9B at 1024² with fp8-stored base weights + low_vram
 (gradient checkpointing, torchao 8-bit AdamW) against the bf16 run with checkpointing, same seed.
 
-Both through trainer.loop.train_lora (the node's path) on ComfyUI models of random weights; the fp8
+Both through trainer.training.loop.train_lora (the node's path) on ComfyUI models of random weights; the fp8
 model is loaded the way UNETLoader's weight_dtype fp8_e4m3fn loads it (model_options dtype). Reports
 s/step (median after warm-up), peak allocated and reserved GPU memory, and the largest relative
 difference between the two loss curves (same seed: same data, noise and sigmas).

@@ -7,7 +7,7 @@ Runs on the 2-GPU machine (see bench/README.md for the set-up; same PYTHONPATH a
 
 Each (model, process count) is one launch (accelerate launch, or torchrun when accelerate is missing) of
 this file with --worker: random weights at the real size (bench_step.random_patcher), random 1024^2
-latents and 512-token contexts, trainer.loop.train_lora itself with the ranks of the launch (rank r of N
+latents and 512-token contexts, trainer.training.loop.train_lora itself with the ranks of the launch (rank r of N
 trains its slice of every global batch, LoRA gradients averaged in one all-reduce), rank 32, attention
 targets of all blocks, bf16, gradient checkpointing on (global batch 8 on one card needs it at 9B),
 compile_blocks off (compilation would take most of the time budget; the ratio is what is measured).
@@ -241,7 +241,7 @@ def markdown(result: dict) -> str:
     rows, ups, info = result["rows"], result["speedups"], result["env"]
     lines = [SECTION_START, "## Several GPUs: data parallel (issue 9)", "",
              f"{info.get('date', '?')}, {', '.join(info.get('gpus', [])) or '?'}, torch {info.get('torch', '?')}, "
-             f"accelerate {info.get('accelerate', '?')}. `bench/bench_multigpu.py`: trainer.loop.train_lora itself, "
+             f"accelerate {info.get('accelerate', '?')}. `bench/bench_multigpu.py`: trainer.training.loop.train_lora itself, "
              f"random weights at the real sizes, {rows[0].get('res', RES) if rows else RES}^2, rank 32, attention "
              "targets of all blocks, bf16, gradient "
              f"checkpointing on, compile off; median of {rows[0].get('steps', '?') if rows else '?'} steps after "

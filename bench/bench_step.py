@@ -213,7 +213,7 @@ def free_comfy_safe():
 
 def run_ours(pcn, name: str, res: int, gc: bool, impl: str = "ours", warm: int = WARM, steps: int = STEPS,
              seed: int = 0) -> dict:
-    """trainer.loop.train_lora itself (what KleinLoRATrainer calls), timed between its per-step callbacks.
+    """trainer.training.loop.train_lora itself (what KleinLoRATrainer calls), timed between its per-step callbacks.
 
     on_step runs after the step's float(loss), which synchronises the GPU, so the time between two
     callbacks is one whole step: batch, forward, backward, clipping, AdamW update.

@@ -1,4 +1,4 @@
-"""Where a klein 4B 1024² LoRA step spends its GPU time (the node's path: trainer.loop.train_lora).
+"""Where a klein 4B 1024² LoRA step spends its GPU time (the node's path: trainer.training.loop.train_lora).
 
 usage (GPU machine, set-up as in bench/README.md): python3 bench/profile_step.py [--gc] [--compile off|auto]
 Writes $OUT/profile_<tag>.txt: torch.profiler's kernel table for two steps after warm-up, grouped into

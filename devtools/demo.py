@@ -7,7 +7,9 @@ flux2-vae.safetensors) and images in DIR/input/klein_style_dataset, it runs the 
 Otherwise it runs the same graph on the micro klein models pretrained on the micro world
 (microworld/): a style dataset of that world (shapes in the "qzv" stripes), a short schedule, then a
 before/after grid on held-out prompts with and without the trigger, every cell graded by the
-reader; it prints the grid's path and the counts. Without the micro weights it falls back to the
+reader; it prints the grid's path and the counts. The micro run uses a ComfyUI base directory of its
+own, DIR/micro-world, so models left in DIR/models by an earlier run (the tiny random taef2 pair, or a
+real taef2 of yours) never clash with the micro taef2. Without the micro weights it falls back to the
 tiny random models (every step of the real path runs, but they learn nothing visible).
 """
 from __future__ import annotations
@@ -16,7 +18,9 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 from .. import run as runner
@@ -30,6 +34,8 @@ REAL_FILES = ("diffusion_models/flux-2-klein-base-4b.safetensors", "text_encoder
 
 MICRO_DATASET, MICRO_IMAGES, MICRO_LORA = "klein_micro_style", 24, "klein_micro_style_demo"
 GRID_FILE = "klein_demo_before_after.png"
+GRID_CELLS = "klein_demo_before_after.json"  # the grid's prompts and the reader's verdict on every cell
+MICRO_BASE = "micro-world"  # the micro run's ComfyUI base directory, inside --base
 MICRO_STEPS, MICRO_LR = 160, 1.5e-3  # the H200 style run (docs/quality.md) showed stripes from step 160 at 1.5e-3;
 # the 3-minute CPU budget of this schedule is not yet measured on an idle 2-core machine
 _BOOT = ("import sys, pathlib; comfyui, base = sys.argv[1], sys.argv[2];"
@@ -39,8 +45,6 @@ _BOOT = ("import sys, pathlib; comfyui, base = sys.argv[1], sys.argv[2];"
 
 def _in_comfy(base: Path, comfyui: Path, code: str) -> None:
     """Run `code` in a child process that imports ComfyUI as a library on `base`."""
-    import subprocess
-
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(package_parent()), os.environ.get("PYTHONPATH", "")]))
     subprocess.run([sys.executable, "-c", _BOOT + code, str(comfyui), str(base)], check=True, env=env)
 
@@ -73,7 +77,8 @@ def _micro_grid(base: Path, comfyui: Path) -> Path:
               "from klein_lora_studio.trainer.paths import atomic_save_image;"
               "m, clip, vae = models.load_micro_models(folder_paths.models_dir);"
               f"sc = showcase.before_after(m, {MICRO_LORA + '.safetensors'!r}, clip, vae, 'style', n=4);"
-              f"atomic_save_image(sc.grid, pathlib.Path(base) / 'output' / {GRID_FILE!r}); print(sc.summary())")
+              f"out = pathlib.Path(base) / 'output'; atomic_save_image(sc.grid, out / {GRID_FILE!r});"
+              f"showcase.save_cells(sc, out / {GRID_CELLS!r}); print(sc.summary())")
     return base / "output" / GRID_FILE
 
 
@@ -96,10 +101,37 @@ def to_micro(api: dict, steps: int) -> dict:
     return wf
 
 
+def _serve(api: dict, comfyui: Path, base: Path, dev_nodes: bool) -> int:
+    """Post `api` to a headless ComfyUI on `base` and follow it; the run's exit code."""
+    with ComfyServer(comfyui, base, dev_nodes=dev_nodes) as url:
+        print(f"ComfyUI at {url} (log: {base / 'comfyui.log'})")
+        return asyncio.run(runner.run(api, url))
+
+
+def micro_demo(api: dict, comfyui: Path, base: Path, steps: int) -> int:
+    """Set up the micro world in `base`, train, grade the before/after grid; prints each phase's wall time."""
+    base = prepare_base(base)
+    print(f"training a style LoRA ('qzv' stripes) on the micro klein models, ComfyUI base {base}")
+    t0 = time.monotonic()
+    _micro_assets(base, comfyui)
+    t1 = time.monotonic()
+    code = _serve(to_micro(api, steps), comfyui, base, dev_nodes=True)
+    t2 = time.monotonic()
+    if code != 0:
+        return code
+    grid = _micro_grid(base, comfyui)
+    t3 = time.monotonic()
+    print(f"before/after grid: {grid}\n  (the reader's verdict per cell: {grid.with_name(GRID_CELLS)})")
+    print(f"wall time: set-up {t1 - t0:.0f} s, boot + training {steps} steps {t2 - t1:.0f} s, grid {t3 - t2:.0f} s; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Train the example style LoRA headless in a real ComfyUI.")
     ap.add_argument("--base", type=Path, default=Path(os.environ.get("KLEIN_DEMO_DIR", Path.home() / ".cache" / "klein-demo")),
-                    help="ComfyUI --base-directory (models/, input/, output/) for the demo")
+                    help="ComfyUI --base-directory (models/, input/, output/) for the demo; the micro-world run "
+                         f"uses DIR/{MICRO_BASE}")
     ap.add_argument("--steps", type=int, default=0,
                     help=f"training steps on the micro models (default {MICRO_STEPS}) or the tiny ones (default 30)")
     args = ap.parse_args(argv)
@@ -107,21 +139,19 @@ def main(argv: list[str] | None = None) -> int:
     base = prepare_base(args.base.resolve())
     api = json.loads(api_path("klein_style_lora").read_text(encoding="utf-8"))
     real = all((base / "models" / f).exists() for f in REAL_FILES) and (base / "input" / "klein_style_dataset").is_dir()
-    micro = not real and micro_available()
-    if micro:
-        print(f"no klein weights in {base / 'models'}: training a style LoRA on the micro klein models (micro world)")
-        _micro_assets(base, comfyui)
-        api = to_micro(api, args.steps or MICRO_STEPS)
-    elif not real:
+    try:
+        if real:
+            return _serve(api, comfyui, base, dev_nodes=False)
+        if micro_available():
+            print(f"no klein weights in {base / 'models'}")
+            return micro_demo(api, comfyui, base / MICRO_BASE, args.steps or MICRO_STEPS)
         print(f"no klein weights in {base / 'models'}: running the workflow on tiny random klein models")
         _tiny_assets(base, comfyui)
         api = to_tiny(api, "klein_style_dataset", steps=args.steps or 30, save_every=10, output_name="klein_style_demo")
-    with ComfyServer(comfyui, base, dev_nodes=not real) as url:
-        print(f"ComfyUI at {url} (log: {base / 'comfyui.log'})")
-        code = asyncio.run(runner.run(api, url))
-    if micro and code == 0:
-        print(f"before/after grid: {_micro_grid(base, comfyui)}")
-    return code
+        return _serve(api, comfyui, base, dev_nodes=True)
+    except subprocess.CalledProcessError as e:
+        print(f"demo: a set-up step failed (exit {e.returncode}); its error is printed above", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def rank_steps_grid() -> list[N]:
             "output_name": f"klein_style_r{rank}"}, title=f"rank {rank}"))
     nodes.append(N(9, "KleinRankStepsGrid", {"model": (1, 0), "clip": (2, 0), "vae": (3, 0),
                                             "prompt": f"{TRIGGERS['style']}, a portrait of a woman",
-                                            "run_1": (6, 4), "run_2": (7, 4), "run_3": (8, 4)}))
+                                            "runs.run_1": (6, 4), "runs.run_2": (7, 4), "runs.run_3": (8, 4)}))
     return nodes
 
 
@@ -109,8 +109,9 @@ def merge_strength_sweep() -> list[N]:
                                     "lora_b": "klein_character.safetensors", "strengths": "0.25, 0.5, 0.75, 1.0",
                                     "prompt": "kln_style, kln_person, a portrait in a garden"}),
         N(5, "SaveImage", {"images": (4, 0), "filename_prefix": "klein_strength_sweep"}),
-        N(6, "KleinLoRAMerge", {"lora_1": "klein_style.safetensors", "weight_1": 0.75,
-                                "lora_2": "klein_character.safetensors", "weight_2": 1.0, "mode": "exact",
+        N(6, "KleinLoRAFile", {"lora_name": "klein_style.safetensors", "weight": 0.75}),
+        N(7, "KleinLoRAFile", {"lora_name": "klein_character.safetensors", "weight": 1.0}),
+        N(8, "KleinLoRAMerge", {"loras.lora_1": (6, 0), "loras.lora_2": (7, 0), "mode": "exact",
                                 "output_name": "klein_style_character"}),
     ]
 
@@ -132,16 +133,30 @@ def _defaults(spec: dict) -> object:
 
 
 DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # V3's DynamicCombo: its chosen option's inputs follow it as "<combo>.<input>"
+AUTOGROW = "COMFY_AUTOGROW_V3"  # V3's Autogrow: its sockets are "<input>.<slot name>"
+
+
+def _autogrow_slots(name: str, opts: dict, values: dict) -> list[tuple[str, object, dict]]:
+    """The sockets of an Autogrow input that `values` connects, in slot order (the frontend adds the empty one)."""
+    template = opts["template"]
+    (spec,) = [*template["input"].get("required", {}).values(), *template["input"].get("optional", {}).values()]
+    slots = template.get("names") or [f"{template['prefix']}{i}" for i in range(template["max"])]
+    return [(f"{name}.{slot}", spec[0], spec[1] if len(spec) > 1 else {}) for slot in slots
+            if f"{name}.{slot}" in values]
 
 
 def _inputs(cls, values: dict | None = None) -> list[tuple[str, object, dict]]:
     """(name, type, options) of every input in order; a DynamicCombo as a combo of its option keys, followed by the
-    inputs of the option `values` chooses (the first by default), named as the frontend and the prompt name them."""
+    inputs of the option `values` chooses (the first by default), and an Autogrow as the sockets `values` connects,
+    named as the frontend and the prompt name them."""
     it, values = cls.INPUT_TYPES(), values or {}
     out = []
     for group in ("required", "optional"):
         for name, spec in it.get(group, {}).items():
             kind, opts = spec[0], spec[1] if len(spec) > 1 else {}
+            if kind == AUTOGROW:
+                out.extend(_autogrow_slots(name, opts, values))
+                continue
             if kind != DYNAMIC_COMBO:
                 out.append((name, kind, opts))
                 continue
@@ -285,6 +300,82 @@ def to_tiny(api: dict, dataset_folder: str, steps: int = 20, resolution: int = 6
     return wf
 
 
+# ------------------------------------------------------------------ the micro-world sandbox (issue 16, item 8)
+# Kept apart from WORKFLOWS: its dataset folder and trigger are links from Klein Micro World into the Dataset
+# Loader's widgets, which build() does not write, so `sandbox_workflows` adds them to build()'s output.
+SANDBOX_STEPS, SANDBOX_EVERY, SANDBOX_LR = 240, 80, 1.5e-3  # docs/quality.md: stripes from step 160 at 1.5e-3
+SANDBOX_PROMPT = "a large red square at the center on a white background, in qzv style"
+
+
+def micro_sandbox() -> list[N]:
+    """A style LoRA on the micro klein models (Klein Micro World): the style recipe's rank, alpha and block preset
+    at a learning rate for a 6.8M-parameter model, then one triggered sample through the stock sampler nodes."""
+    from ..trainer.training.recipes import RECIPES
+
+    r = RECIPES["style"]
+    return [
+        N(1, "KleinMicroWorld", {"concept": "style", "images": 24, "dataset_seed": 0}),
+        N(2, "KleinDatasetLoader", {"folder": "klein_micro_style_24_s0", "trigger": "qzv", "resolution": 128,
+                                    "vae": (1, 2), "clip": (1, 1)}),
+        N(3, "KleinBlockTargetSelector", {"model": (1, 0), "preset": r.target_preset}),
+        N(4, "KleinLoRATrainer", {"model": (1, 0), "dataset": (2, 0), "targets": (3, 0), "recipe": "custom",
+                                  "recipe.rank": r.rank, "recipe.alpha": r.alpha, "recipe.learning_rate": SANDBOX_LR,
+                                  "recipe.steps": SANDBOX_STEPS, "save_every": SANDBOX_EVERY,
+                                  "output_name": "klein_micro_style", "clip": (1, 1), "vae": (1, 2), "sample_steps": 8}),
+        N(5, "LossGraphNode", {"loss": (4, 3), "filename_prefix": "klein_micro_style_loss"}),
+        N(6, "CLIPTextEncode", {"text": SANDBOX_PROMPT, "clip": (1, 1)}, title="prompt (with the trigger)"),
+        N(7, "CLIPTextEncode", {"text": "", "clip": (1, 1)}, title="empty negative"),
+        N(8, "EmptyFlux2LatentImage", {"width": 128, "height": 128, "batch_size": 1}),
+        N(9, "KSamplerSelect", {"sampler_name": "euler"}),
+        N(10, "Flux2Scheduler", {"steps": 20, "width": 128, "height": 128}),
+        N(11, "SamplerCustom", {"model": (4, 0), "add_noise": True, "noise_seed": 0, "cfg": 4.0, "positive": (6, 0),
+                                "negative": (7, 0), "sampler": (9, 0), "sigmas": (10, 0), "latent_image": (8, 0)}),
+        N(12, "VAEDecode", {"samples": (11, 0), "vae": (1, 2)}),
+        N(13, "SaveImage", {"images": (12, 0), "filename_prefix": "klein_micro_style_sample"}),
+    ]
+
+
+SANDBOX_WORKFLOWS = {"klein_micro_sandbox": micro_sandbox}
+SANDBOX_WIDGET_LINKS = {"klein_micro_sandbox": {(2, "folder"): (1, 3), (2, "control_folder"): (1, 4),
+                                                (2, "trigger"): (1, 5)}}
+
+
+def link_widgets(ui: dict, api: dict, nodes: list[N], mappings: dict, links: dict) -> None:
+    """Feed widgets from outputs, as the frontend saves a widget turned into an input: the API input becomes the
+    link, the UI node gets an input marked with its widget (the widget keeps its value) and a link."""
+    by_id = {n["id"]: n for n in ui["nodes"]}
+    for (dst, name), (src, slot) in links.items():
+        kind = str(mappings[next(x.type for x in nodes if x.id == src)].RETURN_TYPES[slot])
+        api[str(dst)]["inputs"][name] = [str(src), slot]
+        link_id = ui["last_link_id"] = ui["last_link_id"] + 1
+        ui["links"].append([link_id, src, slot, dst, len(by_id[dst]["inputs"]), kind])
+        by_id[dst]["inputs"].append({"name": name, "type": kind, "widget": {"name": name}, "link": link_id})
+        by_id[src]["outputs"][slot]["links"].append(link_id)
+
+
+def sandbox_workflows(mappings: dict) -> dict[str, tuple[list[N], dict, dict]]:
+    """name -> (nodes, UI workflow, API workflow) of the sandbox workflows."""
+    out = {}
+    for name, make in SANDBOX_WORKFLOWS.items():
+        nodes = make()
+        ui, api = build(nodes, mappings)
+        link_widgets(ui, api, nodes, mappings, SANDBOX_WIDGET_LINKS.get(name, {}))
+        out[name] = (nodes, ui, api)
+    return out
+
+
+def write_sandbox(mappings: dict, out: Path = OUT) -> list[Path]:
+    (out / "api").mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (nodes, ui, api) in sandbox_workflows(mappings).items():
+        for path, data in ((out / f"{name}.json", ui), (out / "api" / f"{name}_api.json", api)):
+            path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+            written.append(path)
+        written.append(thumbnail(out / f"{name}.jpg", nodes, title="micro-world sandbox"))
+    return written
+# ------------------------------------------------------------------ end of the sandbox block
+
+
 def _main() -> None:
     import asyncio
     import os
@@ -298,7 +389,7 @@ def _main() -> None:
     mappings = dict(nodes.NODE_CLASS_MAPPINGS)
     for cls in asyncio.run(ext.get_node_list()):
         mappings[cls.GET_SCHEMA().node_id] = cls
-    for p in write_all(mappings):
+    for p in write_all(mappings) + write_sandbox(mappings):
         print(p)
 
 

@@ -7,11 +7,14 @@ microworld.reader, so "the concept is visible with the trigger and absent withou
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import reader, world
 
 BEFORE, AFTER = "before: base model", "after: + LoRA at 1.0"
+GRID_PAD = 4  # trainer.evaluation.sampling.grid_image's padding around every cell
 
 
 @dataclass
@@ -22,15 +25,21 @@ class Showcase:
     triggered: list[bool]
     prompts: list[str]
     scenes: list  # the world.Scene each row's prompt was written from
+    concept: str = "style"
 
     def share(self, column: str, triggered: bool) -> float:
         """Share of the column's rows (triggered or not) in which the reader sees the concept."""
+        k, n = self.count(column, triggered)
+        return k / n
+
+    def count(self, column: str, triggered: bool) -> tuple[int, int]:
+        """(rows with the concept, rows) of the column's triggered or untriggered prompts."""
         rows = [p for p, t in zip(self.present[column], self.triggered, strict=True) if t == triggered]
-        return sum(rows) / len(rows)
+        return sum(rows), len(rows)
 
     def summary(self) -> str:
-        return "; ".join(f"{c}: concept in {self.share(c, True):.0%} of triggered, {self.share(c, False):.0%} of "
-                         f"untriggered prompts" for c in (BEFORE, AFTER))
+        return "; ".join("{}: concept in {}/{} triggered, {}/{} untriggered prompts".format(
+            c, *self.count(c, True), *self.count(c, False)) for c in (BEFORE, AFTER))
 
 
 def showcase_scenes(concept: str, n: int, seed: int) -> tuple[list, list[bool]]:
@@ -60,4 +69,34 @@ def before_after(base_model, lora_name: str, clip, vae, concept: str = "style", 
     present = {c: [reader.read(im).concept_present(concept) for im in ims] for c, ims in cols.items()}
     grid = sp.grid_image([[cols[c][r] for c in cols] for r in range(len(texts))], texts, list(cols),
                          f"{world.CONCEPTS[concept].trigger} ({concept}): held-out prompts, with and without the trigger")
-    return Showcase(grid, cols, present, triggered, texts, scenes)
+    return Showcase(grid, cols, present, triggered, texts, scenes, concept)
+
+
+def save_cells(sc: Showcase, path: str | Path) -> Path:
+    """The grid's layout and the reader's verdict and stripe score on every cell, as JSON (beside the grid), so
+    a reader of the PNG can check that the picture says what the demo printed."""
+    from ..trainer.paths import atomic_write_text
+
+    scores = {c: [round(reader.read(im).stripe_score, 3) for im in ims] for c, ims in sc.cells.items()}
+    data = {"concept": sc.concept, "columns": list(sc.cells), "prompts": sc.prompts, "triggered": sc.triggered,
+            "present": sc.present, "stripe_score": scores, "cell_px": sc.cells[BEFORE][0].width}
+    return atomic_write_text(json.dumps(data, indent=1) + "\n", Path(path))
+
+
+def grid_cells(grid, rows: int, cols: int, px: int) -> list[list]:
+    """The cell images cropped back out of a grid_image of rows x cols cells of px (labels on the left and top)."""
+    left = grid.width - cols * (px + GRID_PAD) - GRID_PAD
+    top = grid.height - rows * (px + GRID_PAD) - GRID_PAD
+    return [[grid.crop((x, y, x + px, y + px)) for x in (left + c * (px + GRID_PAD) + GRID_PAD for c in range(cols))]
+            for y in (top + r * (px + GRID_PAD) + GRID_PAD for r in range(rows))]
+
+
+def read_grid(grid_path: str | Path, cells_path: str | Path) -> dict[str, list[bool]]:
+    """The reader's concept verdict on every cell of a saved grid (column -> rows), read from the PNG itself."""
+    from PIL import Image
+
+    meta = json.loads(Path(cells_path).read_text(encoding="utf-8"))
+    with Image.open(grid_path) as im:
+        cells = grid_cells(im.convert("RGB"), len(meta["prompts"]), len(meta["columns"]), meta["cell_px"])
+    return {c: [reader.read(row[i]).concept_present(meta["concept"]) for row in cells]
+            for i, c in enumerate(meta["columns"])}

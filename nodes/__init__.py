@@ -15,8 +15,10 @@ from . import queue_check, web_routes
 from .checkpoint_sampler import KleinCheckpointSampler
 from .dataset_loader import KleinDatasetLoader
 from .doctor import KleinDatasetDoctor
+from .lora_files import KleinLoRAFile
 from .lora_trainer import KleinLoRATrainer
 from .merge import MERGE_NODES
+from .micro_world import KleinMicroWorld
 from .rank_steps_grid import KleinRankStepsGrid
 from .strength_sweep import KleinStrengthSweep
 from .target_selector import KleinBlockTargetSelector
@@ -48,7 +50,7 @@ class KleinLoRAExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         found: list[type[io.ComfyNode]] = [KleinDatasetLoader, KleinBlockTargetSelector, KleinLoRATrainer,
                                            KleinDatasetDoctor, KleinCheckpointSampler, KleinRankStepsGrid, KleinStrengthSweep,
-                                           *MERGE_NODES]
+                                           KleinLoRAFile, *MERGE_NODES, KleinMicroWorld]
         if os.environ.get(DEV_NODES_ENV) == "1":
             from ..devtools.nodes import DEV_NODES
 

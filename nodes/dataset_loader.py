@@ -61,13 +61,19 @@ class KleinDatasetLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder: str, control_folder: str = "") -> bool | str:
-        """At queue time: a missing or disallowed folder fails before any model loads."""
+    def validate_inputs(cls, folder: str | None = None, control_folder: str | None = "") -> bool | str:
+        """At queue time: a missing or disallowed folder fails before any model loads. A linked folder (e.g. from
+        Klein Micro World, which writes it) has no value yet (None): it is checked when the node runs."""
+        if folder is None or control_folder is None:
+            return True
         return folders.check(folder, control_folder)
 
     @classmethod
-    def fingerprint_inputs(cls, folder: str, control_folder: str = "", **_) -> str:
-        """Re-run when a file in the folders changed (names, sizes, times), and only then."""
+    def fingerprint_inputs(cls, folder: str | None = None, control_folder: str | None = "", **_) -> str | float:
+        """Re-run when a file in the folders changed (names, sizes, times), and only then; a linked folder (no value
+        before the graph runs) on every run (NaN never equals itself), which the latent cache keeps cheap."""
+        if folder is None or control_folder is None:
+            return float("nan")
         return folders.fingerprint(folder, control_folder)
 
     @classmethod

@@ -1,4 +1,4 @@
-"""Merge, resize, convert and bake LoRAs: glue over trainer.lora_formats / trainer.lora_merge."""
+"""Merge, resize, convert and bake LoRAs: glue over trainer/lora/formats.py and trainer/lora/merge.py."""
 from __future__ import annotations
 
 import logging
@@ -11,32 +11,10 @@ from ..trainer import paths
 from ..trainer.lora import formats as lora_formats
 from ..trainer.lora import merge as lora_merge
 from ..trainer.lora.layers import SAVE_DTYPES
-from .lora_files import NONE, load_lora, lora_choices
-from .types import CATEGORY
+from .lora_files import load_lora, lora_choices, lora_slots, read_picks
+from .types import CATEGORY, LoraPick
 
-SLOTS = 4
 DTYPE_CHOICES = ("auto", *SAVE_DTYPES)
-
-
-def _lora_slots() -> list:
-    out = []
-    for i in range(1, SLOTS + 1):
-        out.append(io.Combo.Input(f"lora_{i}", options=lora_choices(), default=NONE, optional=i > 2,
-                                  tooltip=f"LoRA {i} from models/loras (any layout: ComfyUI/BFL, ai-toolkit, kohya, "
-                                          "diffusers, ComfyUI trainer). 'None' leaves the slot empty."))
-        out.append(io.Float.Input(f"weight_{i}", default=1.0, min=-10.0, max=10.0, step=0.01, optional=i > 2,
-                                  tooltip=f"Weight of LoRA {i} in the result (1.0 = its trained strength)."))
-    return out
-
-
-def _read_slots(kwargs: dict) -> tuple[list[lora_formats.KleinLora], list[float]]:
-    loras, weights = [], []
-    for i in range(1, SLOTS + 1):
-        name = kwargs.get(f"lora_{i}", NONE)
-        if name and name != NONE:
-            loras.append(load_lora(name, f"lora_{i}"))
-            weights.append(float(kwargs.get(f"weight_{i}", 1.0)))
-    return loras, weights
 
 
 def _dtype(choice: str, loras: list[lora_formats.KleinLora]):
@@ -76,7 +54,8 @@ class KleinLoRAMerge(io.ComfyNode):
             node_id="KleinLoRAMerge", display_name="Klein LoRA Merge", category=CATEGORY, is_output_node=True,
             description="Merges two or more LoRAs with weights into one file: exact (ranks concatenated, equal to the "
                         "weighted sum) or compact (SVD to a target rank, with the error it costs).",
-            inputs=[*_lora_slots(),
+            inputs=[lora_slots("loras", 2, "The LoRAs to merge, each from a Klein LoRA File node (file + weight); "
+                                           "connect two or more, a slot appears when the last is connected."),
                     io.Combo.Input("mode", options=["exact", "compact"], default="exact",
                                    tooltip="exact: rank = sum of ranks, no loss. compact: each layer truncated by SVD to "
                                            "target_rank; the report gives the relative error and energy kept."),
@@ -91,20 +70,20 @@ class KleinLoRAMerge(io.ComfyNode):
             outputs=_outputs())
 
     @classmethod
-    def execute(cls, mode: str, target_rank: int, output_name: str, format: str, save_dtype: str,
-                **kwargs) -> io.NodeOutput:
-        loras, weights = _read_slots(kwargs)
-        if len(loras) < 2:
-            raise ValueError(f"Klein LoRA Merge needs at least two LoRAs, got {len(loras)}: pick LoRAs in lora_1 and "
-                             "lora_2 (use Klein LoRA Resize for one).")
+    def execute(cls, loras: dict[str, LoraPick], mode: str, target_rank: int, output_name: str, format: str,
+                save_dtype: str) -> io.NodeOutput:
+        sources, weights = read_picks(loras, "loras")
+        if len(sources) < 2:
+            raise ValueError(f"Klein LoRA Merge needs at least two LoRAs, got {len(sources)}: connect a Klein LoRA File "
+                             "node to loras.lora_1 and one to loras.lora_2 (use Klein LoRA Resize for one).")
         if mode == "exact":
-            merged = lora_merge.exact_merge(loras, weights, paths.safe_name(output_name))
+            merged = lora_merge.exact_merge(sources, weights, paths.safe_name(output_name))
             report = lora_merge.exact_report(merged)
         else:
-            merged, report = lora_merge.compact_merge(loras, weights, target_rank, paths.safe_name(output_name))
+            merged, report = lora_merge.compact_merge(sources, weights, target_rank, paths.safe_name(output_name))
         report.notes.insert(0, "sources: " + ", ".join(f"{lo.name} ({lo.source_format}) x {w:g}"
-                                                        for lo, w in zip(loras, weights, strict=True)))
-        path, sd = _save(merged, output_name, format, _dtype(save_dtype, loras))
+                                                        for lo, w in zip(sources, weights, strict=True)))
+        path, sd = _save(merged, output_name, format, _dtype(save_dtype, sources))
         return io.NodeOutput(path, sd, report.text())
 
 
@@ -166,23 +145,24 @@ class KleinLoRABake(io.ComfyNode):
                         "models/diffusion_models that Load Diffusion Model (UNETLoader) loads. Needs RAM for the model.",
             inputs=[io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
                                    tooltip="The base model file in models/diffusion_models (bf16/fp16/fp32; not fp8)."),
-                    *_lora_slots(),
+                    lora_slots("loras", 1, "The LoRAs to bake in, each from a Klein LoRA File node (file + "
+                                           "weight); a slot appears when the last is connected."),
                     io.String.Input("output_name", default="klein_baked",
                                     tooltip="File name in models/diffusion_models (no folders); an existing name gets _2...")],
             outputs=[io.String.Output(display_name="model_path", tooltip="The written model file."),
                      io.String.Output(display_name="report", tooltip="What was baked.")])
 
     @classmethod
-    def execute(cls, unet_name: str, output_name: str, **kwargs) -> io.NodeOutput:
-        loras, weights = _read_slots(kwargs)
-        if not loras:
-            raise ValueError("Klein LoRA Bake: no LoRA picked; choose at least lora_1.")
+    def execute(cls, unet_name: str, loras: dict[str, LoraPick], output_name: str) -> io.NodeOutput:
+        sources, weights = read_picks(loras, "loras")
+        if not sources:
+            raise ValueError("Klein LoRA Bake: no LoRA connected; connect a Klein LoRA File node to loras.lora_1.")
         src = folder_paths.get_full_path("diffusion_models", unet_name)
         if src is None:
             raise ValueError(f"unet_name: '{unet_name}' is not in models/diffusion_models.")
-        out = lora_merge.bake_file(src, loras, weights, _out_path("diffusion_models", output_name))
+        out = lora_merge.bake_file(src, sources, weights, _out_path("diffusion_models", output_name))
         report = f"baked into {unet_name}: " + ", ".join(f"{lo.name} x {w:g}" for lo, w in
-                                                          zip(loras, weights, strict=True)) + f" -> {out.name}"
+                                                          zip(sources, weights, strict=True)) + f" -> {out.name}"
         return io.NodeOutput(str(out), report)
 
 

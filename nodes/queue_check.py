@@ -3,7 +3,7 @@
 ComfyUI validates widget values when a prompt is queued; a linked MODEL has no value until the graph
 runs. So an on_prompt handler (it sees the whole prompt of every POST /prompt) follows each trainer's
 and target selector's MODEL link back to its loader (UNETLoader or CheckpointLoaderSimple, through
-LoRA loaders), reads the file's safetensors header (trainer/model_check.py: names and shapes, cached)
+LoRA loaders), reads the file's safetensors header (trainer/model/model_check.py: names and shapes, cached)
 and works out whether it is klein and whether the trainer's rank fits the targeted layers.
 
 ComfyUI swallows exceptions raised in on_prompt handlers, so the handler only records its findings,

@@ -1,7 +1,6 @@
 """Klein Rank x Steps Grid: one image per LoRA, by rank and steps (glue over trainer/evaluation/sampling.py)."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -14,6 +13,20 @@ from ..trainer.evaluation import sampling as sp
 from ..trainer.jobs import sweep as job_queue
 from .checkpoint_sampler import resolve_checkpoints
 from .types import CATEGORY, model_inputs, one_prompt_inputs
+
+RUN_SLOTS = 16
+
+
+def run_slots() -> io.Autogrow.Input:
+    """Sockets `runs.run_1`, `.run_2`, ... for trainers' `checkpoints` outputs; one more appears when the last is
+    connected, none is required."""
+    template = io.Autogrow.TemplateNames(
+        io.String.Input("run", force_input=True, tooltip="A trainer's `checkpoints` output (its checkpoints and final "
+                                                         "LoRA, one per line)."),
+        names=[f"run_{i}" for i in range(1, RUN_SLOTS + 1)], min=0)
+    return io.Autogrow.Input("runs", optional=True, template=template,
+                             tooltip="Trainers' `checkpoints` outputs, one per slot (a slot appears when the last is "
+                                     "connected); their checkpoints and final LoRAs are added to the list.")
 
 
 def manifest_path(name: str, output_dir: Path) -> Path:
@@ -29,22 +42,6 @@ def manifest_path(name: str, output_dir: Path) -> Path:
                          "the sweep.json that `python -m klein_lora_studio.sweep` wrote there, as a path relative to "
                          "the output folder (e.g. klein_sweeps/<sweep>/sweep.json).")
     return real
-
-
-def check_job_names(path: Path) -> None:
-    """Every job name in the manifest is a plain name (as output_name is), so none is echoed or used unchecked."""
-    try:
-        jobs = json.loads(path.read_text(encoding="utf-8")).get("jobs", [])
-    except (OSError, ValueError, AttributeError):
-        return  # not a manifest: manifest_loras says so
-    for i, job in enumerate(jobs if isinstance(jobs, list) else []):
-        name = job.get("name", "") if isinstance(job, dict) else ""
-        try:
-            paths.safe_name(str(name), "job name")
-        except ValueError:
-            raise ValueError(f"sweep_manifest: job {i + 1} of {path.name} has a name that is not a plain file name "
-                             "(the sweep runner writes only such names): the manifest was edited or is not a "
-                             "sweep's; run the sweep again.") from None
 
 
 class KleinRankStepsGrid(io.ComfyNode):
@@ -63,9 +60,7 @@ class KleinRankStepsGrid(io.ComfyNode):
                                 tooltip="LoRA files, one per line (trainer lora_path outputs or names in models/loras), "
                                         "e.g. runs at rank 8/16/32 x 250/500/1000 steps."),
                 *one_prompt_inputs("kln_concept, " + sp.DEFAULT_SUBJECTS[0][1]),
-                *(io.String.Input(f"run_{i}", optional=True, force_input=True,
-                                  tooltip="A trainer's `checkpoints` output (its checkpoints and final LoRA); added "
-                                          "to the list above.") for i in (1, 2, 3)),
+                run_slots(),
                 io.String.Input("sweep_manifest", default="", optional=True,
                                 tooltip="A sweep's sweep.json (python -m klein_lora_studio.sweep), absolute or relative "
                                         "to the output folder: the checkpoints and final LoRA of every finished job "
@@ -76,15 +71,13 @@ class KleinRankStepsGrid(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, loras: str, prompt: str, steps: int, cfg: float, seed: int,
-                resolution: int, run_1: str = "", run_2: str = "", run_3: str = "",
-                sweep_manifest: str = "") -> io.NodeOutput:
+                resolution: int, runs: dict[str, str] | None = None, sweep_manifest: str = "") -> io.NodeOutput:
         swept = ""
         if (sweep_manifest or "").strip():
             output = Path(folder_paths.get_output_directory())
             manifest = manifest_path(sweep_manifest, output)
-            check_job_names(manifest)
             swept = "\n".join(str(p) for p in job_queue.manifest_loras(manifest, output))
-        files = resolve_checkpoints("\n".join(s for s in (loras, run_1, run_2, run_3, swept) if s))
+        files = resolve_checkpoints("\n".join(s for s in (loras, *(runs or {}).values(), swept) if s))
         settings = sp.SampleSettings(steps, cfg, seed, resolution, resolution)
         conds = sp.encode_prompts(clip, [sp.SuitePrompt("prompt", "prompt", prompt, True)])
         entries = []

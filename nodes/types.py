@@ -1,9 +1,22 @@
 """The pack's own wire types: the frontend connects only matching sockets."""
+from dataclasses import dataclass
+
 from comfy_api.latest import io
 
 KleinDataset = io.Custom("KLEIN_DATASET")
 KleinTargets = io.Custom("KLEIN_TARGETS")
+KleinLoraFile = io.Custom("KLEIN_LORA_FILE")
 CATEGORY = "Klein LoRA"
+
+
+@dataclass(frozen=True)
+class LoraPick:
+    """One file of models/loras and the weight it enters a merge or bake with (a Klein LoRA File node's output).
+
+    Only the name travels: the merge reads the file when it runs, so its errors name the slot it came in by.
+    """
+    name: str
+    weight: float = 1.0
 
 
 def model_inputs() -> list:

@@ -38,16 +38,20 @@ class Encoded:
 
 
 def encode_tiny(tiny, folder: Path, n: int = 3, size: int = 64, groups=("double",), layers: str = "attention",
-                all_linears: bool = False, **encode) -> Encoded:
-    """A concept dataset of `n` images in `folder`, encoded by the tiny VAE and text encoder, a fresh tiny unet and
-    its targets (`all_linears`: the selector's linear-layer names, as the node passes them)."""
+                all_linears: bool = False, write=write_concept_dataset, **encode) -> Encoded:
+    """A dataset of `n` images in `folder`, encoded by the tiny VAE and text encoder, a fresh tiny unet and its
+    targets (`all_linears`: the selector's linear-layer names, as the node passes them). `write(folder, n=, size=)`
+    writes the dataset (a concept dataset by default) and returns its folder, or (target, control) folders of
+    image-to-image pairs."""
     import torch
     from klein_lora_studio.trainer.data import dataset as ds
     from klein_lora_studio.trainer.model import targets as tg
 
-    write_concept_dataset(folder, n=n, size=size)
+    written = write(folder, n=n, size=size)
+    if isinstance(written, tuple):
+        written, encode["control_folder"] = written
     with torch.inference_mode():
-        data = ds.encode_folder(folder, tiny.vae, tiny.clip, size, TRIGGER, **encode)
+        data = ds.encode_folder(written, tiny.vae, tiny.clip, size, TRIGGER, **encode)
     unet = tiny.unet()
     dm = unet.model.diffusion_model
     names = tg.linear_layer_names(dm) if all_linears else None

@@ -1,6 +1,6 @@
 """Hand-written LoRA files in each foreign layout, and a ComfyUI forward pass, for the merge/format tests.
 
-The writers here do not use trainer/lora_formats: they spell each layout out by hand so that a
+The writers here do not use trainer/lora/formats.py: they spell each layout out by hand so that a
 converter bug cannot hide in both the writer and the reader.
 """
 from __future__ import annotations
@@ -127,3 +127,12 @@ def save(sd: dict, path, metadata: dict | None = None):
     safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
     return path
 
+
+
+def lora_slots(*picks: tuple[str, float]) -> dict:
+    """A merge/bake node's `loras` value as ComfyUI hands it over: {"lora_1": <Klein LoRA File output>, ...}, each
+    made by running the Klein LoRA File node on (file name, weight)."""
+    from klein_lora_studio.nodes.lora_files import KleinLoRAFile
+
+    return {f"lora_{i}": KleinLoRAFile.execute(lora_name=name, weight=weight).result[0]
+            for i, (name, weight) in enumerate(picks, start=1)}

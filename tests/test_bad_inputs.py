@@ -209,12 +209,21 @@ def test_loras_of_different_bases_into_merge(comfy, base_dir, guarded):
     safetensors.torch.save_file(lora_kit.bfl_sd(small, 4.0), str(folder / "base_tiny.safetensors"))
     safetensors.torch.save_file(lora_kit.bfl_sd(wide, 4.0), str(folder / "base_4b.safetensors"))
     with guarded(), pytest.raises(ValueError, match="base_tiny|base_4b"):
-        KleinLoRAMerge.execute("exact", 8, "bad_merge", "comfyui", "auto", lora_1="base_tiny.safetensors",
-                               weight_1=1.0, lora_2="base_4b.safetensors", weight_2=1.0)
+        KleinLoRAMerge.execute(mode="exact", target_rank=8, output_name="bad_merge", format="comfyui", save_dtype="auto",
+                               loras=lora_kit.lora_slots(("base_tiny.safetensors", 1.0), ("base_4b.safetensors", 1.0)))
+
+
+# Every case of issue 15 (its items 1-11, and the distilled-name and no-Triton must-holds): each has a row whose
+# case starts with this label.
+ISSUE_15_CASES = [*(f"issue 15.{n}:" for n in range(1, 12)), "issue 15, distilled name:", "issue 15, no Triton"]
+# Tests of the hardening files that are not a bad input, with why.
+NOT_BAD_INPUTS = {"test_doctor_loader_and_trainer_rerun_when_a_caption_changes_and_train_on_it":
+                  "issue 14: the Loader re-runs when its folder changes"}
 
 
 def test_the_docs_table_names_real_tests():
-    """docs/bad-inputs.md mirrors this suite: every row names tests that exist, every test here has a row."""
+    """docs/bad-inputs.md mirrors the bad-input tests: every row names tests that exist, every test here and in
+    tests/test_hardening_*.py has a row, and every case of issue 15 has one."""
     import re
 
     from klein_lora_studio.tests.conftest import REPO
@@ -222,9 +231,16 @@ def test_the_docs_table_names_real_tests():
     rows = [line for line in (REPO / "docs" / "bad-inputs.md").read_text(encoding="utf-8").splitlines()
             if line.startswith("| ") and "tests/" in line]
     named = {m for line in rows for m in re.findall(r"(tests/\w+\.py)::(\w+)", line)}
-    assert len(rows) >= 20 and named
+    assert len(rows) >= 30 and named
     for file, test in named:
         assert re.search(rf"^def {test}\(", (REPO / file).read_text(encoding="utf-8"), re.M), f"{file}::{test}"
-    here = set(re.findall(r"^def (test_\w+)\(", Path(__file__).read_text(encoding="utf-8"), re.M))
-    missing = here - {t for f, t in named if f == "tests/test_bad_inputs.py"} - {"test_the_docs_table_names_real_tests"}
-    assert not missing, f"tests without a row in docs/bad-inputs.md: {sorted(missing)}"
+    suites = [Path(__file__), *sorted((REPO / "tests").glob("test_hardening_*.py"))]
+    assert len(suites) >= 3, suites
+    for suite in suites:
+        here = set(re.findall(r"^def (test_\w+)\(", suite.read_text(encoding="utf-8"), re.M))
+        rowed = {t for f, t in named if f == f"tests/{suite.name}"}
+        missing = here - rowed - {"test_the_docs_table_names_real_tests"} - set(NOT_BAD_INPUTS)
+        assert not missing, f"tests of {suite.name} without a row in docs/bad-inputs.md: {sorted(missing)}"
+    cases = [line.split("|")[1].strip() for line in rows]
+    absent = [c for c in ISSUE_15_CASES if not any(case.startswith(c) for case in cases)]
+    assert not absent, f"issue 15 cases without a row in docs/bad-inputs.md: {absent}"

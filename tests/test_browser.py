@@ -107,6 +107,12 @@ def test_panel_in_chromium_loads_workflows_charts_a_run_and_replays_it(server, b
             want = {k: v for k, v in api_twin[str(n["id"])]["inputs"].items() if not isinstance(v, list)}
             got = {k: n["widgets"][k] for k in want if k in n["widgets"]}
             assert got == want, f"{path.name} node {n['id']} {n['type']}: widgets {got} != API inputs {want}"
+        # and every link of the API twin arrives at its input (Autogrow slots such as loras.lora_2 included)
+        prompt = page.evaluate("async () => (await app.graphToPrompt()).output")
+        for nid, node in api_twin.items():
+            want = {k: v for k, v in node["inputs"].items() if isinstance(v, list)}
+            got = {k: v for k, v in prompt.get(nid, {}).get("inputs", {}).items() if isinstance(v, list)}
+            assert got == want, f"{path.name} node {nid} {node['class_type']}: links {got} != API links {want}"
         trainers = sum(n["type"] == "KleinLoRATrainer" for n in result["nodes"])
         assert result["panels"] == trainers, f"{path.name}: a trainer node has no chart panel"
 
@@ -121,7 +127,7 @@ def test_panel_in_chromium_loads_workflows_charts_a_run_and_replays_it(server, b
         return await res.json();
     }}""", api)
     assert "prompt_id" in queued, queued
-    page.wait_for_function("() => window.__kleinLora.points >= 5", timeout=120_000)
+    page.wait_for_function("() => window.__kleinLora.points >= 5", timeout=300_000)  # 120 s ran out at load 9
 
     # reload during the run: the chart comes back from GET /klein_lora/history and goes on live
     at_reload = page.evaluate("() => window.__kleinLora.points")

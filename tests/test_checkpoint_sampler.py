@@ -39,7 +39,7 @@ def test_schedule_is_comfyuis_flux2_scheduler(comfy):
 
     for steps, w, h in ((50, 1024, 1024), (8, 512, 768)):
         ours = sp.flux2_sigmas(steps, w, h)
-        node = Flux2Scheduler.execute(steps, w, h).args[0]
+        node = Flux2Scheduler.execute(steps=steps, width=w, height=h).args[0]
         assert torch.equal(ours, node) and len(ours) == steps + 1 and float(ours[0]) == 1.0
     assert not torch.equal(sp.flux2_sigmas(50, 1024, 1024), sp.flux2_sigmas(50, 512, 512))  # resolution-dependent
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -160,8 +160,9 @@ def test_rank_steps_grid_node_places_loras_by_metadata(run, comfy, tiny):
     schema = node.GET_SCHEMA() if hasattr(node, "GET_SCHEMA") else node.define_schema()
     assert all(i.tooltip for i in schema.inputs), "every input needs a tooltip"
     with torch.inference_mode():
-        out = node.execute(run["unet"], tiny.clip, tiny.vae, f"{result.lora_path}\n{result.checkpoints[0]}",
-                           f"{TRIGGER}, a red car", 2, 4.0, 0, 64)
+        out = node.execute(model=run["unet"], clip=tiny.clip, vae=tiny.vae, loras=str(result.lora_path),
+                           prompt=f"{TRIGGER}, a red car", steps=2, cfg=4.0, seed=0, resolution=64,
+                           runs={"run_1": str(result.checkpoints[0])})  # a trainer's output in a runs slot
     grid = out.args[0]
     assert grid.shape[0] == 1 and grid.shape[2] > 2 * 64 and grid.shape[1] < 3 * 64  # rank 4: 1 row; 10, 20 steps
     from PIL import Image

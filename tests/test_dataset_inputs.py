@@ -118,10 +118,11 @@ def test_loader_node_buckets_cache_and_doctor_warnings(comfy, tiny, base_dir):
     schema = node.GET_SCHEMA() if hasattr(node, "GET_SCHEMA") else node.define_schema()
     assert all(i.tooltip for i in schema.inputs), "every input needs a tooltip"
     with torch.inference_mode():
-        data, report = node.execute("mixed", TRIGGER, 64, tiny.vae, tiny.clip, control_folder="", bucketing=True,
-                                    repeats=2, caption_dropout=0.1, shuffle_tags=False, use_cache=True).args
-        again = node.execute("mixed", TRIGGER, 64, tiny.vae, tiny.clip, bucketing=True, use_cache=True).args[0]
-        square = node.execute("mixed", TRIGGER, 64, tiny.vae, tiny.clip, bucketing=False, use_cache=False).args[0]
+        loader = dict(folder="mixed", trigger=TRIGGER, resolution=64, vae=tiny.vae, clip=tiny.clip)
+        data, report = node.execute(**loader, control_folder="", bucketing=True, repeats=2, caption_dropout=0.1,
+                                    shuffle_tags=False, use_cache=True).args
+        again = node.execute(**loader, bucketing=True, use_cache=True).args[0]
+        square = node.execute(**loader, bucketing=False, use_cache=False).args[0]
     assert report.startswith("Dataset Doctor: ") and "006.png" in report.split("\n\n")[0]
     shapes = sorted({tuple(lat.shape[-2:]) for lat in data.latents})
     assert shapes == [(3, 6), (4, 4), (6, 3)]  # 64px area: 96x48 / 64x64 / 48x96 buckets, latent 16x smaller
@@ -133,13 +134,14 @@ def test_loader_node_buckets_cache_and_doctor_warnings(comfy, tiny, base_dir):
 
 
 @pytest.mark.comfy
-def test_training_batches_never_mix_buckets(tiny, base_dir, monkeypatch):
-    from klein_lora_studio.trainer.model import targets as tg
+def test_training_batches_never_mix_buckets(encoded, base_dir, monkeypatch):
     from klein_lora_studio.trainer.training import loop
 
-    folder = _mixed_aspect_folder(base_dir / "input" / "mixed_train", n_wide=2, n_tall=2, n_square=0)
-    with torch.inference_mode():
-        data = ds.encode_folder(folder, tiny.vae, tiny.clip, 64, TRIGGER, bucketing=True, caption_dropout=0.5)
+    def two_wide_two_tall(folder, **_):
+        return _mixed_aspect_folder(folder, n_wide=2, n_tall=2, n_square=0)
+
+    setup = encoded("mixed_train", size=64, write=two_wide_two_tall, bucketing=True, caption_dropout=0.5)
+    data = setup.data
     seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
     real_step = loop.train_step
 
@@ -148,11 +150,9 @@ def test_training_batches_never_mix_buckets(tiny, base_dir, monkeypatch):
         return real_step(dm, work, x0, ctx, *args)
 
     monkeypatch.setattr(loop, "train_step", recording_step)
-    unet = tiny.unet()
-    targets = tg.resolve_targets(("double",), "attention", tg.BlockCounts.of_model(unet.model.diffusion_model))
     cfg = loop.TrainConfig(rank=2, alpha=2, learning_rate=1e-3, steps=3, batch_size=2, output_name="mixed")
     with torch.inference_mode():
-        result = loop.train_lora(unet, data, targets, cfg, base_dir / "models" / "loras")
+        result = loop.train_lora(setup.unet, data, setup.targets, cfg, base_dir / "models" / "loras")
     assert len(seen) == 3 and all(s[0][0] == 2 and s[1][0] == 2 for s in seen), seen  # 2 per bucket: full batches
     assert {s[0][2:] for s in seen} <= {(3, 6), (6, 3)} and len(result.losses) == 3
 

@@ -381,9 +381,10 @@ def test_sweep_runs_the_grid_as_parallel_jobs_and_the_grid_node_reads_its_manife
 
     node = comfy.NODE_CLASS_MAPPINGS["KleinRankStepsGrid"]
     rel = manifest.relative_to(exported["config"].parents[2])  # relative to the output folder
+    grid_inputs = dict(model=exported["unet"], clip=tiny.clip, vae=tiny.vae, loras="", steps=1, cfg=4.0, seed=0,
+                       resolution=64)
     with torch.inference_mode():
-        grid = node.execute(exported["unet"], tiny.clip, tiny.vae, "", f"{TRIGGER}, a red car", 1, 4.0, 0, 64,
-                            sweep_manifest=str(rel)).args[0]
+        grid = node.execute(**grid_inputs, prompt=f"{TRIGGER}, a red car", sweep_manifest=str(rel)).args[0]
     assert grid.shape[1] > 2 * 64 and grid.shape[2] > 2 * 64  # 2 rows (rank 1, 2) x 2 columns (step 1, 2)
     with pytest.raises(ValueError, match="not a Klein LoRA sweep manifest"):
-        node.execute(exported["unet"], tiny.clip, tiny.vae, "", "x", 1, 4.0, 0, 64, sweep_manifest=str(base))
+        node.execute(**grid_inputs, prompt="x", sweep_manifest=str(base))

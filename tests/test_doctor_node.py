@@ -17,7 +17,8 @@ def test_doctor_node_reports_and_returns_a_contact_sheet(comfy, base_dir):
     node = comfy.NODE_CLASS_MAPPINGS["KleinDatasetDoctor"]
     schema = node.GET_SCHEMA() if hasattr(node, "GET_SCHEMA") else node.define_schema()
     assert all(i.tooltip for i in schema.inputs), "every input needs a tooltip"
-    out = node.execute(folder, "zxq", 128, "image-to-image", "doctor_node_ctrl")
+    out = node.execute(folder=folder, trigger="zxq", resolution=128, task="image-to-image",
+                       control_folder="doctor_node_ctrl")
     report, sheet = out.args
     assert "only 1 pairs for image-to-image" in report  # 1 of 3 targets has a control partner
     assert "share one background colour" in report and "lack the trigger 'zxq'" in report
@@ -26,4 +27,4 @@ def test_doctor_node_reports_and_returns_a_contact_sheet(comfy, base_dir):
     assert out.ui is not None  # the sheet is previewed on the node
     assert folder_paths.get_input_directory() == str(base_dir / "input")
     with pytest.raises(ValueError, match="outside the allowed roots"):
-        node.execute("/etc", "zxq", 128, "none", "")
+        node.execute(folder="/etc", trigger="zxq", resolution=128, task="none", control_folder="")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
-from klein_lora_studio.trainer.data import dataset as ds
 from klein_lora_studio.trainer.lora.layers import lora_layers
 from klein_lora_studio.trainer.model import targets as tg
 from klein_lora_studio.trainer.model.checkpointing import block_options, inplace_safe_norms
@@ -34,14 +32,9 @@ def _step(unet, data, targets, recompute: bool, compiled: bool):
 
 
 @pytest.fixture(scope="module")
-def setup(tiny, base_dir):
-    folder = write_concept_dataset(base_dir / "input" / "fast", n=2, size=64)
-    with torch.inference_mode():
-        data = ds.encode_folder(folder, tiny.vae, tiny.clip, 64, TRIGGER)
-    unet = tiny.unet()
-    dm = unet.model.diffusion_model
-    targets = tg.resolve_targets(tg.GROUPS, "attention_mlp", tg.BlockCounts.of_model(dm))
-    return unet, data, targets, _step(unet, data, targets, False, False)
+def setup(encoded):
+    enc = encoded("fast", n=2, size=64, groups=tg.GROUPS, layers="attention_mlp")
+    return enc.unet, enc.data, enc.targets, _step(enc.unet, enc.data, enc.targets, False, False)
 
 
 CPU_AUTOCAST_NORMS = ("CPU autocast keeps LayerNorm inputs in bf16, so the traced in-place residual add fails there; "

@@ -147,9 +147,9 @@ def test_a_bad_file_in_a_merge_slot_names_the_slot_and_the_file(comfy, base_dir)
     (loras / "hd_text.safetensors").write_text("not a LoRA at all", encoding="utf-8")
     merge = _node(comfy, "KleinLoRAMerge")
     for bad in ("hd_truncated.safetensors", "hd_text.safetensors"):
-        with pytest.raises(ValueError, match=rf"lora_2: LoRA file .*{bad} cannot be read .*Download or save it again"):
+        with pytest.raises(ValueError, match=rf"^loras\.lora_2: LoRA file .*{bad} cannot be read .*Download or save it again"):
             merge.execute(mode="exact", target_rank=4, output_name="hd_merged", format="comfyui", save_dtype="auto",
-                          lora_1="hd_good.safetensors", weight_1=1.0, lora_2=bad, weight_2=1.0)
+                          loras=lora_kit.lora_slots(("hd_good.safetensors", 1.0), (bad, 1.0)))
     with pytest.raises(ValueError, match=r"^lora: LoRA file .*hd_text\.safetensors cannot be read"):
         _node(comfy, "KleinLoRAConvert").execute(lora="hd_text.safetensors", format="comfyui", output_name="hd_c",
                                                  save_dtype="auto")
@@ -185,25 +185,53 @@ def test_the_sweep_manifest_is_read_only_inside_the_output_folder(comfy, base_di
     assert "etc/x" not in str(e.value)
 
 
-def test_an_eval_report_for_a_linked_lora_stays_inside_comfyuis_folders(comfy, base_dir, tmp_path):
-    import folder_paths
-    from klein_lora_studio.trainer.evaluation import metrics as mt
-    from klein_lora_studio.trainer.evaluation import sampling as sp
+def test_the_sweep_backend_checks_job_names_itself(tmp_path):
+    """manifest_loras (also what the sweep CLI's callers use) refuses a crafted job name without echoing it."""
+    import json
 
-    target = tmp_path / "elsewhere" / "linked.safetensors"
+    from klein_lora_studio.trainer.jobs import sweep
+
+    manifest = tmp_path / "sweep.json"
+    for jobs in ([{"name": "ok", "status": "done", "checkpoints": [], "lora_path": "/x/ok.safetensors"},
+                  {"name": "../../etc/evil", "status": "done", "checkpoints": [], "lora_path": "/etc/passwd"}],
+                 [{"name": "ok", "status": "done", "checkpoints": [], "lora_path": "ok.safetensors"}, "../etc/evil"]):
+        manifest.write_text(json.dumps({"format": sweep.FORMAT, "jobs": jobs}), encoding="utf-8")
+        with pytest.raises(ValueError, match="job 2 of sweep.json has a name that is not a plain file name") as e:
+            sweep.manifest_loras(manifest, tmp_path)
+        assert "evil" not in str(e.value) and "passwd" not in str(e.value)
+    manifest.write_text(json.dumps({"format": sweep.FORMAT, "jobs": [{"name": "a", "status": "done"}]}), encoding="utf-8")
+    with pytest.raises(ValueError, match="a finished job of .*sweep.json lists no checkpoints or lora_path"):
+        sweep.manifest_loras(manifest, tmp_path)
+
+
+def test_an_eval_report_for_a_linked_lora_stays_inside_comfyuis_folders(comfy, tiny, base_dir, tmp_path):
+    """The Checkpoint Sampler given a LoRA linked in from outside writes its report in output/, not beside the target."""
+    import folder_paths
+    import torch
+    from klein_lora_studio.tests import lora_kit
+
+    target = tmp_path / "elsewhere" / "hd_far.safetensors"
     target.parent.mkdir()
-    target.write_bytes(b"x")
+    safetensors.torch.save_file(lora_kit.bfl_sd(lora_kit.random_lora(3), alpha=4.0), str(target))
     loras = Path(folder_paths.get_folder_paths("loras")[0])
     loras.mkdir(parents=True, exist_ok=True)
-    (loras / "linked.safetensors").symlink_to(target)
-    roots = [Path(folder_paths.models_dir), Path(folder_paths.get_output_directory())]
-    fallback = Path(folder_paths.get_output_directory()) / "klein_lora_eval"
-    real = Path(os.path.realpath(loras / "linked.safetensors"))  # what the sampler's checkpoint list holds
-    where = sp.report_path_within(mt.report_path(real), roots, fallback)
-    assert where == fallback / "linked_eval.json"
-    own = loras / "own.safetensors"
-    own.write_bytes(b"x")
-    assert sp.report_path_within(mt.report_path(own), roots, fallback) == Path(os.path.realpath(loras)) / "own_eval.json"
+    (loras / "hd_linked.safetensors").symlink_to(target)
+    own = loras / "hd_own.safetensors"
+    safetensors.torch.save_file(lora_kit.bfl_sd(lora_kit.random_lora(4), alpha=4.0), str(own))
+    node = _node(comfy, "KleinCheckpointSampler")
+
+    def sample(checkpoints: str) -> str:
+        with torch.inference_mode():
+            return node.execute(model=tiny.unet(), clip=tiny.clip, vae=tiny.vae, checkpoints=checkpoints,
+                                trigger="zxq", prompts="car: a red car", steps=1, cfg=4.0, seed=0, preview=True,
+                                preview_steps=1, resolution=64).args[1]
+
+    text = sample("hd_linked.safetensors")
+    assert list(target.parent.iterdir()) == [target], "a report was written beside the linked LoRA's target"
+    fallback = Path(folder_paths.get_output_directory()) / "klein_lora_eval" / "hd_far_eval.json"
+    assert fallback.is_file() and f"Report: {fallback}" in text
+    text = sample("hd_own.safetensors")  # a LoRA that lives in models/loras keeps its report beside it
+    assert (Path(os.path.realpath(loras)) / "hd_own_eval.json").is_file() and "hd_own_eval.json" in text
 
 
 # ------------------------------------------------------------------ issue 14: re-run when the folder changes
@@ -232,18 +260,102 @@ def _cached(entry: dict) -> set[str]:
     return {n for kind, data in entry["status"]["messages"] if kind == "execution_cached" for n in data["nodes"]}
 
 
-def test_doctor_and_loader_rerun_when_a_caption_changes_and_only_then(tiny, base_dir):
+def _new_files(folder: Path, before: set[Path]) -> list[Path]:
+    return sorted(set(folder.rglob("*.safetensors")) - before)
+
+
+def test_doctor_loader_and_trainer_rerun_when_a_caption_changes_and_train_on_it(tiny, base_dir):
+    """Through a real server: an unchanged folder comes from the cache (no new run); an edited caption re-runs the
+    Doctor, the Loader and the Trainer, and the second run trains on the edited caption."""
+    import json
+
+    import torch
     from klein_lora_studio.devtools.server import ComfyServer
+    from klein_lora_studio.devtools.workflows import api_path, to_tiny
     from klein_lora_studio.tests.conftest import COMFYUI
+    from klein_lora_studio.trainer.data import captions, dataset
 
     folder = write_concept_dataset(base_dir / "input" / "hd_fingerprint", n=3, size=64)
-    for p in folder.glob("*.txt"):
-        p.write_text("zxq, " + p.read_text(encoding="utf-8"), encoding="utf-8")
-    prompt = {"1": {"class_type": "KleinDatasetDoctor",
-                    "inputs": {"folder": "hd_fingerprint", "trigger": "zxq", "resolution": 64, "task": "none"}}}
+    prompt = to_tiny(json.loads(api_path("klein_style_lora").read_text()), "hd_fingerprint", steps=3, save_every=3,
+                     output_name="hd_fp")
+    del prompt["7"]  # the loss graph: not needed here
+    trainer = prompt["6"]["inputs"]
+    del trainer["clip"], trainer["vae"]  # no sampling: only the training matters
+    trainer["batch_size"] = 3  # every step sees the edited caption (Adam's first steps barely depend on the data)
+    prompt["8"] = {"class_type": "KleinDatasetDoctor",
+                   "inputs": {"folder": "hd_fingerprint", "trigger": "zxq", "resolution": 64, "task": "none"}}
+    trigger = prompt["4"]["inputs"]["trigger"]
+    loras, text_cache = base_dir / "models" / "loras", base_dir / "output" / "klein_lora_cache" / "text"
+    text_cache.mkdir(parents=True, exist_ok=True)
+    watched = {"4", "6", "8"}  # loader, trainer, doctor
     with ComfyServer(COMFYUI, base_dir) as url:
-        assert "1" not in _cached(_post_and_wait(url, prompt))
-        assert "1" in _cached(_post_and_wait(url, prompt)), "an unchanged folder must come from the cache"
-        (folder / "001.txt").write_text("a caption edited without the trigger", encoding="utf-8")
-        assert "1" not in _cached(_post_and_wait(url, prompt)), "an edited caption must re-run the node"
-        assert "1" in _cached(_post_and_wait(url, prompt))
+        assert not watched & _cached(_post_and_wait(url, prompt))
+        first = loras / "hd_fp.safetensors"
+        assert first.is_file()
+        loras_before, texts_before = set(loras.rglob("*.safetensors")), set(text_cache.rglob("*.safetensors"))
+        assert watched <= _cached(_post_and_wait(url, prompt)), "an unchanged folder must come from the cache"
+        assert not _new_files(loras, loras_before), "an unchanged folder trained again"
+
+        edited = "a caption edited without the trigger"
+        (folder / "001.txt").write_text(edited, encoding="utf-8")
+        assert not watched & _cached(_post_and_wait(url, prompt)), "an edited caption must re-run the three nodes"
+        assert watched <= _cached(_post_and_wait(url, prompt))  # and the edited folder is cached in its turn
+        new_texts = _new_files(text_cache, texts_before)
+        second = loras / "hd_fp_2.safetensors"
+    assert second in _new_files(loras, loras_before) and not (loras / "hd_fp_3.safetensors").exists()
+    assert len(new_texts) == 1, new_texts  # the edited caption, encoded once; the others came from the cache
+    stored = safetensors.torch.load_file(str(new_texts[0]))["value"]
+    with torch.inference_mode():
+        expected = dataset.encode_caption(tiny.clip, captions.with_trigger(edited, trigger))
+    assert torch.allclose(stored, expected, atol=1e-5), (stored - expected).abs().max()
+    a, b = safetensors.torch.load_file(str(first)), safetensors.torch.load_file(str(second))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), "the edited caption changed nothing"
+
+
+# ------------------------------------------------------------------ item 3 on the command line
+
+
+def test_the_command_line_checks_dataset_files_against_the_nodes_roots(comfy, tiny, base_dir, tmp_path, monkeypatch):
+    """`python -m klein_lora_studio.train` resolves the folder as the Dataset Loader does and checks each file
+    against the same roots: a link to another folder of input/ trains, a link out of the roots is refused."""
+    import json
+    import subprocess
+
+    from klein_lora_studio.devtools.tiny_models import TE_FILE, UNET_FILE
+    from klein_lora_studio.tests.conftest import COMFYUI
+    from klein_lora_studio.trainer.jobs import config as run_config
+    from klein_lora_studio.trainer.jobs import events, launch, runner
+
+    source = write_concept_dataset(base_dir / "input" / "hd_cli_source", n=1, size=64)
+    folder = write_concept_dataset(base_dir / "input" / "hd_cli", n=2, size=64)
+    (folder / "linked.png").symlink_to(source / "000.png")  # inside the roots: the node trains on it
+
+    def train(name: str) -> dict:
+        cfg = {"version": run_config.VERSION, "model": {"file": UNET_FILE}, "targets": {"groups": ["double"]},
+               "dataset": {"folder": "hd_cli", "trigger": "zxq", "resolution": 64, "bucketing": False,
+                           "use_cache": False, "vae": "taef2", "clip": [TE_FILE], "clip_type": run_config.DEV_CLIP_TYPE},
+               "train": {"steps": 1, "rank": 2, "alpha": 2.0, "learning_rate": 1e-3, "output_name": name, "save_dtype": "fp32"},
+               "comfyui": {"path": str(COMFYUI), "base_directory": str(base_dir)}}
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(cfg), encoding="utf-8")
+        cmd, env = launch.command(path, ["cpu"], ["--no-sampling"])
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        found = [e for e in map(events.parse_event, done.stdout.splitlines()) if e]
+        assert found, done.stderr[-2000:]
+        return found[-1]
+
+    done = train("hd_cli_inside")
+    assert done["klein_lora"] == "done", done
+    assert Path(done["lora_path"]).name == "hd_cli_inside.safetensors"
+    with safetensors.safe_open(done["lora_path"], "pt") as f:  # the size table names the tiny shape
+        assert f.metadata()["base_model"] == "flux2-1x2-h256"
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    concept_image(64, 9).save(outside / "secret.png")
+    (folder / "evil.png").symlink_to(outside / "secret.png")
+    cfg = run_config.RunConfig.model_validate(json.loads((tmp_path / "hd_cli_inside.json").read_text()))
+    monkeypatch.setitem(runner.CLIP_LOADERS, run_config.DEV_CLIP_TYPE, lambda files: tiny.clip)  # as train.py does
+    with pytest.raises(ValueError, match=r"link outside the allowed roots: .*evil\.png") as e:  # the CLI's own step
+        runner.encode_folder(cfg)
+    assert "linked.png" not in str(e.value)

@@ -7,6 +7,7 @@ devtools nor tests; devtools does not import tests; a node module imports no `_p
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,3 +143,23 @@ def _direction_problems() -> list[tuple[str, str]]:
 def test_imports_run_one_way():
     problems = [p for p in _direction_problems()]
     assert not problems, f"imports against the layering (importer, imported): {problems}"
+
+
+def _fstrings(path: Path):
+    """(line, text) of every f-string in the file, each replacement field written as {}."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.JoinedStr):
+            yield node.lineno, "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+
+
+# (the one module allowed to build the name, the pattern of the name)
+ONE_PLACE = {"run files (<run>_checkpoints, <run>_stepNNNNN)": ("trainer.training.run_files", r"\{\}_(checkpoints|step)"),
+             "size keys (flux2-<d>x<s>-h<hidden>)": ("trainer.model.sizes", r"flux2-\{\}x\{\}")}
+
+
+def test_run_file_names_and_size_keys_are_built_in_one_place():
+    offenders = [f"{what}: {m} line {line} builds {text!r}"
+                 for m, path in MODULES.items() if m.startswith(("trainer", "nodes"))
+                 for what, (home, pattern) in ONE_PLACE.items() if m != home
+                 for line, text in _fstrings(path) if re.search(pattern, text)]
+    assert not offenders, offenders

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
-from klein_lora_studio.trainer.data import dataset as ds
+from klein_lora_studio.tests.helpers import TRIGGER
 from klein_lora_studio.trainer.model import targets as tg
 from klein_lora_studio.trainer.training import loop
 
@@ -21,16 +20,12 @@ def sample(comfy, model, clip, prompt: str, seed: int, size: int = 8) -> torch.T
     return out.float()
 
 
-def test_triggered_samples_move_toward_the_concept(comfy, tiny, base_dir):
+def test_triggered_samples_move_toward_the_concept(comfy, tiny, base_dir, encoded):
     import comfy.sd as comfy_sd
 
-    folder = write_concept_dataset(base_dir / "input" / "learn", n=6, size=128)
-    with torch.inference_mode():
-        data = ds.encode_folder(folder, tiny.vae, tiny.clip, 128, TRIGGER)
+    setup = encoded("learn", n=6, size=128, groups=tg.GROUPS, layers="attention_mlp")
+    unet, data, targets = setup.unet, setup.data, setup.targets
     concept = torch.stack(data.latents).mean(0)
-    unet = tiny.unet()
-    dm = unet.model.diffusion_model
-    targets = tg.resolve_targets(tg.GROUPS, "attention_mlp", tg.BlockCounts.of_model(dm))
     cfg = loop.TrainConfig(rank=8, alpha=8, learning_rate=4e-3, steps=80, batch_size=2, output_name="learn", seed=0)
     with torch.inference_mode():
         result = loop.train_lora(unet, data, targets, cfg, base_dir / "models" / "loras")

@@ -55,8 +55,7 @@ def test_exact_merge_equals_the_weighted_loras(comfy, files, caplog):
 
     caplog.set_level(logging.WARNING)
     out = KleinLoRAMerge.execute(mode="exact", target_rank=8, output_name="exact", format="comfyui",
-                                 save_dtype="fp32", lora_1="m1.safetensors", weight_1=W1,
-                                 lora_2="m2.safetensors", weight_2=W2, lora_3="None", weight_3=1.0)
+                                 save_dtype="fp32", loras=kit.lora_slots(("m1.safetensors", W1), ("m2.safetensors", W2)))
     path, lora_sd, report = out.result
     file_sd = safetensors.torch.load_file(path)
     merged_out = kit.forward(kit.apply(files["unet"], file_sd))
@@ -131,8 +130,7 @@ def test_baked_model_loads_through_unetloader_and_equals_model_plus_loras(comfy,
     from klein_lora_studio.nodes.merge import KleinLoRABake
 
     path, report = KleinLoRABake.execute(unet_name=tiny_models.UNET_FILE, output_name="klein-baked",
-                                         lora_1="m1.safetensors", weight_1=W1, lora_2="m2.safetensors",
-                                         weight_2=W2).result
+                                         loras=kit.lora_slots(("m1.safetensors", W1), ("m2.safetensors", W2))).result
     assert Path(path).parent == tiny.files["unet"].parent
     baked = comfy.UNETLoader().load_unet(Path(path).name, "default")[0]
     out = kit.forward(baked)
@@ -176,17 +174,17 @@ def test_merge_node_compact_mode_and_registration(comfy, files):
     for node in ("KleinLoRAMerge", "KleinLoRAResize", "KleinLoRAConvert", "KleinLoRABake"):
         assert node in comfy.NODE_CLASS_MAPPINGS
     path, lora_sd, report = KleinLoRAMerge.execute(mode="compact", target_rank=2, output_name="compact",
-                                                   format="comfyui", save_dtype="bf16", lora_1="m1.safetensors",
-                                                   weight_1=W1, lora_2="m2.safetensors", weight_2=W2).result
+                                                   format="comfyui", save_dtype="bf16",
+                                                   loras=kit.lora_slots(("m1.safetensors", W1),
+                                                                        ("m2.safetensors", W2))).result
     sd = safetensors.torch.load_file(path)
     assert sd["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"].shape == (2, 256)
     assert sd["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"].dtype == torch.bfloat16
     assert "double_blocks.0.img_attn.qkv: rank 10 -> 2, error" in report
     assert "overall relative Frobenius error" in report
-    with pytest.raises(ValueError, match="at least two LoRAs"):
+    with pytest.raises(ValueError, match="at least two LoRAs, got 1: connect a Klein LoRA File node to loras.lora_1"):
         KleinLoRAMerge.execute(mode="exact", target_rank=2, output_name="x", format="comfyui", save_dtype="auto",
-                               lora_1="m1.safetensors", weight_1=1.0, lora_2="None", weight_2=1.0)
+                               loras=kit.lora_slots(("m1.safetensors", 1.0)))
     with pytest.raises(ValueError, match="not a plain file name"):
         KleinLoRAMerge.execute(mode="exact", target_rank=2, output_name="../evil", format="comfyui",
-                               save_dtype="auto", lora_1="m1.safetensors", weight_1=1.0, lora_2="m2.safetensors",
-                               weight_2=1.0)
+                               save_dtype="auto", loras=kit.lora_slots(("m1.safetensors", 1.0), ("m2.safetensors", 1.0)))

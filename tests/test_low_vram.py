@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import safetensors
 import torch
-from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
-from klein_lora_studio.trainer.data import dataset as ds
 from klein_lora_studio.trainer.model import targets as tg
 from klein_lora_studio.trainer.training import loop, resume
 
@@ -21,30 +19,26 @@ LOSS_RTOL = 0.03
 
 
 @pytest.fixture(scope="module")
-def data(tiny, base_dir):
-    folder = write_concept_dataset(base_dir / "input" / "lowvram", n=4, size=64)
-    with torch.inference_mode():
-        return ds.encode_folder(folder, tiny.vae, tiny.clip, 64, TRIGGER)
+def setup(encoded):
+    """The encoded set-up; its targets (checked against the tiny model's linears) name the fp8 model's too."""
+    return encoded("lowvram", n=4, size=64, groups=tg.GROUPS, layers="attention", all_linears=True)
 
 
-def _train(unet, data, base_dir, name: str, low_vram: bool, steps: int = STEPS, save_every: int = 0,
+def _train(unet, setup, base_dir, name: str, low_vram: bool, steps: int = STEPS, save_every: int = 0,
            resume_from: str = ""):
-    dm = unet.model.diffusion_model
-    targets = tg.resolve_targets(tg.GROUPS, "attention", tg.BlockCounts.of_model(dm),
-                                 linear_names=tg.linear_layer_names(dm))
     # rank 16 on the tiny model's 256-wide layers: 4096-element A matrices, large enough for 8-bit moments
     cfg = loop.TrainConfig(rank=16, alpha=16, learning_rate=1e-3, steps=steps, seed=4, output_name=name,
                            low_vram=low_vram, save_every=save_every, resume_from=resume_from, save_dtype="fp32")
     with torch.inference_mode():
-        return loop.train_lora(unet, data, targets, cfg, base_dir / "models" / "loras")
+        return loop.train_lora(unet, setup.data, setup.targets, cfg, base_dir / "models" / "loras")
 
 
 @pytest.fixture(scope="module")
-def runs(comfy, tiny, data, base_dir):
+def runs(comfy, setup, base_dir):
     fp8 = comfy.UNETLoader().load_unet("klein-tiny.safetensors", "fp8_e4m3fn")[0]
     before = {k: v.clone() for k, v in fp8.model.diffusion_model.state_dict().items()}
-    low = _train(fp8, data, base_dir, "lowvram", True, save_every=6)
-    full = _train(tiny.unet(), data, base_dir, "fullvram", False)
+    low = _train(fp8, setup, base_dir, "lowvram", True, save_every=6)
+    full = _train(setup.unet, setup, base_dir, "fullvram", False)
     return dict(fp8=fp8, before=before, low=low, full=full)
 
 
@@ -87,20 +81,20 @@ def test_lora_learns_like_full_precision(runs):
         assert cos > 0.9, f"{k}: the low-VRAM update points elsewhere (cosine {cos:.3f})"
 
 
-def test_low_vram_resumes_exactly(comfy, data, base_dir, runs):
+def test_low_vram_resumes_exactly(comfy, setup, base_dir, runs):
     """8-bit optimizer states survive the training-state file: 6 + resume + 6 == the 12-step run."""
     fp8 = comfy.UNETLoader().load_unet("klein-tiny.safetensors", "fp8_e4m3fn")[0]
     ckpt = runs["low"].checkpoints[0].name
-    resumed = _train(fp8, data, base_dir, "lowvram", True, save_every=6, resume_from=ckpt)
+    resumed = _train(fp8, setup, base_dir, "lowvram", True, save_every=6, resume_from=ckpt)
     assert resumed.losses == runs["low"].losses
     for k, v in runs["low"].lora.items():
         assert torch.equal(resumed.lora[k], v), k
 
 
-def test_switching_low_vram_on_resume_is_a_clear_error(tiny, data, base_dir, runs):
+def test_switching_low_vram_on_resume_is_a_clear_error(tiny, setup, base_dir, runs):
     ckpt = runs["low"].checkpoints[0].name
     with pytest.raises(ValueError, match="low_vram"):
-        _train(tiny.unet(), data, base_dir, "lowvram", False, save_every=6, resume_from=ckpt)
+        _train(tiny.unet(), setup, base_dir, "lowvram", False, save_every=6, resume_from=ckpt)
 
 
 def test_fp8_matmul_models_train_uncompiled_with_the_reason(comfy, caplog):

@@ -8,8 +8,7 @@ import time
 
 import pytest
 import torch
-from klein_lora_studio.tests.helpers import TRIGGER, write_concept_dataset
-from klein_lora_studio.trainer.data import dataset as ds
+from klein_lora_studio.tests.helpers import TRIGGER
 from klein_lora_studio.trainer.evaluation import metrics as mt
 from klein_lora_studio.trainer.evaluation import sampling as sp
 from klein_lora_studio.trainer.model import targets as tg
@@ -92,14 +91,10 @@ def test_report_is_written_atomically_next_to_the_run(tmp_path):
 
 
 @pytest.mark.comfy
-def test_monitor_flags_a_run_trained_past_its_sweet_spot(comfy, tiny, base_dir, one_thread):
+def test_monitor_flags_a_run_trained_past_its_sweet_spot(comfy, tiny, base_dir, encoded, one_thread):
     """High learning rate, many steps, sampling live at every checkpoint through the trainer's hook."""
-    folder = write_concept_dataset(base_dir / "input" / "overfit", n=4, size=64)
-    with torch.inference_mode():
-        data = ds.encode_folder(folder, tiny.vae, tiny.clip, 64, TRIGGER)
-    unet = tiny.unet()
-    dm = unet.model.diffusion_model
-    targets = tg.resolve_targets(tg.GROUPS, "attention_mlp", tg.BlockCounts.of_model(dm))
+    setup = encoded("overfit", n=4, size=64, groups=tg.GROUPS, layers="attention_mlp")
+    unet, data, targets = setup.unet, setup.data, setup.targets
     cfg = loop.TrainConfig(rank=8, alpha=8, learning_rate=3e-3, steps=60, save_every=10, output_name="overfit", seed=0)
     prompts = sp.prompt_suite(TRIGGER, SUBJECTS)
     live = sp.LiveSampler(tiny.clip, tiny.vae, prompts, sp.SampleSettings(steps=4, width=64, height=64, seed=1))

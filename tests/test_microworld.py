@@ -96,8 +96,8 @@ def test_dataset_folder_reads_through_the_loader_node(comfy, tiny, base_dir, con
     assert all(trigger in p.read_text() for p in folder.glob("*.txt"))
     kwargs = {"control_folder": control.name} if control else {}
     with torch.inference_mode():
-        data, report = KleinDatasetLoader.execute(folder.name, trigger, 64, tiny.vae, tiny.clip,
-                                                  use_cache=False, **kwargs).args
+        data, report = KleinDatasetLoader.execute(folder=folder.name, trigger=trigger, resolution=64, vae=tiny.vae,
+                                                  clip=tiny.clip, use_cache=False, **kwargs).args
     assert len(data) == 6
     assert ("6 image-to-image pairs" if control else "6 images from") in report, report
     assert bool(data.references) == (concept == "transform")

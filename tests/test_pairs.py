@@ -7,6 +7,7 @@ targets' mean; that it uses the reference is test_pairs_reference.py's proof.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -105,7 +106,7 @@ def _with_reference(cond, latent: torch.Tensor):
     """The stock ReferenceLatent node, as a graph would run it."""
     from comfy_extras.nodes_edit_model import ReferenceLatent
 
-    return ReferenceLatent.execute(cond, {"samples": latent}).result[0]
+    return ReferenceLatent.execute(conditioning=cond, latent={"samples": latent}).result[0]
 
 
 def _edit_sample(comfy, model, clip, prompt: str, ref: torch.Tensor, seed: int, steps: int = 8) -> torch.Tensor:
@@ -118,24 +119,21 @@ def _edit_sample(comfy, model, clip, prompt: str, ref: torch.Tensor, seed: int, 
 
 
 @pytest.mark.comfy
-def test_pair_training_feeds_the_stock_edit_graph(comfy, tiny, base_dir):
+def test_pair_training_feeds_the_stock_edit_graph(comfy, tiny, base_dir, encoded):
     import comfy.sd as comfy_sd
     from klein_lora_studio.trainer.model import targets as tg
     from klein_lora_studio.trainer.training import loop
 
-    target, control = write_pairs(base_dir / "input" / "i2i", n=8, size=64)
-    held_t, held_c = write_pairs(base_dir / "input" / "i2i_held", n=2, size=64, seed0=8 * 10 + 1)  # 2 new colours
-    with torch.inference_mode():
-        data = ds.encode_folder(target, tiny.vae, tiny.clip, 64, TRIGGER, control_folder=control, bucketing=True)
-        held = ds.encode_folder(held_t, tiny.vae, tiny.clip, 64, TRIGGER, control_folder=held_c)
+    setup = encoded("i2i", n=8, size=64, groups=tg.GROUPS, layers="attention_mlp", write=write_pairs, bucketing=True)
+    held_pairs = functools.partial(write_pairs, seed0=8 * 10 + 1)  # 2 new colours
+    held = encoded("i2i_held", n=2, size=64, write=held_pairs).data
+    unet, data, targets = setup.unet, setup.data, setup.targets
     assert data.references is not None and len(data.references) == 8
     assert data.references[0].shape == data.latents[0].shape
     assert "8 image-to-image pairs" in data.report()
 
-    unet = tiny.unet()
     dm = unet.model.diffusion_model
     assert (dm.params.default_ref_method, dm.params.ref_index_scale) == ("index", 10.0)  # klein's, as detected
-    targets = tg.resolve_targets(tg.GROUPS, "attention_mlp", tg.BlockCounts.of_model(dm))
     cfg = loop.TrainConfig(rank=8, alpha=8, learning_rate=4e-3, steps=80, batch_size=2, output_name="i2i", seed=0)
     with torch.inference_mode():
         result = loop.train_lora(unet, data, targets, cfg, base_dir / "models" / "loras")

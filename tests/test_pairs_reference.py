@@ -60,8 +60,10 @@ def _edit_sample(comfy, model, clip, ref: torch.Tensor, seed: int, steps: int = 
     from comfy_extras.nodes_edit_model import ReferenceLatent
 
     with torch.inference_mode():
-        pos = ReferenceLatent.execute(comfy.CLIPTextEncode().encode(clip, CAPTION)[0], {"samples": ref[None]}).result[0]
-        neg = ReferenceLatent.execute(comfy.CLIPTextEncode().encode(clip, "")[0], {"samples": ref[None]}).result[0]
+        ref_latent = {"samples": ref[None]}
+        pos = ReferenceLatent.execute(conditioning=comfy.CLIPTextEncode().encode(clip, CAPTION)[0], latent=ref_latent)
+        neg = ReferenceLatent.execute(conditioning=comfy.CLIPTextEncode().encode(clip, "")[0], latent=ref_latent)
+        pos, neg = pos.result[0], neg.result[0]
         latent = {"samples": torch.zeros(1, *ref.shape)}
         return comfy.common_ksampler(model, seed, steps, 1.0, "euler", "simple", pos, neg, latent)[0]["samples"][0].float()
 

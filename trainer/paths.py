@@ -76,8 +76,11 @@ def safe_name(name: str, field: str = "output_name") -> str:
 
 def unique_run_name(folder: Path, name: str) -> str:
     """`name`, or `name_2`, `name_3`... so that an earlier run's LoRA and checkpoints are never overwritten."""
+    from .training.run_files import RunFiles  # the one place that names a run's files
+
     def taken(n: str) -> bool:
-        return (folder / f"{n}.safetensors").exists() or (folder / f"{n}_checkpoints").exists()
+        files = RunFiles(folder, n)
+        return files.lora.exists() or files.checkpoints_dir.exists()
 
     if not taken(name):
         return name

@@ -276,7 +276,7 @@ def encode_folder(folder: Path, vae, clip, resolution: int, trigger: str, progre
                   roots: Sequence[Path] | None = None) -> KleinDataset:
     """Load, size and encode every image (and control) and caption of `folder` once.
 
-    `cache` is a trainer.cache.EncodeCache (or None): with it, latents and captions already on disk are
+    `cache` is a trainer.data.cache.EncodeCache (or None): with it, latents and captions already on disk are
     read instead of encoded, and images are only decoded when their latent is missing. `roots`: where
     the folder's files may really live once links are resolved (default: inside the folder itself).
     """

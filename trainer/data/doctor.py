@@ -16,7 +16,7 @@ What is checked, and why it hurts a LoRA:
   allowed roots (listed, never shown on the contact sheet);
 - images below the training resolution: they are upscaled, so blur is learned;
 - image-to-image pairs with a missing partner or a different size;
-- dataset size against the task's recommended range (trainer.recipes).
+- dataset size against the task's recommended range (trainer/training/recipes.py).
 """
 from __future__ import annotations
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from . import metrics as mt
 from . import sampling as sp
 
+EVAL_FOLDER = "klein_lora_eval"  # in ComfyUI's output folder: reports of LoRAs that live outside its folders
+
 
 @dataclass
 class CheckpointEvaluation:
@@ -45,7 +47,7 @@ def evaluate_checkpoints(model, clip, vae, files: Sequence[Path], suite: Sequenc
         reason += " (Validation loss is on the training images: connect 'holdout' for a held-out loss.)"
     text = mt.metrics_text(results, reason)
     report = mt.build_report(results, pick, reason, {**settings.__dict__, "preview": preview}, suite)
-    written = mt.write_report(report, mt.report_path(files[-1]))
+    written = mt.write_report(report, report_path(files[-1]))
     logging.info("Klein eval: %s", reason)
     if distilled_model is not None:
         sp.check_same_size(model, distilled_model)
@@ -53,6 +55,16 @@ def evaluate_checkpoints(model, clip, vae, files: Sequence[Path], suite: Sequenc
         title += f" | distilled: {sp.DISTILLED_STEPS} steps, CFG {sp.DISTILLED_CFG:g}"
     grid = sp.to_image_tensor(sp.columns_grid(columns, suite, title))
     return CheckpointEvaluation(grid, f"{text}\nReport: {written}", pick.path if pick and pick.path else "", written)
+
+
+def report_path(lora: Path) -> Path:
+    """`<run>_eval.json` beside the run when that lies inside ComfyUI's models, loras or output folders once
+    links are resolved; for a LoRA linked in from elsewhere, the same name in output/klein_lora_eval."""
+    import folder_paths
+
+    output = Path(folder_paths.get_output_directory())
+    roots = [Path(folder_paths.models_dir), output, *map(Path, folder_paths.get_folder_paths("loras"))]
+    return sp.report_path_within(mt.report_path(lora), roots, output / EVAL_FOLDER)
 
 
 def _scores(model, vae, files: Sequence[Path], columns, suite, judges: Judges, seed: int) -> list:

@@ -13,7 +13,7 @@ and seed (the grid's first column), so 0 means "as the base model" whatever the 
 - prompt flexibility: the mean pairwise distance between the triggered samples of different prompts,
   divided by the base model's. 1 = prompts still change the image as much as before; toward 0 =
   every prompt gives the same (the dataset's) image, the classic overfit.
-- validation loss by timestep band: the trainer's own objective (velocity MSE, trainer/objective.py) on
+- validation loss by timestep band: the trainer's own objective (velocity MSE, trainer/training/objective.py) on
   held-out latents, with fixed noises and fixed sigmas per band (low 0.1-0.3: fine detail, mid 0.4-0.6,
   high 0.7-0.9: composition), so numbers are comparable across checkpoints and runs.
 
@@ -122,7 +122,7 @@ def suite_metrics(columns: Sequence, prompts: Sequence, dataset_latents: Sequenc
                   dataset_embeds: torch.Tensor | None = None) -> list[CheckpointMetrics]:
     """Metrics for every column after the first; the first column must be the base model's samples.
 
-    `columns` are trainer.sampling.Column (latents in suite order); `prompts` the suite. Without a dataset
+    `columns` are trainer.evaluation.sampling.Column (latents in suite order); `prompts` the suite. Without a dataset
     the concept strength and leakage are left out (None); flexibility needs only the base column.
     `clip_embeds[i]` (optional) are the image embeddings of column i's samples.
     """
@@ -159,7 +159,7 @@ def validation_loss(patcher, latents: Sequence[torch.Tensor], contexts: Sequence
 
     `patcher` is a ComfyUI MODEL (with a LoRA from load_lora_for_models, or the trainer's live model);
     it is loaded the way ComfyUI loads a model to sample, so its patches are in the weights, and its
-    diffusion_model is called as trainer/loop.train_step calls it. The noise for image i is drawn from
+    diffusion_model is called as trainer/training/loop.py train_step calls it. The noise for image i is drawn from
     `seed + i`, so every checkpoint sees the same noisy inputs.
     """
     import comfy.model_management as mm

@@ -2,7 +2,7 @@
 
 The workshop's lesson is "validate with prompts, not just loss": the trainer samples the suite with
 the live model (the LoRA as trained so far) at each checkpoint, writes a labelled grid per checkpoint
-to ComfyUI's output folder, and at the end scores every checkpoint (trainer.metrics) and writes the
+to ComfyUI's output folder, and at the end scores every checkpoint (trainer/evaluation/metrics.py) and writes the
 recommendation next to the LoRA.
 """
 from __future__ import annotations

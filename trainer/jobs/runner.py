@@ -140,26 +140,22 @@ def build_dataset(cfg: run_config.RunConfig, ranks: Ranks):
 
 
 def encode_folder(cfg: run_config.RunConfig):
-    import folder_paths
-
-    from .. import paths
-    from ..data import cache, dataset
+    """The config's dataset folder resolved as the Dataset Loader resolves it, encoded with its files checked
+    one by one against the same allowed roots (a file linked from outside them is refused)."""
+    from ..data import cache, dataset, folders
 
     d = cfg.dataset
-    input_dir = folder_paths.get_input_directory()
-    roots = paths.configured_dataset_roots(folder_paths.get_user_directory())
     try:
-        where = paths.resolve_dataset_folder(d.folder, input_dir, roots)
-        control = paths.resolve_dataset_folder(d.control_folder, input_dir, roots) if d.control_folder else None
+        found = folders.resolve(d.folder, d.control_folder)
     except ValueError as e:
         raise run_config.ConfigError(f"dataset.folder: {e}") from e
     vae, clip = load_vae(d.vae, "dataset.vae"), load_clip(d.clip, d.clip_type, "dataset.clip")
-    options = dict(control_folder=control, bucketing=d.bucketing, repeats=d.repeats,
-                   caption_dropout=d.caption_dropout, shuffle_tags=d.shuffle_tags)
+    options = dict(control_folder=found.control, bucketing=d.bucketing, repeats=d.repeats,
+                   caption_dropout=d.caption_dropout, shuffle_tags=d.shuffle_tags, roots=found.roots)
     if d.use_cache:
-        return cache.encode_folder_cached(where, vae, clip, d.resolution, d.trigger.strip(),
+        return cache.encode_folder_cached(found.folder, vae, clip, d.resolution, d.trigger.strip(),
                                           cache.default_cache_dir(), **options)
-    return dataset.encode_folder(where, vae, clip, d.resolution, d.trigger.strip(), **options)
+    return dataset.encode_folder(found.folder, vae, clip, d.resolution, d.trigger.strip(), **options)
 
 
 def run(cfg: run_config.RunConfig, ranks: Ranks, emit: Callable[..., None] = emit_line,

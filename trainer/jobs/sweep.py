@@ -1,7 +1,7 @@
 """Sweeps: a grid of run configs (rank x steps, a learning-rate sweep) as independent jobs over the free GPUs.
 
 `expand` turns a base config and `--set field=v1,v2` lists into one config per combination (named
-after its values); `run_sweep` runs them as jobs (trainer/jobs.py), one per slot (a GPU, or "0+1" for
+after its values); `run_sweep` runs them as jobs (trainer/jobs/launch.py), one per slot (a GPU, or "0+1" for
 a data-parallel pair), as many at once as there are slots, and keeps a manifest (sweep.json, rewritten
 atomically after every change) with each job's status, LoRA and checkpoints. The Rank x Steps Grid node
 reads the manifest (its `sweep_manifest` input).
@@ -141,7 +141,11 @@ def run_sweep(base_config: Path, sets: dict[str, list], slots: list[list[str]], 
 
 
 def manifest_loras(path: Path, output_dir: Path) -> list[Path]:
-    """Every finished job's checkpoints and final LoRA, in job order (for the Rank x Steps Grid)."""
+    """Every finished job's checkpoints and final LoRA, in job order (for the Rank x Steps Grid).
+
+    Job names are checked as output_name is before anything of the manifest is echoed or used: a
+    crafted manifest's names never reach an error message or a path.
+    """
     path = Path(path)
     if not path.is_absolute():
         path = Path(output_dir) / path
@@ -150,10 +154,27 @@ def manifest_loras(path: Path, output_dir: Path) -> list[Path]:
     except (OSError, ValueError) as e:
         raise ValueError(f"sweep_manifest: {path} is not a readable sweep manifest ({e}): give the sweep.json "
                          "that `python -m klein_lora_studio.sweep` wrote.") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"sweep_manifest: {path} is not a Klein LoRA sweep manifest (no '{FORMAT}' marker).")
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("jobs"), list):
+        raise ValueError(f"sweep_manifest: {path} is not a Klein LoRA sweep manifest (no '{FORMAT}' marker and "
+                         "job list).")
+    _check_job_names(data["jobs"], path)
     done = [j for j in data["jobs"] if j.get("status") == "done"]
     if not done:
         states = {j["name"]: j.get("status") for j in data["jobs"]}
         raise ValueError(f"sweep_manifest: no job of {path} has finished yet ({states}).")
-    return [Path(p) for j in done for p in [*j["checkpoints"], j["lora_path"]]]
+    try:
+        return [Path(p) for j in done for p in [*j["checkpoints"], j["lora_path"]]]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"sweep_manifest: a finished job of {path} lists no checkpoints or lora_path ({e!r}): the "
+                         "manifest was edited or is not a sweep's; run the sweep again.") from None
+
+
+def _check_job_names(jobs: list, path: Path) -> None:
+    """Every job is an object with a plain name (the sweep runner writes only such names)."""
+    for i, job in enumerate(jobs):
+        try:
+            paths.safe_name(str(job["name"]), "job name")
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"sweep_manifest: job {i + 1} of {path.name} has a name that is not a plain file name "
+                             "(the sweep runner writes only such names): the manifest was edited or is not a "
+                             "sweep's; run the sweep again.") from None

@@ -221,10 +221,8 @@ def _resolve(module: str, names: dict[str, str], dmap: dict) -> tuple[str, int |
     return module, None, "comfyui"  # bare BFL names (some ai-toolkit exports)
 
 
-def from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                    name: str = "lora") -> KleinLora:
-    """Any supported layout -> KleinLora, alpha folded into the per-layer scale as the trainer meant it."""
-    metadata = dict(metadata or {})
+def _group_keys(sd: dict[str, torch.Tensor], name: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Keys grouped by module: {module: {role: tensor}} with role down/up/alpha/diff/diff_b."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in sd.items():
         module, role = _split_key(key)
@@ -232,6 +230,52 @@ def from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None
             raise ValueError(f"LoRA '{name}': key '{key}' is neither lora_A/B, lora_down/up, alpha nor diff: the file "
                              "is not a LoRA this pack reads (LoKr/LoHa and DoRA are not supported).")
         groups.setdefault(module, {})[role] = t
+    return groups
+
+
+def _layer_delta(module: str, parts: dict[str, torch.Tensor], fmt: str, name: str,
+                 d_alpha: float | None, d_pattern) -> LoraDelta | None:
+    """One module's down/up/alpha as a LoraDelta (None for a diff-only module), checked for shape and completeness."""
+    if "down" not in parts and "up" not in parts:
+        if "alpha" in parts and not any(r in parts for r in ("diff", "diff_b")):
+            raise ValueError(f"LoRA '{name}': '{module}.alpha' has no lora_A/lora_B (down/up) weights beside it.")
+        return None
+    if "down" not in parts or "up" not in parts:
+        missing = "up (lora_B/lora_up)" if "up" not in parts else "down (lora_A/lora_down)"
+        raise ValueError(f"LoRA '{name}': layer '{module}' has no {missing} weight: the file is incomplete.")
+    down, up = parts["down"], parts["up"]
+    if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
+        raise ValueError(f"LoRA '{name}': layer '{module}' has down {tuple(down.shape)} and up {tuple(up.shape)}, "
+                         "which do not multiply (expected [r, in] and [out, r]); conv LoRAs are not supported.")
+    rank = down.shape[0]
+    if "alpha" in parts:
+        alpha = float(parts["alpha"].float().item())
+    elif fmt == "diffusers":
+        bare = module[len(DIFFUSERS_PREFIX):] if module.startswith(DIFFUSERS_PREFIX) else module
+        alpha = _pattern_alpha(bare, d_pattern)
+        alpha = alpha if alpha is not None else (d_alpha if d_alpha is not None else float(rank))
+    else:
+        alpha = float(rank)  # ai-toolkit / no alpha key: ComfyUI applies scale 1
+    return LoraDelta(down, up, alpha)
+
+
+def _source_format(formats: dict[str, int], sd: dict[str, torch.Tensor]) -> str | None:
+    """The layout most layers came in, with ComfyUI's native down/up and BFL-without-alpha told apart."""
+    if not formats:
+        return None
+    fmt = max(formats, key=formats.get)
+    if fmt == "comfyui" and any(k.endswith(".lora_up.weight") for k in sd):
+        return "comfyui-native"
+    if fmt == "comfyui" and not any(k.endswith(".alpha") for k in sd):
+        return "bfl-no-alpha"
+    return fmt
+
+
+def from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                    name: str = "lora") -> KleinLora:
+    """Any supported layout -> KleinLora, alpha folded into the per-layer scale as the trainer meant it."""
+    metadata = dict(metadata or {})
+    groups = _group_keys(sd, name)
     nd, ns = _block_counts(list(groups))
     kohya = {KOHYA_PREFIX + n.replace(".", "_"): n for n in _layer_names(nd, ns)}
     dmap = diffusers_layer_map(nd, ns)
@@ -250,45 +294,24 @@ def from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None
         for role in ("diff", "diff_b"):
             if role in parts:
                 out.diffs[f"{layer}.{role}"] = parts[role]
-        if "down" not in parts and "up" not in parts:
-            if "alpha" in parts and not any(r in parts for r in ("diff", "diff_b")):
-                raise ValueError(f"LoRA '{name}': '{module}.alpha' has no lora_A/lora_B (down/up) weights beside it.")
+        delta = _layer_delta(module, parts, fmt, name, d_alpha, d_pattern)
+        if delta is None:
             continue
-        if "down" not in parts or "up" not in parts:
-            missing = "up (lora_B/lora_up)" if "up" not in parts else "down (lora_A/lora_down)"
-            raise ValueError(f"LoRA '{name}': layer '{module}' has no {missing} weight: the file is incomplete.")
-        down, up = parts["down"], parts["up"]
-        if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-            raise ValueError(f"LoRA '{name}': layer '{module}' has down {tuple(down.shape)} and up {tuple(up.shape)}, "
-                             "which do not multiply (expected [r, in] and [out, r]); conv LoRAs are not supported.")
-        rank = down.shape[0]
-        if "alpha" in parts:
-            alpha = float(parts["alpha"].float().item())
-        elif fmt == "diffusers":
-            bare = module[len(DIFFUSERS_PREFIX):] if module.startswith(DIFFUSERS_PREFIX) else module
-            alpha = _pattern_alpha(bare, d_pattern)
-            alpha = alpha if alpha is not None else (d_alpha if d_alpha is not None else float(rank))
-        else:
-            alpha = float(rank)  # ai-toolkit / no alpha key: ComfyUI applies scale 1
-        delta = LoraDelta(down, up, alpha)
-        if third is None:
-            if layer in out.layers:
-                raise ValueError(f"LoRA '{name}': layer '{layer}' appears twice (as '{module}' and another name).")
-            out.layers[layer] = delta
-        else:
+        if third is not None:
             qkv_parts.setdefault(layer, {})[third] = delta
+        elif layer in out.layers:
+            raise ValueError(f"LoRA '{name}': layer '{layer}' appears twice (as '{module}' and another name).")
+        else:
+            out.layers[layer] = delta
     if unknown:
         raise ValueError(f"LoRA '{name}': {len(unknown)} layer names are not klein layers in any known format, e.g. "
                          f"{unknown[:3]}. Expected diffusion_model.<BFL name>, lora_unet_<BFL name>, or "
                          "transformer.<diffusers Flux2 name>.")
     for layer, parts in qkv_parts.items():
         out.layers[layer] = _fuse_parts(parts, layer)
-    if formats:
-        out.source_format = max(formats, key=formats.get)
-        if out.source_format == "comfyui" and any(k.endswith(".lora_up.weight") for k in sd):
-            out.source_format = "comfyui-native"
-        if out.source_format == "comfyui" and not any(k.endswith(".alpha") for k in sd):
-            out.source_format = "bfl-no-alpha"
+    fmt = _source_format(formats, sd)
+    if fmt is not None:
+        out.source_format = fmt
     if not out.layers and not out.diffs:
         raise ValueError(f"LoRA '{name}' holds no LoRA layers.")
     return out

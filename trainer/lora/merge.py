@@ -1,4 +1,4 @@
-"""Merge, resize and bake LoRAs (in the normalised form of lora_formats).
+"""Merge, resize and bake LoRAs (in the normalised form of trainer/lora/formats.py).
 
 - exact merge: ranks concatenated, each LoRA's weight and alpha/rank scale folded into its B, so the
   merged LoRA's delta is the weighted sum of the deltas (to float rounding). Layers over the union.

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 from . import sizes
-from .sizes import KNOWN_SIZES  # noqa: F401 - the training loop's import
 
 FLUX2_DEV = sizes.FLUX2_DEV.blocks  # double blocks, single blocks, hidden width of FLUX.2 [dev] (32B)
 KLEIN_FILES = "flux-2-klein-base-4b.safetensors or flux-2-klein-base-9b.safetensors"

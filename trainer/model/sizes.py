@@ -44,6 +44,3 @@ def width_label(hidden: int) -> str | None:
     """'klein 4B' for width 3072 ...: what a LoRA of that width was trained on."""
     s = next((s for s in KLEIN_SIZES if s.hidden == hidden), None)
     return s.label.replace("FLUX.2 [klein]", "klein") if s is not None else None
-
-
-KNOWN_SIZES = {s.blocks: s.key for s in KLEIN_SIZES}  # (double, single, hidden) -> key

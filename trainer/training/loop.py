@@ -20,7 +20,8 @@ from ..data.dataset import KleinDataset, stack_contexts
 from ..lora.layers import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
 from ..model import attention, compile_support, fp8_compute
 from ..model.checkpointing import block_options, inplace_safe_norms
-from ..model.model_check import KNOWN_SIZES, flux2_problem
+from ..model.model_check import flux2_problem
+from ..model.sizes import size_key
 from ..model.targets import KleinTargets
 from ..paths import atomic_save_safetensors, remove_stale_temps, unique_run_name
 from . import objective, resume, sharding
@@ -51,11 +52,6 @@ class TrainResult:
     seconds: float = 0.0
     sharded_base: bool = False
     base_bytes_here: int = 0  # frozen base weights this process held (its shard when sharded)
-
-
-def klein_size(diffusion_model) -> str:
-    key = (len(diffusion_model.double_blocks), len(diffusion_model.single_blocks), diffusion_model.hidden_size)
-    return KNOWN_SIZES.get(key, f"flux2-{key[0]}x{key[1]}-h{key[2]}")
 
 
 def check_klein(patcher) -> None:
@@ -111,7 +107,7 @@ def _training_model(patcher, sharded_over: int = 0):
     """A patcher whose weights are plain tensors on the compute device (not dynamic VRAM views).
 
     `sharded_over` N > 1: instead of ComfyUI loading the whole model onto the card, this process keeps
-    1/N of the frozen weights there (trainer/sharding.py); the model stays sharded after the run (the
+    1/N of the frozen weights there (trainer/training/sharding.py); the model stays sharded after the run (the
     command line's processes own their model).
     """
     import comfy.model_management as mm
@@ -220,7 +216,7 @@ def train_step(dm, work, batch_x0, batch_ctx, generator, device, dtype, options,
                batch_ref: torch.Tensor | None = None, part: slice | None = None) -> torch.Tensor:
     """One forward/backward on a batch; returns the (detached) loss.
 
-    `part` (data parallel, trainer/distributed.py): the sigmas and noise are drawn for the whole global
+    `part` (data parallel, trainer/training/distributed.py): the sigmas and noise are drawn for the whole global
     batch, as one process draws them, and only this process's slice of the batch is trained, so N
     processes see exactly the samples, sigmas and noise of the one-process run.
 
@@ -381,8 +377,10 @@ def _base_compute(choice: str, device: torch.device, sharded: bool) -> str:
 def _run_metadata(patcher, placed: _Placed, dataset: KleinDataset, targets: KleinTargets, cfg: TrainConfig,
                   ranks: Ranks) -> dict[str, str]:
     """The LoRA file's header: how it was trained, on what."""
+    dm = placed.dm
     return lora_metadata(
-        format="comfyui-bfl-lora", base_model=klein_size(placed.dm), base_model_file=base_model_file(patcher),
+        format="comfyui-bfl-lora", base_model=size_key(len(dm.double_blocks), len(dm.single_blocks), dm.hidden_size),
+        base_model_file=base_model_file(patcher),
         rank=cfg.rank, alpha=cfg.alpha, learning_rate=cfg.learning_rate, steps=cfg.steps,
         batch_size=cfg.batch_size, seed=cfg.seed, optimizer=cfg.optimizer_used, recipe=cfg.recipe,
         trigger=dataset.trigger, dataset_size=len(dataset), resolution=dataset.resolution,

@@ -1,6 +1,6 @@
 """Shard the frozen base weights over the data-parallel processes (FSDP), for a model too big for one card.
 
-Plain data parallel (trainer/distributed.py) keeps the whole frozen model on every card: 9B in bf16 is
+Plain data parallel (trainer/training/distributed.py) keeps the whole frozen model on every card: 9B in bf16 is
 ~17 GiB before any activation. With `shard_base` each of N processes keeps 1/N of it instead: torch's
 FSDP2 (`fully_shard`, the engine accelerate's FSDP plugin drives) on every double/single block and then on
 the model itself (embedders, shared modulation, final layer). A block's weights are all-gathered just
@@ -8,7 +8,7 @@ before it runs, forward and again in backward, and freed after it, so a card hol
 one block whole.
 
 Only the base is sharded. The LoRA layers are injected after `fully_shard`, so FSDP does not manage them:
-they stay whole on every card and trainer/distributed.py averages their gradients as before, so the
+they stay whole on every card and trainer/training/distributed.py averages their gradients as before, so the
 update is exactly the data-parallel one (tested against one process on the CPU with gloo).
 
 Why `fully_shard` and not `accelerator.prepare` with accelerate's FSDP plugin: prepare wraps the model
