@@ -85,6 +85,7 @@ def run(pcn, name: str, variant: str, steps: int, res: int, repeats: int) -> dic
     row = dict(impl=f"sample:{variant}", variant=variant, steps=steps, first_s=first, sample_s=best, samples_s=times,
                peak_gib=bs.peak_gib(),
                mfu=FWD_TFLOP_4B_1024 * 2 * steps / best / bs.PEAK_TFLOPS if (name, res) == ("klein4b", 1024) else None)
+    row["fp8_layers"] = len(handle.swapped) if handle is not None else 0  # 0 for fp8 means nothing was swapped
     if handle is not None:
         handle.undo()
     del model
