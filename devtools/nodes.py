@@ -1,50 +1,54 @@
 """Nodes for the demo and the tests only (registered when KLEIN_LORA_DEV_NODES=1)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import folder_paths
 from comfy_api.latest import io
 
 
-class KleinTinyCLIPLoader(io.ComfyNode):
-    """Loads the tiny klein text encoder that devtools.tiny_models writes: CLIPLoader would build the 4B size."""
+def _text_encoder_loader(node_id: str, display_name: str, tooltip: str,
+                         load: Callable[[], Callable[[str], object]]) -> type[io.ComfyNode]:
+    """A loader node for a small klein text encoder file (CLIPLoader would build the full Qwen3 size).
 
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="KleinTinyCLIPLoader",
-            display_name="Klein Tiny Text Encoder (dev)",
-            category="Klein LoRA/dev",
-            inputs=[io.Combo.Input("clip_name", options=folder_paths.get_filename_list("text_encoders"),
-                                   tooltip="A tiny klein text encoder file written by devtools.tiny_models.")],
-            outputs=[io.Clip.Output()],
-        )
+    `load` returns the loading function; it is called at run time so torch work stays out of start-up."""
 
-    @classmethod
-    def execute(cls, clip_name: str) -> io.NodeOutput:
-        from .tiny_models import tiny_clip
+    class _Loader(io.ComfyNode):
+        @classmethod
+        def define_schema(cls) -> io.Schema:
+            return io.Schema(
+                node_id=node_id, display_name=display_name, category="Klein LoRA/dev",
+                inputs=[io.Combo.Input("clip_name", options=folder_paths.get_filename_list("text_encoders"),
+                                       tooltip=tooltip)],
+                outputs=[io.Clip.Output(tooltip="The text encoder, for CLIPTextEncode and the Dataset Loader.")],
+            )
 
-        return io.NodeOutput(tiny_clip(folder_paths.get_full_path_or_raise("text_encoders", clip_name)))
+        @classmethod
+        def execute(cls, clip_name: str) -> io.NodeOutput:
+            return io.NodeOutput(load()(folder_paths.get_full_path_or_raise("text_encoders", clip_name)))
+
+    _Loader.__name__ = _Loader.__qualname__ = node_id
+    return _Loader
 
 
-class KleinMicroCLIPLoader(io.ComfyNode):
-    """Loads the micro klein text encoder (microworld/models.py: the tiny Qwen3 without tokenizer padding)."""
+def _tiny_clip():
+    from .tiny_models import tiny_clip
 
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="KleinMicroCLIPLoader",
-            display_name="Klein Micro Text Encoder (dev)",
-            category="Klein LoRA/dev",
-            inputs=[io.Combo.Input("clip_name", options=folder_paths.get_filename_list("text_encoders"),
-                                   tooltip="The micro klein text encoder file written by microworld.models.")],
-            outputs=[io.Clip.Output()],
-        )
+    return tiny_clip
 
-    @classmethod
-    def execute(cls, clip_name: str) -> io.NodeOutput:
-        from ..microworld.models import micro_clip
 
-        return io.NodeOutput(micro_clip(folder_paths.get_full_path_or_raise("text_encoders", clip_name)))
+def _micro_clip():
+    from ..microworld.models import micro_clip
 
+    return micro_clip
+
+
+KleinTinyCLIPLoader = _text_encoder_loader(
+    "KleinTinyCLIPLoader", "Klein Tiny Text Encoder (dev)",
+    "A tiny klein text encoder file written by devtools.tiny_models.", _tiny_clip)
+KleinMicroCLIPLoader = _text_encoder_loader(
+    "KleinMicroCLIPLoader", "Klein Micro Text Encoder (dev)",
+    "The micro klein text encoder file written by microworld.models (the tiny Qwen3 without tokenizer padding).",
+    _micro_clip)
 
 DEV_NODES = [KleinTinyCLIPLoader, KleinMicroCLIPLoader]

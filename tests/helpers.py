@@ -79,3 +79,18 @@ def run_trainer(setup: Encoded, **kw):
 
     with torch.inference_mode():
         return KleinLoRATrainer.execute(**trainer_inputs(setup, **kw))
+
+
+def post_prompt(workflow: dict, url: str) -> tuple[int, dict]:
+    """POST /prompt as the page does: (HTTP status, ComfyUI's answer)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + "/prompt", data=json.dumps({"prompt": workflow}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req) as r:
+            return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)

@@ -278,25 +278,15 @@ def _workflow(name: str, **trainer) -> dict:
     return wf
 
 
-def _post(workflow: dict, url: str) -> tuple[int, dict]:
-    import json
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url + "/prompt", data=json.dumps({"prompt": workflow}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
 
 
 @pytest.mark.comfy
 @pytest.mark.parametrize("gpus", ["99999", "0", "0,99999"])
 def test_a_gpu_that_does_not_exist_is_refused_at_queue_time(server, gpus):
     """Before: gpus '99999' was queued, exported and trained on the CPU without a word."""
-    status, answer = _post(_workflow("never_gpus", gpus=gpus), server[0])
+    from klein_lora_studio.tests.helpers import post_prompt
+
+    status, answer = post_prompt(_workflow("never_gpus", gpus=gpus), server[0])
     assert status == 400 and set(answer["node_errors"]) == {"6"}, answer
     text = "\n".join(e.get("details", "") for e in answer["node_errors"]["6"]["errors"])
     assert f"gpus '{gpus}'" in text

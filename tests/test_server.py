@@ -14,7 +14,7 @@ from klein_lora_studio import run as runner
 from klein_lora_studio.devtools.server import ComfyServer
 from klein_lora_studio.devtools.workflows import OUT, api_path, to_tiny
 from klein_lora_studio.tests.conftest import COMFYUI
-from klein_lora_studio.tests.helpers import write_concept_dataset
+from klein_lora_studio.tests.helpers import post_prompt, write_concept_dataset
 
 pytestmark = pytest.mark.comfy
 
@@ -135,15 +135,6 @@ def test_bad_output_name_fails_at_queue_time_with_the_fix(server):
     assert rc == 1 and "not a plain file name" in text and "running node" not in text
 
 
-def _post(workflow: dict, url: str) -> tuple[int, dict]:
-    """POST /prompt as the page does: (HTTP status, ComfyUI's answer)."""
-    req = urllib.request.Request(url + "/prompt", data=json.dumps({"prompt": workflow}).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as e:
-        return e.code, json.load(e)
 
 
 def _details(answer: dict, node: str) -> str:
@@ -153,7 +144,7 @@ def _details(answer: dict, node: str) -> str:
 def test_a_model_that_is_not_klein_is_refused_at_queue_time_on_the_trainer_and_selector(server):
     wf = _tiny_style("never_flux1")
     wf["1"]["inputs"]["unet_name"] = FLUX1_FILE
-    status, answer = _post(wf, server)
+    status, answer = post_prompt(wf, server)
     assert status == 400 and set(answer["node_errors"]) == {"5", "6"}, answer  # selector and trainer, nothing else
     for node in ("5", "6"):
         text = _details(answer, node)
@@ -164,7 +155,7 @@ def test_a_model_that_is_not_klein_is_refused_at_queue_time_on_the_trainer_and_s
 def test_a_rank_wider_than_the_targeted_layers_is_refused_at_queue_time(server):
     wf = _tiny_style("never_rank")
     wf["6"]["inputs"]["recipe.rank"] = 300  # the tiny model's layers are 256 wide
-    status, answer = _post(wf, server)
+    status, answer = post_prompt(wf, server)
     assert status == 400 and set(answer["node_errors"]) == {"6"}, answer
     text = _details(answer, "6")
     assert "rank 300 is larger than layer double_blocks.0.img_attn.qkv allows (256" in text
