@@ -28,7 +28,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 ARTIFACTS = REPO / "test-artifacts"
 DOCS_SHOT = REPO / "docs" / "images" / "studio.png"
 STEPS = 20
-API = "window.comfyAPI?.api?.api ?? window.app.api"
+API = "(window.comfyAPI?.api?.api ?? window.app.api)"  # parenthesised: `a ?? b.f()` never calls f when a is set
 
 
 @pytest.fixture(scope="module")
