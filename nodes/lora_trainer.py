@@ -15,7 +15,14 @@ from ..trainer.jobs import export as run_export
 from ..trainer.jobs import launch
 from ..trainer.jobs.session import SAMPLES_FOLDER, Job, Reporter, Sampling, run_session
 from ..trainer.training import recipes
-from ..trainer.training.config import BASE_COMPUTE_CHOICES, COMPILE_CHOICES, OPTIMIZERS, SAVE_DTYPE_NAMES, TrainConfig
+from ..trainer.training.config import (
+    ADAPTERS,
+    BASE_COMPUTE_CHOICES,
+    COMPILE_CHOICES,
+    OPTIMIZERS,
+    SAVE_DTYPE_NAMES,
+    TrainConfig,
+)
 from . import progress_log, queue_check
 from .types import CATEGORY, KleinDataset, KleinTargets
 from .web_routes import prompt_server
@@ -57,9 +64,50 @@ def _recipe_input() -> io.DynamicCombo.Input:
                                  tooltip=recipe_tooltip())
 
 
+ADAPTER_TIPS = {
+    "lora": "LoRA (default): two low-rank matrices per layer. The workshop's recipes, every loader and merge tool; "
+            "start here.",
+    "lokr": "LoKr: a Kronecker product of a small and a larger factor: many more effective parameters per byte "
+            "(files a fraction of LoRA's at the same rank), good for styles and dense detail; needs a higher "
+            "learning rate than LoRA. ComfyUI loads it; diffusers does not; merge/resize refuse it (bake works).",
+    "loha": "LoHa: the Hadamard product of two low-rank pairs: rank r reaches up to r^2, so a small rank holds "
+            "more; for textures/styles with a small file. ComfyUI loads it; diffusers does not.",
+    "dora": "DoRA: LoRA plus a learned magnitude per output row (weight-decomposed), often closer to full "
+            "fine-tuning at the same rank, slightly slower steps. Needs a bf16/fp16 base (not fp8) and no base "
+            "sharding; ComfyUI loads it; diffusers does not load this pack's DoRA files.",
+}
+
+
+def _adapter_input() -> io.DynamicCombo.Input:
+    """The adapter peft trains (TrainConfig.adapter), with LoKr's own knobs shown only for LoKr."""
+    lokr = [io.Int.Input("lokr_factor", default=-1, min=-1, max=1024, advanced=True,
+                         tooltip="LoKr: size of the small Kronecker factor along each axis (-1: near the square root "
+                                 "of each width, the most compact; 4-16 as in LyCORIS presets gives the large factor "
+                                 "more of the layer)."),
+            io.Boolean.Input("lokr_full_rank", default=False, advanced=True,
+                             tooltip="LoKr: keep both Kronecker factors full matrices (ai-toolkit's default LoKr): "
+                                     "rank and alpha are then unused and the scale is 1; larger file, most capacity.")]
+    options = [io.DynamicCombo.Option(name, lokr if name == "lokr" else []) for name in ADAPTERS]
+    tip = "Which adapter to train on the targeted layers (peft):\n" + "\n".join(ADAPTER_TIPS[n] for n in ADAPTERS)
+    return io.DynamicCombo.Input("adapter", options=options, optional=True, tooltip=tip,
+                                 extra_dict={"advanced": True})
+
+
+def adapter_settings(adapter: dict | str | None) -> dict:
+    """TrainConfig's adapter fields from the node's DynamicCombo value (absent: LoRA)."""
+    if adapter is None:
+        return {}
+    if isinstance(adapter, str):
+        return {"adapter": adapter}
+    out = {"adapter": adapter.get("adapter", "lora")}
+    out.update({k: adapter[k] for k in ("lokr_factor", "lokr_full_rank") if k in adapter})
+    return out
+
+
 def _expert_inputs() -> list[io.Input]:
     """Inputs most runs leave as they are: shown behind the frontend's advanced toggle."""
     return [
+        _adapter_input(),
         io.String.Input("gpus", default="", optional=True, advanced=True,
                         tooltip="Empty: train in this ComfyUI process. GPU numbers such as '1' or '0,1': "
                                 "export the run and train it as a job on those GPUs (several: data parallel "
@@ -193,12 +241,12 @@ class KleinLoRATrainer(io.ComfyNode):
                 seed: int, clip=None, vae=None, sample_steps: int = 20, resume_from: str = "", low_vram: bool = False,
                 gpus: str = "", export_config: bool = False, optimizer: str = "AdamW",
                 gradient_checkpointing: bool = False, compile_blocks: str = "auto",
-                save_dtype: str = "bf16", base_compute: str = "auto") -> io.NodeOutput:
+                save_dtype: str = "bf16", base_compute: str = "auto", adapter: dict | None = None) -> io.NodeOutput:
         cfg = train_config(recipe, batch_size=batch_size, seed=seed, optimizer=optimizer, save_every=save_every,
                            gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks,
                            output_name=paths.safe_name(output_name), save_dtype=save_dtype,
                            resume_from=(resume_from or "").strip(), low_vram=bool(low_vram),
-                           base_compute=base_compute)
+                           base_compute=base_compute, **adapter_settings(adapter))
         devices = launch.job_devices(gpus or "")
         job = None
         if export_config or devices:

@@ -89,6 +89,8 @@ def _rank_problem(prompt: dict, inputs: dict, src: ModelSource) -> str | None:
     recipe = inputs.get("recipe")  # a DynamicCombo: its 'custom' option's rank comes as "recipe.rank"
     rank = _as_int(inputs.get("recipe.rank", inputs.get("rank")))
     sel = prompt.get(str(inputs["targets"][0])) if _is_link(inputs.get("targets")) else None
+    if inputs.get("adapter") == "lokr":  # LoKr's rank sizes a Kronecker factor, not the layer (lora.check_rank)
+        return None
     if not isinstance(recipe, str) or (rank is None and recipe == recipes.CUSTOM) or not isinstance(sel, dict) \
             or sel.get("class_type") != SELECTOR:
         return None

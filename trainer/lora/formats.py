@@ -33,6 +33,7 @@ DIFFUSERS_PREFIX = "transformer."
 KOHYA_PREFIX = "lora_unet_"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 FORMATS = ("comfyui", "diffusers")
+DIFFUSERS_LOADS = ("lora",)  # the adapters diffusers' FLUX.2 load_lora_weights reads from this pack's files
 
 # BFL layer templates; {i} is the block index.
 DOUBLE_LAYERS = ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2", "txt_attn.qkv", "txt_attn.proj",
@@ -97,11 +98,107 @@ class LoraDelta:
         return self.down.to(dtype), self.up.to(dtype) * (weight * self.scale)
 
 
+# LyCORIS / DoRA parts ComfyUI's weight_adapter reads beside a layer's name (comfy/weight_adapter/lokr.py, loha.py,
+# lora.py's dora_scale): the file keys of the adapters this pack trains, and of those it reads
+LOKR_PARTS = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LOHA_PARTS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+DORA_PARTS = ("lora_A.weight", "lora_B.weight", "lora_down.weight", "lora_up.weight", "dora_scale")
+ADAPTER_NAMES = {"lora": "LoRA", "lokr": "LoKr", "loha": "LoHa", "dora": "DoRA"}
+
+
+@dataclass
+class AdapterDelta:
+    """One layer of a LoKr, LoHa or DoRA file, in ComfyUI's convention (what its stock loader applies).
+
+    - lokr: delta = kron(w1, w2) * s, each factor full (`lokr_w1`) or a product (`lokr_w1_a @ lokr_w1_b`);
+      s = alpha / rank of the last product factor, 1 when both are full or alpha is absent.
+    - loha: delta = (hada_w1_a @ hada_w1_b) * (hada_w2_a @ hada_w2_b) * alpha / rank.
+    - dora: W' = (W + alpha / rank * up @ down) * dora_scale / (||W|| per output row + eps), dora_scale
+      [out, 1] (ComfyUI's weight_decompose on the output axis normalises by the base's own row norms).
+    """
+
+    kind: str
+    parts: dict[str, torch.Tensor]
+    alpha: float | None = None
+
+    def _mm(self, a: str, b: str, dtype: torch.dtype) -> torch.Tensor:
+        return self.parts[a].to(dtype) @ self.parts[b].to(dtype)
+
+    def _lokr_factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+        if "lokr_t2" in self.parts:
+            raise ValueError("LoKr with a Tucker core (lokr_t2) is for conv layers; klein's layers are linear.")
+        p, dim = self.parts, None
+        w1 = p["lokr_w1"].to(dtype) if "lokr_w1" in p else self._mm("lokr_w1_a", "lokr_w1_b", dtype)
+        if "lokr_w1" not in p:
+            dim = p["lokr_w1_b"].shape[0]
+        w2 = p["lokr_w2"].to(dtype) if "lokr_w2" in p else self._mm("lokr_w2_a", "lokr_w2_b", dtype)
+        if "lokr_w2" not in p:
+            dim = p["lokr_w2_b"].shape[0]
+        return w1, w2, (self.alpha / dim if self.alpha is not None and dim is not None else 1.0)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        p = self.parts
+        if self.kind == "dora":
+            return int(p["up"].shape[0]), int(p["down"].shape[1])
+        if self.kind == "loha":
+            return int(p["hada_w1_a"].shape[0]), int(p["hada_w1_b"].shape[1])
+        w1, w2, _ = self._lokr_factors(torch.float32)
+        return int(w1.shape[0] * w2.shape[0]), int(w1.shape[1] * w2.shape[1])
+
+    @property
+    def rank(self) -> int:
+        """The rank of the low-rank factors (LoKr: of the product factor; 0 when both are full)."""
+        p = self.parts
+        if self.kind == "dora":
+            return int(p["down"].shape[0])
+        if self.kind == "loha":
+            return int(p["hada_w1_b"].shape[0])
+        return int(p["lokr_w2_b"].shape[0]) if "lokr_w2_b" in p else int(p.get("lokr_w1_b", torch.empty(0)).shape[0])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.parts.values())).dtype
+
+    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The additive update (LoKr, LoHa); DoRA's depends on the base weight: `delta_on`."""
+        if self.kind == "dora":
+            raise ValueError("a DoRA layer's update depends on the base weight: use delta_on(weight).")
+        if self.kind == "loha":
+            scale = self.alpha / self.rank if self.alpha is not None else 1.0
+            return (self._mm("hada_w1_a", "hada_w1_b", dtype) * self._mm("hada_w2_a", "hada_w2_b", dtype)) * scale
+        w1, w2, scale = self._lokr_factors(dtype)
+        return torch.kron(w1, w2) * scale
+
+    def delta_on(self, weight: torch.Tensor) -> torch.Tensor:
+        """W' - W for the base weight `weight` at strength 1, as ComfyUI computes it (float32)."""
+        if self.kind != "dora":
+            return self.delta(torch.float32).reshape(weight.shape)
+        w = weight.float()
+        scale = self.alpha / self.rank if self.alpha is not None else 1.0
+        merged = w + scale * self._mm("up", "down", torch.float32)
+        norm = w.norm(dim=1, keepdim=True) + torch.finfo(torch.float32).eps
+        return merged * (self.parts["dora_scale"].float() / norm) - w
+
+    def file_parts(self) -> dict[str, torch.Tensor]:
+        """Part name -> tensor as ComfyUI's loader reads it (DoRA's up/down as lora_B/lora_A)."""
+        if self.kind != "dora":
+            return dict(self.parts)
+        return {"lora_A.weight": self.parts["down"], "lora_B.weight": self.parts["up"],
+                "dora_scale": self.parts["dora_scale"]}
+
+
+def adapter_of(layers) -> str:
+    """'lora', or the kind of the LoKr/LoHa/DoRA layers (a file holds one kind)."""
+    kinds = {d.kind for d in layers.values() if isinstance(d, AdapterDelta)}
+    return next(iter(kinds)) if kinds else "lora"
+
+
 @dataclass
 class KleinLora:
-    """A LoRA in BFL layer names, whatever file it came from."""
+    """A LoRA in BFL layer names, whatever file it came from (LoKr/LoHa/DoRA layers as AdapterDelta)."""
 
-    layers: dict[str, LoraDelta] = field(default_factory=dict)
+    layers: dict[str, LoraDelta | AdapterDelta] = field(default_factory=dict)
     diffs: dict[str, torch.Tensor] = field(default_factory=dict)  # "<layer>.diff" / "<layer>.diff_b": full tensors
     metadata: dict[str, str] = field(default_factory=dict)
     source_format: str = "comfyui"
@@ -109,6 +206,27 @@ class KleinLora:
 
     def ranks(self) -> dict[str, int]:
         return {k: v.rank for k, v in self.layers.items()}
+
+    @property
+    def adapter(self) -> str:
+        return adapter_of(self.layers)
+
+    def require_lora(self, action: str) -> None:
+        """A clear refusal for what only plain LoRA layers allow (SVD merges, the diffusers layout)."""
+        if self.adapter != "lora":
+            raise ValueError(f"{action}: '{self.name}' is a {ADAPTER_NAMES[self.adapter]} ({self.adapter}), not a "
+                             f"plain LoRA. {_WHY_NOT[self.adapter]} Bake it into the base model instead (Klein LoRA "
+                             "Bake Into Model, exact for every adapter), or load it with the stock LoRA loader.")
+
+
+_WHY_NOT = {
+    "lokr": "Its layers are Kronecker products: two of them do not add up into one LoKr, and as a LoRA each "
+            "needs up to full rank.",
+    "loha": "Its layers are Hadamard products of two low-rank matrices: two of them do not add up into one LoHa, "
+            "and as a LoRA each needs up to rank^2.",
+    "dora": "Its update rescales each output row of the base weight (a magnitude vector), which depends on the "
+            "base and does not add across files.",
+}
 
 
 def _layer_names(n_double: int, n_single: int) -> list[str]:
@@ -228,7 +346,7 @@ def _group_keys(sd: dict[str, torch.Tensor], name: str) -> dict[str, dict[str, t
         module, role = _split_key(key)
         if not role:
             raise ValueError(f"LoRA '{name}': key '{key}' is neither lora_A/B, lora_down/up, alpha nor diff: the file "
-                             "is not a LoRA this pack reads (LoKr/LoHa and DoRA are not supported).")
+                             "is not a LoRA this pack reads (LoKr, LoHa and DoRA need their lokr_*/hada_*/dora_scale keys).")
         groups.setdefault(module, {})[role] = t
     return groups
 
@@ -271,10 +389,91 @@ def _source_format(formats: dict[str, int], sd: dict[str, torch.Tensor]) -> str 
     return fmt
 
 
+_ADAPTER_SUFFIXES = tuple((f".{p}", p) for p in (*LOKR_PARTS, *LOHA_PARTS, "dora_scale"))
+_DORA_ROLES = {"lora_A.weight": "down", "lora_down.weight": "down", "lora_B.weight": "up", "lora_up.weight": "up",
+               "dora_scale": "dora_scale"}
+
+
+def _is_adapter_file(sd: dict[str, torch.Tensor]) -> bool:
+    return any(k.endswith(suffix) for k in sd for suffix, _ in _ADAPTER_SUFFIXES)
+
+
+def _adapter_split(key: str) -> tuple[str, str]:
+    for suffix, part in (*_ADAPTER_SUFFIXES, *((f".{p}", p) for p in DORA_PARTS), (".alpha", "alpha"),
+                         (".diff_b", "diff_b"), (".diff", "diff")):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part
+    return key, ""
+
+
+def _adapter_kind(module: str, parts: dict[str, torch.Tensor], name: str) -> str:
+    kinds = [k for k, names in (("lokr", LOKR_PARTS), ("loha", LOHA_PARTS)) if any(p in parts for p in names)]
+    if "dora_scale" in parts:
+        kinds.append("dora")
+    if len(kinds) != 1:
+        raise ValueError(f"LoRA '{name}': layer '{module}' mixes {kinds} parts: the file is not one adapter's layout.")
+    return kinds[0]
+
+
+def _adapter_layer(module: str, parts: dict[str, torch.Tensor], name: str) -> AdapterDelta:
+    """One LoKr/LoHa/DoRA layer, checked for completeness (the parts ComfyUI's loader needs)."""
+    kind = _adapter_kind(module, parts, name)
+    alpha = float(parts["alpha"].float().item()) if "alpha" in parts else None
+    if kind == "dora":
+        found = {_DORA_ROLES[k]: t for k, t in parts.items() if k in _DORA_ROLES}
+        need = ("down", "up", "dora_scale")
+    elif kind == "loha":
+        found, need = {k: t for k, t in parts.items() if k in LOHA_PARTS}, LOHA_PARTS[:4]
+    else:
+        found = {k: t for k, t in parts.items() if k in LOKR_PARTS}
+        need = ("lokr_w1" if "lokr_w1" in found else "lokr_w1_a", "lokr_w2" if "lokr_w2" in found else "lokr_w2_a")
+        need += tuple(n.replace("_a", "_b") for n in need if n.endswith("_a"))
+    missing = [n for n in need if n not in found]
+    if missing:
+        raise ValueError(f"LoRA '{name}': {ADAPTER_NAMES[kind]} layer '{module}' has no {missing}: the file is "
+                         "incomplete.")
+    layer = AdapterDelta(kind, found, alpha)
+    if kind == "dora" and tuple(found["dora_scale"].shape) != (layer.shape[0], 1):
+        raise ValueError(f"LoRA '{name}': DoRA layer '{module}' has dora_scale {tuple(found['dora_scale'].shape)}; "
+                         f"this pack reads the output-axis form [{layer.shape[0]}, 1] that it writes.")
+    return layer
+
+
+def adapter_from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str], name: str) -> KleinLora:
+    """A LoKr, LoHa or DoRA file in ComfyUI/BFL (or kohya) names -> KleinLora with AdapterDelta layers."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        module, part = _adapter_split(key)
+        if not part:
+            raise ValueError(f"LoRA '{name}': key '{key}' is not a part of a LoKr, LoHa or DoRA layer.")
+        groups.setdefault(module, {})[part] = t
+    nd, ns = _block_counts(list(groups))
+    kohya = {KOHYA_PREFIX + n.replace(".", "_"): n for n in _layer_names(nd, ns)}
+    out = KleinLora(metadata=metadata, name=name, source_format="comfyui")
+    for module, parts in groups.items():
+        try:
+            layer, third, fmt = _resolve(module, kohya, {})
+        except KeyError:
+            raise ValueError(f"LoRA '{name}': '{module}' is not a klein layer name (expected diffusion_model.<BFL "
+                             "name> or lora_unet_<BFL name>).") from None
+        for role in ("diff", "diff_b"):
+            if role in parts:
+                out.diffs[f"{layer}.{role}"] = parts.pop(role)
+        if parts:
+            out.layers[layer] = _adapter_layer(module, parts, name)
+    kinds = {d.kind for d in out.layers.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"LoRA '{name}' mixes adapters {sorted(kinds)} across its layers; this pack reads one kind "
+                         "per file.")
+    return out
+
+
 def from_state_dict(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
                     name: str = "lora") -> KleinLora:
     """Any supported layout -> KleinLora, alpha folded into the per-layer scale as the trainer meant it."""
     metadata = dict(metadata or {})
+    if _is_adapter_file(sd):
+        return adapter_from_state_dict(sd, metadata, name)
     groups = _group_keys(sd, name)
     nd, ns = _block_counts(list(groups))
     kohya = {KOHYA_PREFIX + n.replace(".", "_"): n for n in _layer_names(nd, ns)}
@@ -362,6 +561,11 @@ def to_comfy_state_dict(lora: KleinLora, dtype: torch.dtype | None = None) -> di
     sd = {}
     for layer, d in sorted(lora.layers.items()):
         cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+        if isinstance(d, AdapterDelta):  # LoKr / LoHa / DoRA: their parts as ComfyUI reads them
+            sd.update({bfl_key(layer, part): cast(t).contiguous() for part, t in d.file_parts().items()})
+            if d.alpha is not None:
+                sd[bfl_key(layer, "alpha")] = torch.tensor(float(d.alpha), dtype=dtype or torch.float32)
+            continue
         sd[bfl_key(layer, "lora_A.weight")] = cast(d.down).contiguous()
         sd[bfl_key(layer, "lora_B.weight")] = cast(d.up).contiguous()
         sd[bfl_key(layer, "alpha")] = torch.tensor(float(d.alpha), dtype=dtype or torch.float32)
@@ -375,8 +579,10 @@ def to_diffusers_state_dict(lora: KleinLora, dtype: torch.dtype | None = None
     """diffusers layout: `transformer.*` names, fused qkv split into q/k/v (A repeated, B by rows), the
     scale folded into B (lora_alpha = r everywhere), per-layer ranks in rank_pattern/alpha_pattern.
 
-    diffusers/peft have no slot for full diff tensors: they are left out, with a warning.
+    diffusers/peft have no slot for full diff tensors: they are left out, with a warning. diffusers' Flux2
+    loader reads plain LoRA only: a LoKr, LoHa or DoRA is refused (DIFFUSERS_LOADS).
     """
+    lora.require_lora("the diffusers export (diffusers loads plain LoRA only for FLUX.2)")
     nd, ns = _block_counts(list(lora.layers))
     inverse: dict[str, list[str]] = {}
     for dname, (bfl, third) in diffusers_layer_map(nd, ns).items():

@@ -14,6 +14,8 @@ SHARD_CHOICES = ("auto", "on", "off")  # several processes: shard the frozen bas
 # the frozen base's products (trainer/model/fp8_compute.py): auto = bf16 until fp8's quality check holds
 BASE_COMPUTE_CHOICES = ("auto", "bf16", "fp8")
 SAVE_DTYPE_NAMES = ("bf16", "fp32", "fp16")  # the keys of trainer/lora/layers.SAVE_DTYPES (tests check they agree)
+# the adapter peft trains on the targeted layers (trainer/lora/layers.py); lora is the default and unchanged
+ADAPTERS = ("lora", "lokr", "loha", "dora")
 
 
 @dataclass
@@ -37,6 +39,9 @@ class TrainConfig:
     low_vram: bool = False  # gradient checkpointing + 8-bit AdamW; load the base with weight_dtype fp8 for the rest
     shard_base: str = "auto"  # several processes: shard the frozen base over them (FSDP, trainer/training/sharding.py)
     base_compute: str = "auto"  # the frozen base's products: bf16, or fp8 e4m3 row-wise (trainer/model/fp8_compute.py)
+    adapter: str = "lora"  # lora, lokr (Kronecker), loha (Hadamard), dora (LoRA + magnitude): trainer/lora/layers.py
+    lokr_factor: int = -1  # LoKr: the Kronecker factor's size (-1: near the square root of each width)
+    lokr_full_rank: bool = False  # LoKr: both Kronecker factors full matrices (rank and alpha unused, scale 1)
 
     @property
     def recompute(self) -> bool:
@@ -60,8 +65,12 @@ class TrainConfig:
                                      ("compile_blocks", self.compile_blocks, COMPILE_CHOICES),
                                      ("save_dtype", self.save_dtype, SAVE_DTYPE_NAMES),
                                      ("shard_base", self.shard_base, SHARD_CHOICES),
-                                     ("base_compute", self.base_compute, BASE_COMPUTE_CHOICES)):
+                                     ("base_compute", self.base_compute, BASE_COMPUTE_CHOICES),
+                                     ("adapter", self.adapter, ADAPTERS)):
             if value not in choices:
                 raise ValueError(f"{name} '{value}' is not one of {list(choices)}.")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ValueError(f"lokr_factor is {self.lokr_factor}: use -1 (automatic) or a factor of 1 or more "
+                             "(LyCORIS presets use 4-16).")
         if self.keep_states < 0:
             raise ValueError(f"keep_states is {self.keep_states}: use 0 (keep all) or more.")

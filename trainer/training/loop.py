@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..data.dataset import KleinDataset, stack_contexts
-from ..lora.layers import SAVE_DTYPES, LoraHandle, lora_layers, lora_metadata
+from ..lora.layers import SAVE_DTYPES, AdapterSpec, LoraHandle, adapter_metadata, lora_layers, lora_metadata
 from ..model import attention, compile_support, fp8_compute
 from ..model.checkpointing import block_options, inplace_safe_norms
 from ..model.model_check import flux2_problem
@@ -298,7 +298,8 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
         generator = torch.Generator().manual_seed(cfg.seed)
         run = _RunState(files, meta, generator, random.Random(f"{cfg.seed}:captions"),  # captions apart from noise
                         BatchOrder(dataset, cfg.batch_size, generator, cfg.seed))
-        with lora_layers(placed.dm, targets.modules, cfg.rank, cfg.alpha, seed=cfg.seed) as lora, \
+        with lora_layers(placed.dm, targets.modules, cfg.rank, cfg.alpha, seed=cfg.seed,
+                         spec=AdapterSpec.of(cfg)) as lora, \
                 (nullcontext() if placed.compiled else inplace_safe_norms(placed.dm)), \
                 comfy_training_mode(), _dynamo_limits(placed.compiled), \
                 attention.run_attention(placed.dm, placed.device, placed.dtype), \
@@ -359,13 +360,21 @@ def _place(patcher, cfg: TrainConfig, ranks: Ranks) -> _Placed:
     autocast = torch.autocast(device.type, dtype=dtype) if mixed else nullcontext()
     compiled = compile_support.usable(cfg.compile_blocks, device, resolve_compile(
         cfg.compile_blocks, device.type, mixed, uses_fp8_matmuls(dm), shard))
+    _check_adapter(cfg, shard, work.model.get_dtype())
     return _Placed(work, device, dtype, autocast, compiled, block_options(dm, cfg.recompute, compiled), shard,
-                   _base_compute(cfg.base_compute, device, shard))
+                   _base_compute(cfg.base_compute, device, shard, cfg.adapter))
 
 
-def _base_compute(choice: str, device: torch.device, sharded: bool) -> str:
-    """cfg.base_compute for this device; the fp8 layers are not made for a base sharded over processes."""
+def _base_compute(choice: str, device: torch.device, sharded: bool, adapter: str = "lora") -> str:
+    """cfg.base_compute for this device; the fp8 layers are not made for a base sharded over processes, nor
+    for peft's LoKr/LoHa/DoRA layers, which read the base layer's weight that the fp8 copy replaces."""
     mode = fp8_compute.resolve_mode(choice, device)
+    if mode == "fp8" and adapter != "lora":
+        if choice == "fp8":
+            raise ValueError(f"base_compute 'fp8' does not combine with adapter '{adapter}': peft's "
+                             f"{AdapterSpec(adapter).label} layers read the base layer's weight, which fp8 products "
+                             "replace by a quantised copy. Set base_compute to 'auto' or 'bf16', or adapter to 'lora'.")
+        return "bf16"
     if mode == "fp8" and sharded:
         if choice == "fp8":
             raise ValueError("base_compute 'fp8' does not combine with a base sharded over processes (shard_base): "
@@ -374,11 +383,27 @@ def _base_compute(choice: str, device: torch.device, sharded: bool) -> str:
     return mode
 
 
+def _check_adapter(cfg: TrainConfig, sharded: bool, weight_dtype: torch.dtype) -> None:
+    """DoRA's file scale needs each base layer's whole weight on the process that writes it, in a dtype peft
+    can add its update to; the other adapters train wherever LoRA does."""
+    if cfg.adapter != "dora":
+        return
+    if sharded:
+        raise ValueError("adapter 'dora' does not combine with a base sharded over processes (shard_base): DoRA's "
+                         "saved scale is computed from each base layer's full weight, which only its shard's "
+                         "process holds. Set shard_base to 'off' (each process holds the whole base) or pick "
+                         "adapter 'lora', 'lokr' or 'loha'.")
+    if weight_dtype.itemsize == 1:
+        raise ValueError(f"adapter 'dora' needs the base in bf16/fp16/fp32 (it is {weight_dtype}): peft's DoRA adds "
+                         "its update to the base weight to take its norms, which fp8 weights cannot. Load the model "
+                         "with weight_dtype default, or pick adapter 'lora', 'lokr' or 'loha' for low-VRAM fp8.")
+
+
 def _run_metadata(patcher, placed: _Placed, dataset: KleinDataset, targets: KleinTargets, cfg: TrainConfig,
                   ranks: Ranks) -> dict[str, str]:
     """The LoRA file's header: how it was trained, on what."""
     dm = placed.dm
-    return lora_metadata(
+    meta = lora_metadata(
         format="comfyui-bfl-lora", base_model=size_key(len(dm.double_blocks), len(dm.single_blocks), dm.hidden_size),
         base_model_file=base_model_file(patcher),
         rank=cfg.rank, alpha=cfg.alpha, learning_rate=cfg.learning_rate, steps=cfg.steps,
@@ -392,6 +417,8 @@ def _run_metadata(patcher, placed: _Placed, dataset: KleinDataset, targets: Klei
         buckets=[f"{w}x{h}:{len(v)}" for (w, h), v in dataset.bucket_assignment().items()],
         repeats=dataset.repeats, caption_dropout=dataset.caption_dropout,
         shuffle_tags=bool(dataset.context_variants), data_parallel_processes=ranks.world, sharded_base=placed.sharded)
+    meta.update(lora_metadata(**adapter_metadata(AdapterSpec.of(cfg))))  # nothing for plain LoRA
+    return meta
 
 
 def _note_resume(meta: dict[str, str], resumed: dict, state_file: Path, changes: dict) -> None:
@@ -458,7 +485,7 @@ def _save_state(step: int, run: _RunState, lora: LoraHandle, opt: torch.optim.Op
                 targets: KleinTargets, cfg: TrainConfig, also: tuple[Path, ...] = ()) -> None:
     """The state of `step`, listing the run's checkpoints (and `also`, the final step's); older states pruned."""
     resume.save_state(run.files.state(step), cfg=cfg, step=step, run=run.files.run,
-                      lora=lora.state_dict(torch.float32), optimizer=opt.state_dict(),
+                      lora=lora.training_tensors(), optimizer=opt.state_dict(),
                       generator=run.generator.get_state(), caption_rng=run.caption_rng.getstate(),
                       batches=run.batches.state_dict(), losses=list(run.losses),
                       checkpoints=[c.name for c in (*run.checkpoints, *also)], targets=list(targets.modules),

@@ -25,7 +25,7 @@ FORMAT = "klein-lora-train-state"
 VERSION = 1
 # A resumed run must match these: the saved tensors only fit a LoRA of the same shape and scale, and
 # the optimizer's saved moments only fit the same optimizer.
-FIXED = ("rank", "alpha", "optimizer")
+FIXED = ("rank", "alpha", "optimizer", "adapter", "lokr_factor", "lokr_full_rank")
 # Not compared: where the run came from, how it is saved next, and how the frozen base is laid out over the
 # processes (sharded or not, the update is the same).
 IGNORED = ("resume_from", "output_name", "shard_base")
@@ -152,7 +152,8 @@ def checked_run(state: dict, path: Path, out_dir: Path) -> RunFiles:
 
 def check_compatible(state: dict, path: Path, cfg, modules: list[str], dataset) -> dict[str, list]:
     """Raise on what a run cannot change midway; return what it may change, {field: [before, now]}."""
-    before = state["config"]
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    before = {**defaults, **state["config"]}  # a state written before a field existed had its default
     for key in FIXED:
         if before.get(key) != getattr(cfg, key):
             raise ValueError(f"resume_from {path.name}: the run was trained with {key} {before.get(key)}, this run asks "
