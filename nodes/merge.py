@@ -21,7 +21,7 @@ def _dtype(choice: str, loras: list[lora_formats.KleinLora]):
     if choice != "auto":
         return SAVE_DTYPES[choice]
     first = next(iter(loras[0].layers.values()), None) if loras else None
-    return first.up.dtype if first is not None else None
+    return first.dtype if first is not None else None
 
 
 def _out_path(folder: str, output_name: str) -> Path:
@@ -43,6 +43,9 @@ def _outputs() -> list:
             io.String.Output(display_name="report", tooltip="What was done, with per-layer SVD error where relevant.")]
 
 
+_FORMAT_TIP = ("comfyui: BFL names + alpha (ComfyUI, this pack; LoKr/LoHa/DoRA keep their own keys). diffusers: "
+               "transformer.* names for diffusers' load_lora_weights, which reads plain LoRA only (a LoKr, LoHa or "
+               "DoRA is refused; diff tensors are left out).")
 _NAME_TIP = "File name in models/loras (no folders); an existing name gets _2, _3..."
 _DTYPE_TIP = "Precision of the written tensors; 'auto' keeps the (first) input's."
 
@@ -53,7 +56,8 @@ class KleinLoRAMerge(io.ComfyNode):
         return io.Schema(
             node_id="KleinLoRAMerge", display_name="Klein LoRA Merge", category=CATEGORY, is_output_node=True,
             description="Merges two or more LoRAs with weights into one file: exact (ranks concatenated, equal to the "
-                        "weighted sum) or compact (SVD to a target rank, with the error it costs).",
+                        "weighted sum) or compact (SVD to a target rank, with the error it costs). Plain LoRAs only: "
+                        "a LoKr, LoHa or DoRA is refused with the reason (bake those into the model).",
             inputs=[lora_slots("loras", 2, "The LoRAs to merge, each from a Klein LoRA File node (file + weight); "
                                            "connect two or more, a slot appears when the last is connected."),
                     io.Combo.Input("mode", options=["exact", "compact"], default="exact",
@@ -63,8 +67,7 @@ class KleinLoRAMerge(io.ComfyNode):
                                  tooltip="Rank of the compact result (ignored in exact mode)."),
                     io.String.Input("output_name", default="klein_merged", tooltip=_NAME_TIP),
                     io.Combo.Input("format", options=list(lora_formats.FORMATS), default="comfyui",
-                                   tooltip="comfyui: BFL names + alpha (ComfyUI, this pack). diffusers: transformer.* "
-                                           "names for diffusers' load_lora_weights (diff tensors are left out)."),
+                                   tooltip=_FORMAT_TIP),
                     io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP,
                                    advanced=True)],
             outputs=_outputs())
@@ -92,7 +95,8 @@ class KleinLoRAResize(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="KleinLoRAResize", display_name="Klein LoRA Resize", category=CATEGORY, is_output_node=True,
-            description="Lowers a LoRA's rank by SVD (the best approximation at that rank) and reports the error.",
+            description="Lowers a LoRA's rank by SVD (the best approximation at that rank) and reports the error. "
+                        "Plain LoRAs only: a LoKr, LoHa or DoRA is refused with the reason.",
             inputs=[io.Combo.Input("lora", options=lora_choices()[1:], tooltip="The LoRA in models/loras (any layout)."),
                     io.Int.Input("target_rank", default=16, min=1, max=1024,
                                  tooltip="New rank; layers already at or below it keep their rank."),
@@ -120,7 +124,7 @@ class KleinLoRAConvert(io.ComfyNode):
                         "diffusers, with its alpha applied as trained and its metadata kept.",
             inputs=[io.Combo.Input("lora", options=lora_choices()[1:], tooltip="The LoRA in models/loras (any layout)."),
                     io.Combo.Input("format", options=list(lora_formats.FORMATS), default="comfyui",
-                                   tooltip="comfyui: BFL names + alpha. diffusers: transformer.* names, q/k/v split."),
+                                   tooltip=_FORMAT_TIP),
                     io.String.Input("output_name", default="klein_converted", tooltip=_NAME_TIP),
                     io.Combo.Input("save_dtype", options=list(DTYPE_CHOICES), default="auto", tooltip=_DTYPE_TIP,
                                    advanced=True)],
@@ -130,9 +134,10 @@ class KleinLoRAConvert(io.ComfyNode):
     def execute(cls, lora: str, format: str, output_name: str, save_dtype: str) -> io.NodeOutput:
         src = load_lora(lora, "lora")
         path, sd = _save(src, output_name, format, _dtype(save_dtype, [src]))
-        alphas = sorted({f"{d.alpha:g}/{d.rank}" for d in src.layers.values()})
-        report = (f"{src.name}: read as {src.source_format}, {len(src.layers)} layers, {len(src.diffs)} diff tensors, "
-                  f"alpha/rank {', '.join(alphas[:6])}{' ...' if len(alphas) > 6 else ''}; written as {format}")
+        alphas = sorted({f"{'-' if d.alpha is None else f'{d.alpha:g}'}/{d.rank}" for d in src.layers.values()})
+        kind = "" if src.adapter == "lora" else f"{lora_formats.ADAPTER_NAMES[src.adapter]} "
+        report = (f"{src.name}: read as {kind}{src.source_format}, {len(src.layers)} layers, {len(src.diffs)} diff "
+                  f"tensors, alpha/rank {', '.join(alphas[:6])}{' ...' if len(alphas) > 6 else ''}; written as {format}")
         return io.NodeOutput(path, sd, report)
 
 
@@ -142,7 +147,8 @@ class KleinLoRABake(io.ComfyNode):
         return io.Schema(
             node_id="KleinLoRABake", display_name="Klein LoRA Bake Into Model", category=CATEGORY, is_output_node=True,
             description="Adds LoRAs (with weights) into a diffusion model's weights and saves a new model file in "
-                        "models/diffusion_models that Load Diffusion Model (UNETLoader) loads. Needs RAM for the model.",
+                        "models/diffusion_models that Load Diffusion Model (UNETLoader) loads; exact for LoRA, LoKr, "
+                        "LoHa and DoRA (as the stock loader applies each). Needs RAM for the model.",
             inputs=[io.Combo.Input("unet_name", options=folder_paths.get_filename_list("diffusion_models"),
                                    tooltip="The base model file in models/diffusion_models (bf16/fp16/fp32; not fp8)."),
                     lora_slots("loras", 1, "The LoRAs to bake in, each from a Klein LoRA File node (file + "

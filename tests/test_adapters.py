@@ -24,13 +24,15 @@ torch.set_num_threads(1)
 
 # id -> TrainConfig fields: every adapter, and LoKr with both Kronecker factors full (its scale folded into w1)
 ADAPTERS = {"lokr": dict(adapter="lokr"), "lokr_full": dict(adapter="lokr", lokr_full_rank=True),
-            "lokr_factor4": dict(adapter="lokr", lokr_factor=4), "loha": dict(adapter="loha"),
+            "lokr_factor4": dict(adapter="lokr", lokr_factor=4),
+            # rank 16 >= half of the 256-wide layers' factor (16): peft keeps w2 full there, scale 4/16 into w1
+            "lokr_wide": dict(adapter="lokr", rank=16, alpha=4.0), "loha": dict(adapter="loha"),
             "dora": dict(adapter="dora")}
 # the parts ComfyUI's weight_adapter reads for each (comfy/weight_adapter/lokr.py, loha.py, lora.py + dora_scale)
-PARTS = {"lokr": {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"}, "lokr_full": {"lokr_w1", "lokr_w2"},
-         "lokr_factor4": {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"},
-         "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
-         "dora": {"lora_A.weight", "lora_B.weight", "alpha", "dora_scale"}}
+_LOKR, _LOKR_FULL = {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"}, {"lokr_w1", "lokr_w2"}
+PARTS = {"lokr": [_LOKR], "lokr_full": [_LOKR_FULL], "lokr_factor4": [_LOKR], "lokr_wide": [_LOKR, _LOKR_FULL],
+         "loha": [{"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"}],
+         "dora": [{"lora_A.weight", "lora_B.weight", "alpha", "dora_scale"}]}
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,8 @@ def test_stock_loader_applies_every_key_and_reproduces_the_trainer(run, setup, c
     modules = setup["enc"].targets.modules
     by_layer = {m: {k.removeprefix(f"diffusion_model.{m}.") for k in sd if k.startswith(f"diffusion_model.{m}.")}
                 for m in modules}
-    assert all(parts == PARTS[run["id"]] for parts in by_layer.values()), by_layer[modules[0]]
+    kinds = {frozenset(p) for p in by_layer.values()}
+    assert kinds == {frozenset(p) for p in PARTS[run["id"]]}, kinds  # lokr_wide: both forms present
     assert sum(len(p) for p in by_layer.values()) == len(sd)  # nothing but the targeted layers' parts
     caplog.set_level(logging.WARNING)
     with torch.inference_mode():

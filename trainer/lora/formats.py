@@ -90,6 +90,10 @@ class LoraDelta:
     def shape(self) -> tuple[int, int]:
         return int(self.up.shape[0]), int(self.down.shape[1])
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.up.dtype
+
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.scale * (self.up.to(dtype) @ self.down.to(dtype))
 

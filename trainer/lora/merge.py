@@ -8,7 +8,10 @@
   Reported: the relative Frobenius error ||D - D_k|| / ||D|| = sqrt(discarded sigma^2 / all sigma^2)
   and the energy kept (kept sigma^2 / all sigma^2), per layer and overall (summed over layers).
 - bake: the weighted deltas added into a diffusion model's weights, saved with the same keys and
-  dtypes so UNETLoader loads it like the original.
+  dtypes so UNETLoader loads it like the original. Exact for every adapter: a LoKr's or LoHa's delta is
+  a matrix like a LoRA's, a DoRA's is W' - W on this base (each computed as ComfyUI's loader does; several
+  files are each applied to the original weights, so their order does not matter).
+- merge and resize take plain LoRAs only; a LoKr, LoHa or DoRA is refused with the reason.
 Full diff tensors (ComfyUI trainer norm-scale/bias diffs) are added with the same weights.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..model.sizes import width_label
-from .formats import KleinLora, LoraDelta
+from .formats import AdapterDelta, KleinLora, LoraDelta
 
 _IN_IS_HIDDEN = ("img_attn.qkv", "txt_attn.qkv", "img_attn.proj", "txt_attn.proj", "img_mlp.0", "txt_mlp.0",
                  "linear1")
@@ -129,8 +132,11 @@ def _merged_metadata(loras: list[KleinLora], weights: list[float], mode: str, ra
 
 
 def exact_merge(loras: list[KleinLora], weights: list[float], name: str = "merged") -> KleinLora:
-    """Ranks concatenated: delta = sum_i w_i * delta_i exactly (weights and scales folded into B)."""
+    """Ranks concatenated: delta = sum_i w_i * delta_i exactly (weights and scales folded into B). Plain LoRA
+    only: a LoKr, LoHa or DoRA is refused naming its adapter (formats.KleinLora.require_lora says why)."""
     _check_weights(loras, weights)
+    for lo in loras:
+        lo.require_lora("merge / resize")
     check_same_base(loras)
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for lo, w in zip(loras, weights, strict=True):
@@ -223,7 +229,9 @@ def bake_state_dict(model_sd: dict[str, torch.Tensor], loras: list[KleinLora], w
                 raise ValueError(f"LoRA '{lo.name}' layer '{layer}' is {d.shape[0]}x{d.shape[1]} but model "
                                  f"'{model_name}' has {w_model[0]}x{w_model[1]} there: the LoRA was trained on "
                                  f"{_describe_width(base_width(lo))}; bake it into that base.")
-            deltas[key] = deltas.get(key, 0) + w * d.delta(torch.float32)
+            # LoKr/LoHa: their additive update; DoRA: W' - W on this base, as ComfyUI's loader computes it
+            update = d.delta_on(model_sd[key]) if isinstance(d, AdapterDelta) else d.delta(torch.float32)
+            deltas[key] = deltas.get(key, 0) + w * update
         for dkey, t in lo.diffs.items():
             layer, kind = dkey.rsplit(".", 1)
             names = [f"{prefix}{layer}.bias"] if kind == "diff_b" else [f"{prefix}{layer}.weight",
