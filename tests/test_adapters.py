@@ -181,3 +181,43 @@ def test_lokr_and_loha_train_on_an_fp8_base(setup, comfy, tiny):
                                                                    optimizer="Adafactor"), setup["out"])
         assert all(torch.isfinite(torch.tensor(res.losses)))
         assert next(iter(fp8.model.diffusion_model.parameters())).dtype == torch.float8_e4m3fn
+
+
+def test_run_config_and_node_carry_the_adapter_and_refuse_unknown_ones():
+    from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer, adapter_settings
+    from klein_lora_studio.trainer.jobs import config as run_config
+
+    base = {"version": 1, "model": {"file": "m.safetensors"}, "dataset": {"encoded": "x.safetensors"},
+            "train": {"rank": 4, "alpha": 4, "learning_rate": 1e-4, "steps": 10}}
+    assert run_config.from_dict(base).train.adapter == "lora"  # absent: plain LoRA, as before
+    lokr = run_config.from_dict({**base, "train": {**base["train"], "adapter": "lokr", "lokr_factor": 8}}).train
+    assert (lokr.adapter, lokr.lokr_factor, lokr.lokr_full_rank) == ("lokr", 8, False)
+    for change, match in (({"adapter": "oft"}, r"train: adapter 'oft' is not one of \['lora', 'lokr', 'loha', 'dora'\]"),
+                          ({"lokr_factor": 0}, "train: lokr_factor is 0: use -1 \\(automatic\\) or a factor of 1")):
+        with pytest.raises(run_config.ConfigError, match=match):
+            run_config.from_dict({**base, "train": {**base["train"], **change}})
+    assert adapter_settings(None) == {}
+    assert adapter_settings({"adapter": "lokr", "lokr_factor": 4, "lokr_full_rank": True}) == \
+        {"adapter": "lokr", "lokr_factor": 4, "lokr_full_rank": True}
+    schema = KleinLoRATrainer.define_schema()
+    combo = next(i for i in schema.inputs if i.id == "adapter")
+    assert combo.optional and combo.extra_dict == {"advanced": True}
+    assert [o.key for o in combo.options] == ["lora", "lokr", "loha", "dora"]
+    assert [i.id for i in next(o for o in combo.options if o.key == "lokr").inputs] == ["lokr_factor", "lokr_full_rank"]
+    assert all(f"{name}:" in combo.tooltip.replace("LoRA (default):", "LoRA:") for name in ("LoRA", "LoKr", "LoHa", "DoRA"))
+
+
+def test_trainer_node_trains_the_chosen_adapter_and_samples_its_checkpoints(setup, comfy, tiny, base_dir):
+    """The node's DynamicCombo value reaches the run: a DoRA file with its header, the MODEL output patched, and
+    the live suite sampled and judged at each checkpoint (the stock loader applies each checkpoint file)."""
+    from klein_lora_studio.tests.helpers import run_trainer
+
+    out = run_trainer(setup["enc"], steps=2, save_every=1, output_name="node_dora", adapter={"adapter": "dora"},
+                      clip=tiny.clip, vae=tiny.vae, sample_steps=1)
+    model, lora, lora_path, _, checkpoints, evaluation = out.args
+    assert sum(k.endswith(".dora_scale") for k in lora) == len(setup["enc"].targets.modules)
+    assert safetensors.safe_open(lora_path, "pt").metadata()["adapter"] == "dora"
+    assert not torch.equal(lora_kit.forward(model, setup["probe"]), setup["before"])
+    report = json.loads((base_dir / "models" / "loras" / "node_dora_eval.json").read_text())
+    assert [c["step"] for c in report["checkpoints"]] == [1, 2] and "strength" in evaluation
+    assert len(checkpoints.splitlines()) == 2

@@ -388,3 +388,23 @@ def test_sweep_runs_the_grid_as_parallel_jobs_and_the_grid_node_reads_its_manife
     assert grid.shape[1] > 2 * 64 and grid.shape[2] > 2 * 64  # 2 rows (rank 1, 2) x 2 columns (step 1, 2)
     with pytest.raises(ValueError, match="not a Klein LoRA sweep manifest"):
         node.execute(**grid_inputs, prompt="x", sweep_manifest=str(base))
+
+
+@pytest.mark.comfy
+def test_adapters_train_in_two_processes_as_in_one_and_dora_refuses_a_sharded_base(exported):
+    """LoKr with the base sharded over 2 gloo processes and DoRA data parallel over 2 give the one-process run's
+    file (issue 20); DoRA with the base sharded is refused, naming the adapter and what to set."""
+    for adapter, shard in (("lokr", "on"), ("dora", "off")):
+        extra = dict(adapter=adapter, shard_base=shard, gradient_checkpointing=shard == "on")
+        one = _cli(_variant(exported["config"], f"dp1_{adapter}", **extra), ["cpu"])
+        two = _cli(_variant(exported["config"], f"dp2_{adapter}", **extra), ["cpu", "cpu"])
+        assert two["sharded_base"] is (shard == "on") and two["processes"] == 2
+        _assert_close(_lora(two["lora_path"]), _lora(one["lora_path"]))
+        assert two["losses"] == pytest.approx(one["losses"], rel=1e-4)
+        assert safetensors.safe_open(two["lora_path"], "pt").metadata()["adapter"] == adapter
+    cmd, env = jobs.command(_variant(exported["config"], "dp_dora_sharded", adapter="dora", shard_base="on"),
+                            ["cpu", "cpu"])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    message = " ".join(e.get("message", "") for e in map(job_events.parse_event, proc.stdout.splitlines()) if e)
+    assert proc.returncode != 0 and "adapter 'dora' does not combine with a base sharded over processes" in message, \
+        (message or proc.stderr[-2000:])
