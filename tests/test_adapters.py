@@ -183,7 +183,7 @@ def test_lokr_and_loha_train_on_an_fp8_base(setup, comfy, tiny):
         assert next(iter(fp8.model.diffusion_model.parameters())).dtype == torch.float8_e4m3fn
 
 
-def test_run_config_and_node_carry_the_adapter_and_refuse_unknown_ones():
+def test_run_config_and_node_carry_the_adapter_and_refuse_unknown_ones(comfy):
     from klein_lora_studio.nodes.lora_trainer import KleinLoRATrainer, adapter_settings
     from klein_lora_studio.trainer.jobs import config as run_config
 
@@ -221,3 +221,14 @@ def test_trainer_node_trains_the_chosen_adapter_and_samples_its_checkpoints(setu
     report = json.loads((base_dir / "models" / "loras" / "node_dora_eval.json").read_text())
     assert [c["step"] for c in report["checkpoints"]] == [1, 2] and "strength" in evaluation
     assert len(checkpoints.splitlines()) == 2
+
+
+def test_adapter_refusals_name_the_adapter_and_the_setting_to_change():
+    """What tests/test_distributed.py checks through two processes (slow), here on the loop's own checks."""
+    cfg = _cfg("x", adapter="dora")
+    with pytest.raises(ValueError, match="adapter 'dora' does not combine with a base sharded.*shard_base to 'off'"):
+        loop._check_adapter(cfg, True, torch.float32)
+    loop._check_adapter(cfg, False, torch.bfloat16)  # unsharded bf16: fine
+    for adapter in ("lokr", "loha"):
+        loop._check_adapter(_cfg("x", adapter=adapter), True, torch.float8_e4m3fn)  # they train sharded and on fp8
+    assert loop._base_compute("auto", torch.device("cpu"), False, "loha") == "bf16"

@@ -391,9 +391,11 @@ def test_sweep_runs_the_grid_as_parallel_jobs_and_the_grid_node_reads_its_manife
 
 
 @pytest.mark.comfy
+@pytest.mark.slow
 def test_adapters_train_in_two_processes_as_in_one_and_dora_refuses_a_sharded_base(exported):
     """LoKr with the base sharded over 2 gloo processes and DoRA data parallel over 2 give the one-process run's
-    file (issue 20); DoRA with the base sharded is refused, naming the adapter and what to set."""
+    file (issue 20); DoRA with the base sharded is refused, naming the adapter and what to set. 220 s on 2 CPU
+    cores (five CLI runs), hence slow; tests/test_adapters.py checks the refusals in-process."""
     for adapter, shard in (("lokr", "on"), ("dora", "off")):
         extra = dict(adapter=adapter, shard_base=shard, gradient_checkpointing=shard == "on")
         one = _cli(_variant(exported["config"], f"dp1_{adapter}", **extra), ["cpu"])
