@@ -19,6 +19,11 @@ the calibration against ground truth (Spearman rank correlation per metric, in t
     python bench/quality.py --models micro --steps 300 --every 50 --prompts 16 --sample-steps 8   # CPU, minutes
     python bench/quality.py --models micro --steps 1200 --every 100 --prompts 64 --sample-steps 50  # GPU, full
     python bench/quality.py --models tiny ...    # the random tiny models (plumbing only: they know nothing)
+    python bench/quality.py --recipes style --adapters lora,lokr,loha,dora ...   # issue 20: the adapters side by side
+
+`--adapters` trains each adapter on the same concept at a comparable parameter count (ADAPTER_RUNS) and adds a
+side-by-side table (ground-truth strength, leakage, flexibility of the final LoRA, trained parameters, file
+size, step time) to the docs section.
 
 Writes a table and a labelled grid per run into docs/quality.md (between the quality-bench markers) and
 docs/images/quality_<recipe>.png, and the raw numbers to bench/results/quality_<tag>.json.
@@ -41,6 +46,11 @@ REPO = HERE.parent
 CONCEPT_OF = {"style": "style", "object": "object", "character": "character", "image-to-image": "transform"}
 MARK_START, MARK_END = "<!-- quality-bench:start -->", "<!-- quality-bench:end -->"
 GRID_ROWS = 3  # held-out prompts shown per grid (each with and without the trigger)
+# issue 20: each adapter at about the parameters of LoRA rank 16 on the micro model's attention (hidden 128):
+# LoHa rank 8 has 2 x 8 x (in + out), DoRA adds one magnitude per output row, full-rank LoKr with factor 2 keeps
+# an (out/2) x (in/2) factor (proj: exactly LoRA 16's 4096; qkv: 1.5x)
+ADAPTER_RUNS = {"lora": dict(rank=16, alpha=16.0), "lokr": dict(rank=16, alpha=16.0, lokr_factor=2, lokr_full_rank=True),
+                "loha": dict(rank=8, alpha=8.0), "dora": dict(rank=16, alpha=16.0)}
 
 
 def boot_comfy(base: Path):
@@ -117,6 +127,7 @@ class Run:
     seed: int = 0
     lr_scale: float = 1.0
     base_compute: str = "auto"  # the trainer's base_compute (issue 17: fp8 against bf16 on the same seeds)
+    adapter: str = ""  # issue 20: '' = the recipe's plain LoRA; else a key of ADAPTER_RUNS (its rank and knobs)
     concept: str = field(init=False)
 
     def __post_init__(self):
@@ -133,7 +144,7 @@ def train(models: Models, run: Run, base_model):
     from klein_lora_studio.nodes.target_selector import KleinBlockTargetSelector
     from klein_lora_studio.trainer.training import recipes
 
-    name = f"mw_{run.concept}_{run.seed}"
+    name = f"mw_{run.concept}_{run.seed}" + (f"_{run.adapter}" if run.adapter else "")
     folder, control = world.write_dataset(Path(folder_paths.get_input_directory()) / name, run.concept, run.images,
                                           seed=run.seed, px=run.px)
     trigger = world.CONCEPTS[run.concept].trigger
@@ -145,11 +156,14 @@ def train(models: Models, run: Run, base_model):
         targets = KleinBlockTargetSelector.execute(base_model, r.target_preset, True, True, True, True, "attention",
                                                    "both").args[0]
         t0 = time.perf_counter()
-        recipe = {"recipe": "custom", "rank": r.rank, "alpha": r.alpha, "learning_rate": r.learning_rate * run.lr_scale,
-                  "steps": run.steps}  # the recipe's DynamicCombo value, as ComfyUI passes it
+        knobs = ADAPTER_RUNS.get(run.adapter, {})
+        recipe = {"recipe": "custom", "rank": knobs.get("rank", r.rank), "alpha": knobs.get("alpha", r.alpha),
+                  "learning_rate": r.learning_rate * run.lr_scale, "steps": run.steps}  # the DynamicCombo's value
+        adapter = {"adapter": run.adapter or "lora", **{k: v for k, v in knobs.items() if k.startswith("lokr_")}}
         out = KleinLoRATrainer.execute(model=base_model, dataset=data, targets=targets, recipe=recipe,
                                        output_name=name, save_every=run.every, batch_size=1, seed=run.seed,
-                                       compile_blocks="off", save_dtype="fp32", base_compute=run.base_compute).args
+                                       compile_blocks="off", save_dtype="fp32", base_compute=run.base_compute,
+                                       adapter=adapter).args
     seconds = time.perf_counter() - t0
     checkpoints = [Path(p) for p in out[4].splitlines() if p.strip()]
     logging.info("quality: %s trained %d steps in %.0f s (%s)", run.recipe, run.steps, seconds, report.splitlines()[0])
@@ -353,11 +367,37 @@ def markdown(result: dict) -> str:
     return head + "\n".join(lines) + f"\n\n![{run['recipe']} grid](images/{result['grid']})\n"
 
 
+def file_facts(lora: Path) -> dict:
+    """The final file's trained parameters (every tensor but alpha) and size on disk (fp32)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(lora), framework="pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(".alpha"))
+    return {"params": params, "file_bytes": lora.stat().st_size}
+
+
+def adapter_table(results: list[dict]) -> str:
+    """Issue 20: the adapters on one concept, their final LoRA side by side."""
+    rows = [r for r in results if r["run"].get("adapter")]
+    if not rows:
+        return ""
+    lines = ["### Adapters side by side (final LoRA)\n", "| adapter | rank | trained parameters | file (fp32) | "
+             "step time | strength | leakage | flexibility | base accuracy |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["truth"][-1]
+        lines.append(f"| {r['run']['adapter']} | {r['rank']} | {r['params']:,} | {r['file_bytes'] / 1024:.0f} KiB | "
+                     f"{1000 * r['train_s'] / r['run']['steps']:.0f} ms | {_f(t['strength'])} | {_f(t['leakage'])} | "
+                     f"{_f(t['flexibility'])} | {_f(t['base_accuracy'])} |")
+    return "\n".join(lines) + "\n\nStep time: training seconds (sampling excluded) / steps.\n\n"
+
+
 def write_docs(results: list[dict], doc: Path, tag: str) -> None:
     """Replace the quality-bench section of docs/quality.md (everything else in the file is kept)."""
     from klein_lora_studio.trainer.paths import atomic_write_text
 
-    body = "\n".join(markdown(r) for r in results)
+    body = adapter_table(results) + "\n".join(markdown(r) for r in results)
     section = (f"{MARK_START}\n## Quality benchmark ({tag})\n\nWritten by `bench/quality.py` "
                f"(raw numbers: bench/results/quality_{tag}.json).\n\n{body}{MARK_END}")
     text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Quality on the micro world\n\n"
@@ -379,13 +419,15 @@ def run_recipe(models: Models, base_model, run: Run, prompts_n: int, sample_step
     t0 = time.perf_counter()
     evaluate = evaluate_transform if run.recipe == "image-to-image" else evaluate_concept
     truth, pack, grid = evaluate(models, run, base_model, data, checkpoints, prompts_n, sample_steps)
-    name = f"quality_{tag}_{run.recipe}.png"
+    name = f"quality_{tag}_{run.recipe}{'_' + run.adapter if run.adapter else ''}.png"
     atomic_save_image(grid, images_dir / name)
     if os.environ.get("OUT"):  # the GPU machine sends back only $OUT
         atomic_save_image(grid, Path(os.environ["OUT"]) / name)
     r = recipes.RECIPES[run.recipe]
     result = {"run": {k: v for k, v in vars(run).items()}, "trigger": world.CONCEPTS[run.concept].trigger,
-              "rank": r.rank, "lr": r.learning_rate * run.lr_scale, "prompts": prompts_n, "sample_steps": sample_steps,
+              "rank": ADAPTER_RUNS.get(run.adapter, {}).get("rank", r.rank),
+              **file_facts(checkpoints[-1]), "lr": r.learning_rate * run.lr_scale, "prompts": prompts_n,
+              "sample_steps": sample_steps,
               "models": models.kind, "train_s": train_s, "eval_s": time.perf_counter() - t0, "losses": losses,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
               "truth": truth, "pack": pack, "grid": name}
@@ -420,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-compute", default="auto", choices=("auto", "bf16", "fp8"),
                     help="the frozen base's products (issue 17's check: fp8 within the run-to-run noise of bf16)")
+    ap.add_argument("--adapters", default="", help="issue 20: e.g. lora,lokr,loha,dora (each per ADAPTER_RUNS)")
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--docs", type=Path, default=REPO / "docs", help="where quality.md and images/ go")
     ap.add_argument("--weights", type=Path, default=None, help="micro weights folder (default: the committed ones)")
@@ -430,8 +473,10 @@ def main(argv: list[str] | None = None) -> int:
     models = load_models(args.models, args.weights)
     base_model = models.unet()
     results = []
-    for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
-        run = Run(recipe, args.steps, args.every, args.images, args.px, args.seed, args.lr_scale, args.base_compute)
+    adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] or [""]
+    for recipe, adapter in [(r.strip(), a) for r in args.recipes.split(",") if r.strip() for a in adapters]:
+        run = Run(recipe, args.steps, args.every, args.images, args.px, args.seed, args.lr_scale, args.base_compute,
+                  adapter)
         results.append(run_recipe(models, base_model, run, args.prompts, args.sample_steps,
                                   args.docs / "images", args.tag))
         logging.info("quality: %s", json.dumps({k: results[-1][k] for k in ("truth", "calibration")
