@@ -116,6 +116,14 @@ def test_the_valid_tiny_workflow_has_no_findings(files):
     assert _findings(_workflow(rank=256)) == {}  # the width itself is allowed
 
 
+def test_a_lokr_rank_is_not_held_to_the_layer_widths(files):
+    """LoKr's rank sizes the product factor of a Kronecker pair, not the layer (issue 20): no width finding for it;
+    DoRA and LoHa are low-rank like LoRA and keep the check."""
+    assert _findings(_workflow(rank=300, adapter="lokr")) == {}
+    for adapter in ("dora", "loha"):
+        assert "rank 300 is larger than layer" in _findings(_workflow(rank=300, adapter=adapter))["6"]
+
+
 def test_a_recipe_rank_names_the_recipe(files):
     facts = model_check.file_facts(str(files / "diffusion_models" / tiny_models.UNET_FILE))
     narrow = ModelFacts("Flux2", facts.double, facts.single, facts.hidden, facts.linears,
