@@ -126,9 +126,8 @@ def test_merge_resize_and_diffusers_refuse_naming_the_adapter_convert_keeps_it(r
         with pytest.raises(ValueError, match=rf"is a {label} \({lo.adapter}\), not a plain LoRA.*Bake"):
             call()
     path = formats.save_lora(lo, tmp_path / "c.safetensors", "comfyui")  # ComfyUI layout: the same file again
-    lora_kit_same = safetensors.torch.load_file(str(path)), safetensors.torch.load_file(str(run["result"].lora_path))
-    assert lora_kit_same[0].keys() == lora_kit_same[1].keys()
-    assert all(torch.equal(lora_kit_same[0][k], lora_kit_same[1][k]) for k in lora_kit_same[0])
+    written, original = (safetensors.torch.load_file(str(p)) for p in (path, run["result"].lora_path))
+    assert written.keys() == original.keys() and all(torch.equal(written[k], original[k]) for k in written)
 
 
 @pytest.mark.parametrize("adapter", ["lokr", "loha", "dora"])

@@ -349,6 +349,7 @@ def _open_run(out_dir: Path, cfg: TrainConfig, targets: KleinTargets, dataset: K
 def _place(patcher, cfg: TrainConfig, ranks: Ranks) -> _Placed:
     """The model on its device, in the dtype and block mode (compiled, recomputed) the run trains it in."""
     shard = sharding.decide(cfg.shard_base, patcher.model.diffusion_model, patcher.load_device, ranks)
+    _check_adapter(cfg, shard, patcher.model.get_dtype())  # before the base is placed or sharded
     work = _training_model(patcher, ranks.world if shard else 0)
     dm = work.model.diffusion_model
     # the compute dtype: fp8-stored weights (UNETLoader weight_dtype fp8_*) are cast per layer to this one
@@ -360,7 +361,6 @@ def _place(patcher, cfg: TrainConfig, ranks: Ranks) -> _Placed:
     autocast = torch.autocast(device.type, dtype=dtype) if mixed else nullcontext()
     compiled = compile_support.usable(cfg.compile_blocks, device, resolve_compile(
         cfg.compile_blocks, device.type, mixed, uses_fp8_matmuls(dm), shard))
-    _check_adapter(cfg, shard, work.model.get_dtype())
     return _Placed(work, device, dtype, autocast, compiled, block_options(dm, cfg.recompute, compiled), shard,
                    _base_compute(cfg.base_compute, device, shard, cfg.adapter))
 
