@@ -79,12 +79,13 @@ ADAPTER_TIPS = {
 
 
 def _adapter_input() -> io.DynamicCombo.Input:
-    """The adapter peft trains (TrainConfig.adapter), with LoKr's own knobs shown only for LoKr."""
-    lokr = [io.Int.Input("lokr_factor", default=-1, min=-1, max=1024, advanced=True,
+    """The adapter peft trains (TrainConfig.adapter), with LoKr's own knobs shown only for LoKr (the combo is
+    advanced: behind the node's toggle; its options' inputs show when the option is chosen)."""
+    lokr = [io.Int.Input("lokr_factor", default=-1, min=-1, max=1024,
                          tooltip="LoKr: size of the small Kronecker factor along each axis (-1: near the square root "
                                  "of each width, the most compact; 4-16 as in LyCORIS presets gives the large factor "
                                  "more of the layer)."),
-            io.Boolean.Input("lokr_full_rank", default=False, advanced=True,
+            io.Boolean.Input("lokr_full_rank", default=False,
                              tooltip="LoKr: keep both Kronecker factors full matrices (ai-toolkit's default LoKr): "
                                      "rank and alpha are then unused and the scale is 1; larger file, most capacity.")]
     options = [io.DynamicCombo.Option(name, lokr if name == "lokr" else []) for name in ADAPTERS]
@@ -107,7 +108,6 @@ def adapter_settings(adapter: dict | str | None) -> dict:
 def _expert_inputs() -> list[io.Input]:
     """Inputs most runs leave as they are: shown behind the frontend's advanced toggle."""
     return [
-        _adapter_input(),
         io.String.Input("gpus", default="", optional=True, advanced=True,
                         tooltip="Empty: train in this ComfyUI process. GPU numbers such as '1' or '0,1': "
                                 "export the run and train it as a job on those GPUs (several: data parallel "
@@ -132,6 +132,7 @@ def _expert_inputs() -> list[io.Input]:
                                               "holds."),
         io.Combo.Input("save_dtype", options=list(SAVE_DTYPE_NAMES), default="bf16", optional=True,
                        advanced=True, tooltip="Precision of the saved LoRA tensors."),
+        _adapter_input(),  # last: saved UI workflows list widget values by position
     ]
 
 
