@@ -225,11 +225,13 @@ class KleinLoRATrainer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, output_name: str, gpus: str = "", model=None, recipe: dict | None = None) -> bool | str:
+    def validate_inputs(cls, output_name: str, gpus: str = "", model=None, recipe: dict | None = None,
+                        adapter: dict | None = None) -> bool | str:
         """At queue time, before any model loads: a bad output name or GPU list, and a MODEL that is not klein or
         a rank wider than its targeted layers (found by nodes/queue_check.py from the prompt), fail now, not after
         the encode. `model` is listed so ComfyUI attributes the error to it too (it is None at queue time); ComfyUI
-        passes the recipe (a DynamicCombo) whatever the signature, its values are checked when the run starts."""
+        passes the recipe and the adapter (DynamicCombos) whatever the signature, their values are checked when the
+        run starts."""
         try:
             paths.safe_name(output_name)
             launch.job_devices(gpus or "")
