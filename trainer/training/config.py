@@ -37,6 +37,9 @@ class TrainConfig:
     low_vram: bool = False  # gradient checkpointing + 8-bit AdamW; load the base with weight_dtype fp8 for the rest
     shard_base: str = "auto"  # several processes: shard the frozen base over them (FSDP, trainer/training/sharding.py)
     base_compute: str = "auto"  # the frozen base's products: bf16, or fp8 e4m3 row-wise (trainer/model/fp8_compute.py)
+    # 0: train every step. N: stop once N consecutive checkpoints are past the peak by the monitor's metrics
+    # (trainer/evaluation/early_stop.py); needs the checkpoint samples (clip, vae, save_every > 0)
+    early_stop_patience: int = 0
 
     @property
     def recompute(self) -> bool:
@@ -63,5 +66,8 @@ class TrainConfig:
                                      ("base_compute", self.base_compute, BASE_COMPUTE_CHOICES)):
             if value not in choices:
                 raise ValueError(f"{name} '{value}' is not one of {list(choices)}.")
+        if self.early_stop_patience < 0:
+            raise ValueError(f"early_stop_patience is {self.early_stop_patience}: use 0 (off) or the number of "
+                             "consecutive checkpoints past the peak to stop after (1-3).")
         if self.keep_states < 0:
             raise ValueError(f"keep_states is {self.keep_states}: use 0 (keep all) or more.")

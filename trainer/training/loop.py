@@ -28,7 +28,7 @@ from . import objective, resume, sharding
 from .batches import BatchOrder
 from .config import COMPILE_CHOICES, OPTIMIZERS, TrainConfig  # noqa: F401 - the loop's settings, named here too
 from .distributed import Ranks
-from .run_files import RunFiles
+from .run_files import RunFiles, parse_step
 
 
 @dataclass
@@ -40,6 +40,11 @@ class TrainHooks:
     # (step, file, live model): the live model is a ModelPatcher whose forward includes the LoRA as trained
     # so far (peft layers), valid only during the call: sample with it under torch.no_grad(), patch nothing.
     on_checkpoint: Callable[[int, Path, object], None] = lambda step, path, live: None
+    # stop at the peak (cfg.early_stop_patience > 0), rank 0 only: the run's files once they are known and its
+    # first step (> 1 when resumed), then after each checkpoint but the last the verdict: None goes on, a
+    # StopDecision (trainer/evaluation/early_stop.py: .step, .keep_step, .reason) ends the run there
+    on_begin: Callable[[int, RunFiles], None] = lambda first_step, files: None
+    stop_check: Callable[[int], object] = lambda step: None
 
 
 @dataclass
@@ -52,6 +57,7 @@ class TrainResult:
     seconds: float = 0.0
     sharded_base: bool = False
     base_bytes_here: int = 0  # frozen base weights this process held (its shard when sharded)
+    stopped: object = None  # the StopDecision that ended the run at its peak; `lora` is then its kept checkpoint's
 
 
 def check_klein(patcher) -> None:
@@ -308,16 +314,22 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
                 _restore(run, resumed, lora, opt, cfg)
                 logging.info("Klein LoRA: resuming run '%s' from %s at step %d of %d", files.run, state_file.name,
                              resumed["step"], cfg.steps)
+            if cfg.early_stop_patience and ranks.is_main:
+                hooks.on_begin(run.first, files)
+            stop = None
             for step in range(run.first, cfg.steps + 1):
                 _train_one_step(step, run, placed, lora, opt, dataset, cfg, hooks, ranks)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     _save_checkpoint(step, run, placed, lora, opt, dataset, targets, cfg, hooks, ranks)
-            final = _save_final(run, placed, lora, opt, dataset, targets, cfg, hooks, ranks)
+                    if cfg.early_stop_patience and (stop := _stop_verdict(step, hooks, ranks)) is not None:
+                        break
+            final = (_save_stopped(stop, run, cfg, ranks) if stop is not None
+                     else _save_final(run, placed, lora, opt, dataset, targets, cfg, hooks, ranks))
     seconds = time.perf_counter() - start
-    logging.info("Klein LoRA: %d steps in %.1fs, final loss %.4f, saved %s", cfg.steps - run.first + 1, seconds,
-                 run.losses[-1], files.lora)
+    logging.info("Klein LoRA: %d steps in %.1fs, final loss %.4f, saved %s", len(run.losses) - run.first + 1,
+                 seconds, run.losses[-1], files.lora)
     return TrainResult(final, run.losses, files.lora, run.checkpoints, files.run, seconds, placed.sharded,
-                       sharding.local_bytes(placed.dm))
+                       sharding.local_bytes(placed.dm), stop)
 
 
 def _check_inputs(patcher, dataset: KleinDataset, cfg: TrainConfig, ranks: Ranks) -> None:
@@ -495,6 +507,34 @@ def _save_final(run: _RunState, placed: _Placed, lora: LoraHandle, opt: torch.op
             hooks.on_checkpoint(cfg.steps, run.files.lora, placed.work)
     ranks.barrier()
     return final
+
+
+def _stop_verdict(step: int, hooks: TrainHooks, ranks: Ranks):
+    """Rank 0's stop decision after checkpoint `step`, the same on every rank (they all end the run together)."""
+    verdict = hooks.stop_check(step) if ranks.is_main else None
+    return ranks.broadcast(verdict) if ranks.distributed else verdict
+
+
+def _save_stopped(stop, run: _RunState, cfg: TrainConfig, ranks: Ranks) -> dict[str, torch.Tensor]:
+    """The run ended at its peak after checkpoint `stop.step` (saved with its state: resume_from 'latest' goes on
+    from there): the final LoRA is the kept checkpoint's tensors, its header says where, why and what was kept."""
+    from safetensors.torch import load_file
+
+    keep = run.files.checkpoint(stop.keep_step)
+    if keep not in run.checkpoints or not keep.is_file():
+        logging.warning("Klein LoRA: the checkpoint to keep (step %d) is not among this run's files; keeping step %d's.",
+                        stop.keep_step, stop.step)
+        keep = run.files.checkpoint(stop.step)
+    tensors = load_file(str(keep))
+    if ranks.is_main:
+        meta = {**run.meta, "steps": str(parse_step(keep.name)[1]), "early_stop_reason": stop.reason,
+                "early_stop": json.dumps({"stopped_at_step": stop.step, "kept_step": parse_step(keep.name)[1],
+                                          "kept": keep.name, "planned_steps": cfg.steps,
+                                          "patience": cfg.early_stop_patience})}
+        atomic_save_safetensors(tensors, run.files.lora, meta)
+        logging.info("Klein LoRA: %s", stop.reason)
+    ranks.barrier()
+    return tensors
 
 
 def _oom_message(step: int, cfg: TrainConfig, x0: torch.Tensor, run: _RunState) -> str:
