@@ -85,14 +85,15 @@ def test_a_decision_round_trips_through_the_job_protocol():
 
 # ------------------------------------------------------------------ the trainer, with driven metrics
 
-SCRIPT = {2: (0.3, 0.1, 0.9), 4: (0.5, 0.1, 0.9), 6: (0.6, 0.1, 0.8), 8: (0.55, 0.1, LOW_FLEX),
-          10: (0.5, 0.2, 0.3), 12: (0.45, 0.3, 0.2)}  # peak at 6; past it from 8: patience 2 stops after 10
-RUN = dict(rank=2, alpha=2.0, learning_rate=2e-3, steps=12, save_every=2, seed=1, save_dtype="fp32", sample_steps=1)
+SCRIPT = {1: (0.3, 0.1, 0.9), 2: (0.5, 0.1, 0.9), 3: (0.6, 0.1, 0.8), 4: (0.55, 0.1, LOW_FLEX),
+          5: (0.5, 0.2, 0.3), 6: (0.45, 0.3, 0.2)}  # peak at 3; past it from 4: patience 2 stops after 5
+RUN = dict(rank=2, alpha=2.0, learning_rate=2e-3, steps=6, save_every=1, seed=1, save_dtype="fp32", sample_steps=1)
 
 
-@pytest.fixture
-def driven(monkeypatch):
-    """The monitor judges every sampled checkpoint by SCRIPT; `judged` lists the steps it judged."""
+@pytest.fixture(scope="module")
+def driven():
+    """The monitor judges every sampled checkpoint by SCRIPT (`judged`: the steps it judged, `hooks`: a call at a
+    step's judgement); `sent`: the node's websocket events. One torch thread (two spin on a shared 2-core box)."""
     from klein_lora_studio.nodes import lora_trainer
     from klein_lora_studio.trainer.evaluation.monitor import TrainingMonitor
 
@@ -100,18 +101,30 @@ def driven(monkeypatch):
 
     def scripted(self, column):
         judged.append(column.step)
-        if (hook := hooks.get(column.step)) is not None:
+        if (hook := hooks.pop(column.step, None)) is not None:
             hook()
         return mt.CheckpointMetrics(column.label, column.step, str(column.path), *SCRIPT[column.step])
 
-    monkeypatch.setattr(TrainingMonitor, "checkpoint_metrics", scripted)
-    monkeypatch.setattr(lora_trainer, "_send", lambda event, data: sent.append((event, data)))
-    return dict(judged=judged, sent=sent, hooks=hooks)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(TrainingMonitor, "checkpoint_metrics", scripted)
+        mp.setattr(lora_trainer, "_send", lambda event, data: sent.append((event, data)))
+        yield dict(judged=judged, sent=sent, hooks=hooks)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def setup(encoded):
     return encoded("early_stop", n=2)
+
+
+@pytest.fixture(scope="module")
+def whole(setup, tiny, driven):
+    """The run stopped at its peak, uninterrupted."""
+    driven["judged"].clear()
+    out = run_trainer(setup, **RUN, clip=tiny.clip, vae=tiny.vae, output_name="es_run", early_stop_patience=2)
+    return dict(out=out, judged=list(driven["judged"]), sent=list(driven["sent"]))
 
 
 def _tensors(path) -> dict[str, torch.Tensor]:
@@ -125,64 +138,89 @@ def _same(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.comfy
-def test_the_trainer_stops_at_the_peak_and_returns_the_recommended_lora(setup, tiny, driven):
-    out = run_trainer(setup, **RUN, clip=tiny.clip, vae=tiny.vae, output_name="es_run", early_stop_patience=2)
+def test_the_trainer_stops_at_the_peak_and_returns_the_recommended_lora(whole):
+    out = whole["out"]
     model, lora, lora_path, loss, checkpoints, evaluation = out.args
-    assert driven["judged"] == [2, 4, 6, 8, 10] and len(loss["loss"]) == 10  # ended after step 10's checkpoint
+    assert whole["judged"] == [1, 2, 3, 4, 5] and len(loss["loss"]) == 5  # ended after step 5's checkpoint
     folder = Path(lora_path).parent / "es_run_checkpoints"
-    kept = folder / "es_run_step00006.safetensors"
+    kept = folder / "es_run_step00003.safetensors"
     assert _same(lora, _tensors(kept)) and _same(_tensors(lora_path), _tensors(kept))
-    assert not _same(lora, _tensors(folder / "es_run_step00010.safetensors"))
-    assert [Path(p).name for p in checkpoints.splitlines()][-2:] == ["es_run_step00010.safetensors", "es_run.safetensors"]
-    assert "Stopped early: stopped at the peak after step 10" in evaluation and "The LoRA is step 6's" in evaluation
+    assert not _same(lora, _tensors(folder / "es_run_step00005.safetensors"))
+    assert [Path(p).name for p in checkpoints.splitlines()][-2:] == ["es_run_step00005.safetensors", "es_run.safetensors"]
+    assert "Stopped early: stopped at the peak after step 5" in evaluation and "The LoRA is step 3's" in evaluation
     from safetensors import safe_open
 
     with safe_open(lora_path, "pt") as f:
         meta = f.metadata()
-    assert meta["steps"] == "6" and meta["early_stop_reason"].startswith("stopped at the peak after step 10")
-    assert json.loads(meta["early_stop"]) == {"stopped_at_step": 10, "kept_step": 6, "kept": kept.name,
-                                              "planned_steps": 12, "patience": 2}
-    [(_, event)] = [(e, d) for e, d in driven["sent"] if e == "klein_lora.stopped"]
-    assert (event["step"], event["keep_step"]) == (10, 6) and "peaked at step 6" in event["reason"]
-    assert out.ui["stopped"][0]["keep_step"] == 6
+    assert meta["steps"] == "3" and meta["early_stop_reason"].startswith("stopped at the peak after step 5")
+    assert json.loads(meta["early_stop"]) == {"stopped_at_step": 5, "kept_step": 3, "kept": kept.name,
+                                              "planned_steps": 6, "patience": 2}
+    [event] = [d for e, d in whole["sent"] if e == "klein_lora.stopped"]
+    assert (event["step"], event["keep_step"]) == (5, 3) and "peaked at step 3" in event["reason"]
+    assert out.ui["stopped"][0]["keep_step"] == 3
     report = json.loads((Path(lora_path).parent / "es_run_eval.json").read_text())
-    assert report["stopped"]["step"] == 10 and report["recommended"]["step"] == 6
-    assert (folder / "es_run_step00010.trainstate").is_file()  # resume_from 'latest' goes on from the stop
+    assert report["stopped"]["step"] == 5 and report["recommended"]["step"] == 3
+    assert (folder / "es_run_step00005.trainstate").is_file()  # resume_from 'latest' goes on from the stop
 
 
 @pytest.mark.comfy
 def test_off_trains_every_step_as_before(setup, tiny, driven):
-    """patience 0 with the same peaked metrics: all 12 steps, the final LoRA is the last step's, no history file;
-    the LoRA equals a run that never heard of the option (no clip: nothing sampled)."""
+    """patience 0 with the same peaked metrics: all 6 steps, the final LoRA is the last step's, no history file;
+    the LoRA equals a run that samples nothing (no clip)."""
+    driven["judged"].clear()
+    sent = len(driven["sent"])
     out = run_trainer(setup, **RUN, clip=tiny.clip, vae=tiny.vae, output_name="es_off")
     plain = run_trainer(setup, **RUN, output_name="es_plain")
     _, lora, lora_path, loss, _, evaluation = out.args
-    assert driven["judged"] == [2, 4, 6, 8, 10, 12] and len(loss["loss"]) == 12
+    assert driven["judged"] == [1, 2, 3, 4, 5, 6] and len(loss["loss"]) == 6
     assert "Stopped early" not in evaluation and "stopped" not in out.ui
     assert _same(lora, plain.args[1]) and _same(_tensors(lora_path), _tensors(plain.args[2]))
     assert not list(Path(lora_path).parent.glob("es_off_checkpoints/*_monitor.json"))
-    assert not [e for e, _ in driven["sent"] if e == "klein_lora.stopped"]
+    assert not [e for e, _ in driven["sent"][sent:] if e == "klein_lora.stopped"]
     with pytest.raises(ValueError, match="early_stop_patience 2 stops the run by the checkpoint samples"):
         run_trainer(setup, **RUN, output_name="es_blind", early_stop_patience=2)  # no clip/vae: nothing to judge
 
 
 @pytest.mark.comfy
-def test_a_cancelled_and_resumed_run_keeps_its_history_and_stops_where_the_whole_run_does(setup, tiny, driven):
-    """Cancel after step 6's checkpoint, resume 'latest': the history (steps 2-6) is read back, so step 8 is no new
-    high and the run stops after 10 keeping 6, as uninterrupted. Without the history step 8 (0.55) would be a rise
-    from 0 and the run would go on to 12."""
+def test_a_cancelled_and_resumed_run_keeps_its_history_and_stops_where_the_whole_run_does(setup, tiny, driven, whole):
+    """Cancel while step 3 is judged, resume 'latest': the history (steps 1-3) is read back, so step 4 is no new
+    high and the run stops after 5 keeping 3, as uninterrupted. Without the history step 4 (0.55) would be a rise
+    from 0 and the run would go on to 6."""
     import comfy.model_management as mm
 
-    whole = run_trainer(setup, **RUN, clip=tiny.clip, vae=tiny.vae, output_name="es_whole", early_stop_patience=2)
     driven["judged"].clear()
-    driven["hooks"][6] = lambda: mm.interrupt_current_processing(True)  # Cancel pressed while step 6 is judged
+    driven["hooks"][3] = lambda: mm.interrupt_current_processing(True)  # Cancel pressed while step 3 is judged
     with pytest.raises(mm.InterruptProcessingException):
         run_trainer(setup, **RUN, clip=tiny.clip, vae=tiny.vae, output_name="es_cut", early_stop_patience=2)
-    del driven["hooks"][6]
     resumed = run_trainer(setup, **RUN, clip=tiny.clip, vae=tiny.vae, output_name="es_cut", early_stop_patience=2,
                           resume_from="latest")
-    assert driven["judged"] == [2, 4, 6, 8, 10]
-    assert len(resumed.args[3]["loss"]) == 10 and resumed.ui["stopped"][0] == {
-        **whole.ui["stopped"][0], "reason": whole.ui["stopped"][0]["reason"]}
-    assert _same(resumed.args[1], whole.args[1])  # the kept step 6, trained before the cancel, equals the whole run's
-    assert "step 2: strength 0.30" in resumed.args[5]  # the evaluation covers the steps before the resume too
+    assert driven["judged"] == [1, 2, 3, 4, 5]
+    assert len(resumed.args[3]["loss"]) == 5
+    mine, theirs = resumed.ui["stopped"][0], whole["out"].ui["stopped"][0]
+    assert mine == theirs  # the same decision, reason and all (labels are steps, not file names)
+    assert _same(resumed.args[1], whole["out"].args[1])  # the kept step 3 equals the whole run's
+    assert "step 1: strength 0.30" in resumed.args[5]  # the evaluation covers the steps before the resume too
+
+
+@pytest.mark.comfy
+@pytest.mark.slow
+def test_a_job_on_two_processes_stops_at_the_same_checkpoint(setup, tiny, driven):
+    """gpus='cpu,cpu': the checkpoints are judged here, the child waits for each verdict, so both ranks end after
+    step 5 and the outputs are checkpoint 3's, reported as an in-process run reports them."""
+    driven["judged"].clear()
+    sent = len(driven["sent"])
+    out = run_trainer(setup, **{**RUN, "batch_size": 2}, clip=tiny.clip, vae=tiny.vae, output_name="es_job",
+                      early_stop_patience=2, gpus="cpu,cpu")
+    model, lora, lora_path, loss, checkpoints, evaluation = out.args
+    assert driven["judged"] == [1, 2, 3, 4, 5] and len(loss["loss"]) == 5
+    folder = Path(lora_path).parent / "es_job_checkpoints"
+    kept = folder / "es_job_step00003.safetensors"
+    assert _same(lora, _tensors(kept)) and _same(_tensors(lora_path), _tensors(kept))
+    assert not (folder / "es_job_step00006.safetensors").exists()
+    assert "Stopped early: stopped at the peak after step 5" in evaluation
+    from safetensors import safe_open
+
+    with safe_open(lora_path, "pt") as f:
+        assert json.loads(f.metadata()["early_stop"])["kept_step"] == 3
+    [event] = [d for e, d in driven["sent"][sent:] if e == "klein_lora.stopped"]
+    assert (event["step"], event["keep_step"]) == (5, 3)
