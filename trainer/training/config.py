@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from ..model.offload_plan import parse_choice as parse_offload
+
 OPTIMIZERS = ("AdamW", "Adafactor", "AdamW8bit")  # AdamW8bit: torchao's 8-bit optimizer states (low-VRAM mode)
 COMPILE_CHOICES = ("auto", "on", "off")  # auto: compile the blocks on CUDA, not on the CPU
 SHARD_CHOICES = ("auto", "on", "off")  # several processes: shard the frozen base over them (trainer/training/sharding.py)
@@ -37,6 +39,8 @@ class TrainConfig:
     low_vram: bool = False  # gradient checkpointing + 8-bit AdamW; load the base with weight_dtype fp8 for the rest
     shard_base: str = "auto"  # several processes: shard the frozen base over them (FSDP, trainer/training/sharding.py)
     base_compute: str = "auto"  # the frozen base's products: bf16, or fp8 e4m3 row-wise (trainer/model/fp8_compute.py)
+    # 'off' | 'auto' | N: the frozen blocks past the first N stream from CPU memory (trainer/model/block_stream.py)
+    offload_blocks: str = "off"
 
     @property
     def recompute(self) -> bool:
@@ -63,5 +67,6 @@ class TrainConfig:
                                      ("base_compute", self.base_compute, BASE_COMPUTE_CHOICES)):
             if value not in choices:
                 raise ValueError(f"{name} '{value}' is not one of {list(choices)}.")
+        parse_offload(self.offload_blocks)
         if self.keep_states < 0:
             raise ValueError(f"keep_states is {self.keep_states}: use 0 (keep all) or more.")
