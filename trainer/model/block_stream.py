@@ -248,6 +248,20 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def free_device_bytes(device: torch.device) -> int:
+    """ComfyUI's free memory on the card, within the process's cap where one is set
+    (torch.cuda.set_per_process_memory_fraction: how the benches emulate a smaller card, which ComfyUI's own
+    figure, read from the driver, does not see)."""
+    import comfy.model_management as mm
+
+    free = int(mm.get_free_memory(device))
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+    if fraction < 1.0:
+        cap = int(fraction * torch.cuda.get_device_properties(device).total_memory)
+        free = min(free, cap - torch.cuda.memory_allocated(device))
+    return free
+
+
 def unload_from_comfy(comfy_model) -> None:
     """ComfyUI's own unload of `comfy_model` wherever its loader holds it (weights back to the offload device)."""
     import comfy.model_management as mm

@@ -416,7 +416,7 @@ def _streamed_blocks(patcher, cfg: TrainConfig, dataset: KleinDataset, targets: 
         blocks, fixed = block_stream.block_bytes(dm)
         block_stream.unload_from_comfy(patcher.model)
         mm.free_memory(fixed + sum(blocks) + block_stream.needs_bytes(dm, shape, len(blocks)), device)
-        free = mm.get_free_memory(device)
+        free = block_stream.free_device_bytes(device)
     total = len(block_stream.execution_order(dm))
     resident = block_stream.choose_resident(cfg.offload_blocks, dm, device, shape, free)
     if resident >= total:
