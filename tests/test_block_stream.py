@@ -221,16 +221,17 @@ def test_cancel_mid_run_leaves_the_model_as_it_was(setup, base_dir, forced):
 def test_streaming_composes_with_fp8(comfy, setup, base_dir, forced, kind):
     """fp8-stored weights (UNETLoader fp8_e4m3fn, ComfyUI's per-layer cast) with low_vram's 8-bit AdamW, and the
     fp8 product layers (base_compute 'fp8', their quantised buffers streamed): the same losses as resident."""
-    pytest.importorskip("torchao")
     fp8 = kind == "fp8_weights_low_vram"
+    if fp8:
+        pytest.importorskip("torchao")  # low_vram's 8-bit AdamW
     kw = dict(low_vram=True) if fp8 else dict(base_compute="fp8", gradient_checkpointing=True)
 
     def unet():
         return comfy.UNETLoader().load_unet("klein-tiny.safetensors", "fp8_e4m3fn")[0] if fp8 else setup.unet
     model = unet()
     before = {k: v.clone() for k, v in model.model.diffusion_model.state_dict().items()}
-    streamed = _train(model, setup, base_dir, _cfg(f"st_{kind}", 4, offload_blocks="1", **kw))
-    resident = _train(unet(), setup, base_dir, _cfg(f"st_{kind}_res", 4, **kw))
+    streamed = _train(model, setup, base_dir, _cfg(f"st_{kind}", 3, offload_blocks="1", **kw))
+    resident = _train(unet(), setup, base_dir, _cfg(f"st_{kind}_res", 3, **kw))
     assert max(abs(a - b) / b for a, b in zip(streamed.losses, resident.losses, strict=True)) <= LOSS_RTOL
     after = model.model.diffusion_model.state_dict()
     assert all(torch.equal(after[k].float(), v.float()) and after[k].dtype == v.dtype for k, v in before.items())
