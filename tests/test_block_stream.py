@@ -321,3 +321,75 @@ def test_klein_9b_at_1024_in_8_gib_streams_part_of_the_base():
     assert sum(blocks) > 8 * 2**30 - fixed - needs(0), "the 9B base alone must not fit the 8 GiB card here"
     assert 0 < n < len(blocks), n
     assert offload_plan.device_bytes(n, blocks, fixed, needs(n)) + offload_plan.MARGIN <= 8 * 2**30
+
+
+# ------------------------------------------------------------------ the streamer alone, on the CPU and on a GPU
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+class _Blocks(torch.nn.Module):
+    """A stand-in diffusion model: the streamer reads `double_blocks` and `single_blocks` (the execution order)."""
+
+    def __init__(self, width: int, n: int):
+        super().__init__()
+        import comfy.ops
+
+        ops = comfy.ops.disable_weight_init
+        self.double_blocks = torch.nn.ModuleList()
+        self.single_blocks = torch.nn.ModuleList([ops.Linear(width, width, bias=True) for _ in range(n)])
+        g = torch.Generator().manual_seed(0)
+        for lin in self.single_blocks:
+            lin.weight = torch.nn.Parameter(torch.randn(width, width, generator=g) / width ** 0.5, requires_grad=False)
+            lin.bias = torch.nn.Parameter(torch.randn(width, generator=g), requires_grad=False)
+
+
+def _step(model, x, streamer=None):
+    """Every block checkpointed (as streamed blocks are), each fetched around its call when streamed."""
+    from torch.utils.checkpoint import checkpoint
+
+    def call(i, h):
+        if streamer is None:
+            return torch.tanh(model.single_blocks[i](h))
+        with streamer.use(i):
+            return torch.tanh(model.single_blocks[i](h))
+    h = x
+    for i in range(len(model.single_blocks)):
+        h = checkpoint(call, i, h, use_reentrant=False)
+    h.square().mean().backward()
+    return h.detach()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_streamer_alone_matches_resident_and_keeps_two_blocks_at_most(comfy, monkeypatch, device):
+    """6 blocks of 1024² weights, the last 4 streamed: the output and input gradient equal the resident run's,
+    the card holds at most the resident blocks plus two streamed ones (GPU), and the weights go back untouched."""
+    monkeypatch.setenv(block_stream.FORCE_ON_CPU_ENV, "1")
+    width, n, resident = 1024, 6, 2
+    model = _Blocks(width, n)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(64, width, generator=torch.Generator().manual_seed(1))
+
+    ref_model = _Blocks(width, n).to(device)
+    xr = x.to(device).requires_grad_(True)
+    out_ref = _step(ref_model, xr)
+    streamer = block_stream.BlockStreamer(block_stream.execution_order(model), range(resident, n), device)
+    with streamer.streaming(model):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        xs = x.to(device).requires_grad_(True)
+        out = _step(model, xs, streamer)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            block = width * width * 4 + width * 4
+            peak_weights = torch.cuda.max_memory_allocated() - base
+            # activations here are 64 x 1024 floats per block (256 KiB): small beside a 4 MiB block
+            assert peak_weights < 3 * block, f"{peak_weights / block:.2f} blocks' worth on the card at the peak"
+    assert torch.equal(out, out_ref) and torch.equal(xs.grad, xr.grad)
+    # forward: each streamed block once (the last stays for its recompute); backward: the others again
+    assert streamer.fetches == 2 * (n - resident) - 1 and streamer.max_live == 2
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].device.type == "cpu" for k, v in before.items())
+    assert not any("comfy_cast_weights" in vars(m) for m in model.modules())

@@ -8,7 +8,8 @@ What is reused from ComfyUI and what is not:
   `comfy_cast_weights` on, as `ModelPatcher.load(lowvram_model_memory=...)` leaves the layers it offloads. Anything
   else that runs the model meanwhile (the checkpoint sampler) goes through ComfyUI's per-layer cast
   (`comfy.ops.cast_bias_weight`), and host memory is pinned with `comfy.model_management.pin_memory`, within
-  ComfyUI's pinned-memory budget; copies go through `comfy.model_management.cast_to`.
+  ComfyUI's pinned-memory budget; copies go through `comfy.model_management.cast_to`. (The live sampler's
+  compiled blocks then trace that per-layer path; on the GPU that is untested so far.)
 - The steps do not use that per-layer path: it casts each linear on the compute stream's schedule just before the
   product (no block ahead), and autograd keeps every cast weight alive from the forward to the backward, so all
   streamed weights would sit on the card at the peak. Nor ComfyUI's choice of what to offload: `load()` offloads
@@ -229,9 +230,10 @@ class BlockStreamer:
             return [s.host.clone() for s in slots], None
         import comfy.model_management as mm
 
-        copies = [mm.cast_to(s.host, None, self.device, non_blocking=True, stream=self.copy_stream) for s in slots]
-        event = torch.cuda.Event()
-        event.record(self.copy_stream)
+        with torch.cuda.stream(self.copy_stream):  # allocated and copied on the copy stream, ordered by the event
+            copies = [mm.cast_to(s.host, None, self.device, non_blocking=True) for s in slots]
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
         return copies, event
 
     def _cast_flag(self, index: int, off_card: bool) -> None:
