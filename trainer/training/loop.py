@@ -137,7 +137,8 @@ def _training_model(patcher, sharded_over: int = 0, streamed: bool = False):
         size = sharding.weight_bytes(work.model.diffusion_model) / 2**30
         raise torch.OutOfMemoryError(
             f"out of GPU memory putting the base model ({size:.1f} GiB of weights) on {work.load_device}: load it with "
-            "weight_dtype fp8_e4m3fn and turn low_vram on (klein 9B then trains in ~11 GiB), or train it on several "
+            "weight_dtype fp8_e4m3fn and turn low_vram on (klein 9B then trains in ~11 GiB), set offload_blocks to "
+            "'auto' (the blocks that do not fit stream from CPU memory), or train it on several "
             "GPUs with the base sharded over them (the trainer's gpus input or `accelerate launch`, shard_base "
             f"'auto'/'on'; README, 'Several GPUs'). (torch: {str(e).splitlines()[0] if str(e) else 'out of memory'})"
         ) from None
@@ -569,4 +570,5 @@ def _oom_message(step: int, cfg: TrainConfig, x0: torch.Tensor, run: _RunState) 
     ckpt = "on" if cfg.recompute else "off"
     return (f"out of GPU memory in training step {step} (batch_size {cfg.batch_size}, {w}x{h} px, rank {cfg.rank}, "
             f"gradient_checkpointing {ckpt}). Lower batch_size, the resolution (Dataset Loader), or rank, or turn "
-            f"gradient_checkpointing on (the low-VRAM mode: ~30% slower, much less memory); {kept}{how}.")
+            f"gradient_checkpointing on (the low-VRAM mode: ~30% slower, much less memory), or stream more of the "
+            f"frozen base from CPU memory (offload_blocks 'auto' or fewer blocks); {kept}{how}.")
