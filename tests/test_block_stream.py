@@ -395,10 +395,10 @@ def test_streamer_alone_matches_resident_and_keeps_two_blocks_at_most(comfy, mon
     assert not any("comfy_cast_weights" in vars(m) for m in model.modules())
 
 
-@pytest.mark.slow  # the tiny suite sampled twice (base and final): measured 390 s for four samplings on a loaded CPU
 def test_checkpoint_samples_with_streamed_blocks(setup, tiny, runs, forced):
     """The live sampler runs the model between streamed uses (ComfyUI's loader and per-layer path): the run samples
-    and trains as the resident run without sampling does (its first two losses)."""
+    and trains as the resident run without sampling does (its first two losses). The tiny suite sampled twice
+    (base and final): 18 s on 2 CPU cores."""
     out = run_trainer(setup, steps=2, save_every=2, clip=tiny.clip, vae=tiny.vae, sample_steps=1,
                       offload_blocks="1", output_name="st_sampled")
     assert _losses(out) == _losses(runs["out"][("resident", False)])[:2]
