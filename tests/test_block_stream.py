@@ -403,3 +403,42 @@ def test_checkpoint_samples_with_streamed_blocks(setup, tiny, runs, forced):
                       offload_blocks="1", output_name="st_sampled")
     assert _losses(out) == _losses(runs["out"][("resident", False)])[:2]
     assert "report:" in out.args[5]
+
+
+def test_compiled_blocks_see_each_fetched_copy_without_recompiling(comfy):
+    """Compiled blocks (dynamo + AOTAutograd, as `compile_blocks` traces them; the aot_eager backend keeps the test
+    fast) called on fetched copies: each call uses the copy set in place of the weights (new values at home show up
+    in the next step), the results equal the eager run's, and after the first step nothing recompiles although
+    every step brings new copies."""
+    import torch._dynamo
+
+    width, n, resident = 256, 4, 1
+    model = _Blocks(width, n)
+    x = torch.randn(16, width, generator=torch.Generator().manual_seed(2))
+    eager_model = _Blocks(width, n)
+    eager = _step(eager_model, x.clone().requires_grad_(True))
+    torch._dynamo.reset()
+    compiled = [torch.compile(b, backend="aot_eager") for b in model.single_blocks]
+    streamer = block_stream.BlockStreamer(block_stream.execution_order(model), range(resident, n), "cpu")
+
+    def step(xs):
+        from torch.utils.checkpoint import checkpoint
+
+        def call(i, h):
+            with streamer.use(i):
+                return torch.tanh(compiled[i](h))
+        h = xs
+        for i in range(n):
+            h = checkpoint(call, i, h, use_reentrant=False)
+        h.square().mean().backward()
+        return h.detach()
+    with streamer.streaming(model):
+        first = step(x.clone().requires_grad_(True))
+        with torch.no_grad():  # new values at home for block 2 (not kept on the card): the next copy brings them
+            model.single_blocks[2].weight.mul_(2)
+            eager_model.single_blocks[2].weight.mul_(2)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            second = step(x.clone().requires_grad_(True))
+    assert torch.equal(first, eager)
+    assert torch.equal(second, _step(eager_model, x.clone().requires_grad_(True))) and not torch.equal(second, eager)
+    assert streamer.fetches == 2 * (2 * (n - resident) - 1) - 1  # the second step starts on the kept first block
