@@ -14,6 +14,7 @@ from ..trainer import paths
 from ..trainer.jobs import export as run_export
 from ..trainer.jobs import launch
 from ..trainer.jobs.session import SAMPLES_FOLDER, Job, Reporter, Sampling, run_session
+from ..trainer.model.offload_plan import parse_choice as parse_offload
 from ..trainer.training import recipes
 from ..trainer.training.config import BASE_COMPUTE_CHOICES, COMPILE_CHOICES, OPTIMIZERS, SAVE_DTYPE_NAMES, TrainConfig
 from . import progress_log, queue_check
@@ -90,6 +91,12 @@ def _expert_inputs() -> list[io.Input]:
                              "thresholds, with concept strength no longer rising); the LoRA output and the final "
                              "file are then the recommended checkpoint, and the evaluation says where and why. "
                              "Needs clip, vae and save_every > 0."),
+        io.String.Input("offload_blocks", default="off", optional=True, advanced=True,
+                        tooltip="Stream the frozen base's blocks from CPU memory for a model that does not fit the "
+                                "GPU: 'off' keeps the whole base on the GPU; a number N keeps the first N blocks "
+                                "there and copies the others in one block ahead of use (pinned memory, a copy "
+                                "stream; streamed blocks are recomputed in backward); 'auto' keeps as many as fit "
+                                "beside the run's estimated needs. Slower steps, the same training."),
     ]
 
 
@@ -189,7 +196,8 @@ class KleinLoRATrainer(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, output_name: str, gpus: str = "", model=None, recipe: dict | None = None) -> bool | str:
+    def validate_inputs(cls, output_name: str, gpus: str = "", model=None, recipe: dict | None = None,
+                        offload_blocks: str = "off") -> bool | str:
         """At queue time, before any model loads: a bad output name or GPU list, and a MODEL that is not klein or
         a rank wider than its targeted layers (found by nodes/queue_check.py from the prompt), fail now, not after
         the encode. `model` is listed so ComfyUI attributes the error to it too (it is None at queue time); ComfyUI
@@ -197,6 +205,7 @@ class KleinLoRATrainer(io.ComfyNode):
         try:
             paths.safe_name(output_name)
             launch.job_devices(gpus or "")
+            parse_offload(offload_blocks or "off")
         except ValueError as e:
             return str(e)
         return queue_check.problem(cls) or True
@@ -206,12 +215,14 @@ class KleinLoRATrainer(io.ComfyNode):
                 seed: int, clip=None, vae=None, sample_steps: int = 20, resume_from: str = "", low_vram: bool = False,
                 gpus: str = "", export_config: bool = False, optimizer: str = "AdamW",
                 gradient_checkpointing: bool = False, compile_blocks: str = "auto",
-                save_dtype: str = "bf16", base_compute: str = "auto", early_stop_patience: int = 0) -> io.NodeOutput:
+                save_dtype: str = "bf16", base_compute: str = "auto", early_stop_patience: int = 0,
+                offload_blocks: str = "off") -> io.NodeOutput:
         cfg = train_config(recipe, batch_size=batch_size, seed=seed, optimizer=optimizer, save_every=save_every,
                            gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks,
                            output_name=paths.safe_name(output_name), save_dtype=save_dtype,
                            resume_from=(resume_from or "").strip(), low_vram=bool(low_vram),
-                           base_compute=base_compute, early_stop_patience=int(early_stop_patience or 0))
+                           base_compute=base_compute, early_stop_patience=int(early_stop_patience or 0),
+                           offload_blocks=(offload_blocks or "off").strip())
         devices = launch.job_devices(gpus or "")
         job = None
         if export_config or devices:

@@ -27,8 +27,8 @@ VERSION = 1
 # the optimizer's saved moments only fit the same optimizer.
 FIXED = ("rank", "alpha", "optimizer")
 # Not compared: where the run came from, how it is saved next, and how the frozen base is laid out over the
-# processes (sharded or not, the update is the same).
-IGNORED = ("resume_from", "output_name", "shard_base")
+# processes or between the card and CPU memory (sharded, streamed or not, the update is the same).
+IGNORED = ("resume_from", "output_name", "shard_base", "offload_blocks")
 
 
 def dataset_signature(dataset) -> dict:
