@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume-from", default=None, help="override train.resume_from ('latest' or a checkpoint)")
     parser.add_argument("--no-sampling", action="store_true", help="do not sample the config's prompt suite (the "
                                                                    "trainer node's job mode samples in ComfyUI)")
+    parser.add_argument("--await-verdicts", action="store_true",
+                        help="stopping at the peak, wait after each checkpoint for the parent's verdict on stdin (the "
+                             "trainer node's job mode judges the checkpoints in ComfyUI)")
     parser.add_argument("--schema", action="store_true", help="print the run config's JSON Schema and exit")
     args = parser.parse_args(argv)
     if args.schema:
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         comfy_dir = runner.find_comfyui(args.comfyui, cfg)
         runner.boot_comfyui(comfy_dir, args.base_directory or cfg.comfyui.base_directory, cpu)
         _register_dev_models(run_config.DEV_CLIP_TYPE)
-        runner.run(cfg, ranks, sample=not args.no_sampling)
+        runner.run(cfg, ranks, sample=not args.no_sampling, await_verdicts=args.await_verdicts)
     except (ValueError, OSError, torch.OutOfMemoryError) as e:  # ConfigError, the trainer's clear errors: one line
         if ranks.is_main:
             emit_line("error", message=str(e), kind=type(e).__name__)

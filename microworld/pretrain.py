@@ -426,7 +426,7 @@ def manifest(out: Path, cfg: PretrainConfig, record: dict) -> dict:
              for p in (out / models.UNET_FILE, *(out / n for n in models.TAEF2_FILES.values()))}
     return {"files": files, "seed": cfg.seed, "config": asdict(cfg),
             "diffusion_model": {**models.MICRO, "params": record["dit"]["params"], "steps": record["dit"]["total_steps"],
-                                "phases": ([record["previous"]["dit"]["steps"]] if "previous" in record else [])
+                                "phases": [h["dit"]["steps"] for h in record.get("history", [])]
                                 + [record["dit"]["steps"]],
                                 "final_loss": record["dit"]["final_loss"], "dtype": "bfloat16 (EMA weights)"},
             "vae": {"architecture": "taef2", "steps": record["vae"]["steps"], "final_loss": record["vae"]["final_loss"],
@@ -459,8 +459,9 @@ def run(cfg: PretrainConfig, out: Path, device: torch.device) -> dict:
     dit_sd, record["dit"] = train_dit(data, cfg, device, autocast, init, seed_offset=done)
     record["dit"]["total_steps"] = done + record["dit"]["steps"]
     record["dit"]["params"] = sum(v.numel() for v in dit_sd.values())
-    if previous is not None:
-        record["previous"] = {k: previous[k] for k in ("config", "dit", "device") if k in previous}
+    if previous is not None:  # every earlier phase, oldest first, each with its config and loss curve
+        earlier = previous.get("history") or ([previous["previous"]] if "previous" in previous else [])
+        record["history"] = earlier + [{k: previous[k] for k in ("config", "dit", "device") if k in previous}]
     save_weights(out, tae, dit_sd)
     man = manifest(out, cfg, record)
     (out / "manifest.json").write_text(json.dumps(man, indent=1), encoding="utf-8")

@@ -14,6 +14,7 @@ from ..trainer import paths
 from ..trainer.jobs import export as run_export
 from ..trainer.jobs import launch
 from ..trainer.jobs.session import SAMPLES_FOLDER, Job, Reporter, Sampling, run_session
+from ..trainer.model.offload_plan import parse_choice as parse_offload
 from ..trainer.training import recipes
 from ..trainer.training.config import (
     ADAPTERS,
@@ -132,6 +133,18 @@ def _expert_inputs() -> list[io.Input]:
                                               "holds."),
         io.Combo.Input("save_dtype", options=list(SAVE_DTYPE_NAMES), default="bf16", optional=True,
                        advanced=True, tooltip="Precision of the saved LoRA tensors."),
+        io.Int.Input("early_stop_patience", default=0, min=0, max=100, optional=True, advanced=True,
+                     tooltip="Stop at the peak. 0: train every step. N: end the run once N checkpoints in a row "
+                             "are past the peak (flexibility collapsed or trigger leakage high, by the evaluation's "
+                             "thresholds, with concept strength no longer rising); the LoRA output and the final "
+                             "file are then the recommended checkpoint, and the evaluation says where and why. "
+                             "Needs clip, vae and save_every > 0."),
+        io.String.Input("offload_blocks", default="off", optional=True, advanced=True,
+                        tooltip="Stream the frozen base's blocks from CPU memory for a model that does not fit the "
+                                "GPU: 'off' keeps the whole base on the GPU; a number N keeps the first N blocks "
+                                "there and copies the others in one block ahead of use (pinned memory, a copy "
+                                "stream; streamed blocks are recomputed in backward); 'auto' keeps as many as fit "
+                                "beside the run's estimated needs. Slower steps, the same training."),
         _adapter_input(),  # last: saved UI workflows list widget values by position
     ]
 
@@ -159,8 +172,13 @@ def _reporter(node_id, steps: int) -> Reporter:
         _send("klein_lora.samples", {"node": node_id, "step": step, "images": [
             {"filename": file.name, "subfolder": SAMPLES_FOLDER, "type": "output"}]})
 
+    def stopped(stop) -> None:
+        _progress_text(f"stopped at step {stop.step}: kept {stop.keep_label}", node_id)
+        _send("klein_lora.stopped", {"node": node_id, "step": stop.step, "keep_step": stop.keep_step,
+                                     "reason": stop.reason})
+
     return Reporter(
-        step=step, samples=samples,
+        step=step, samples=samples, stopped=stopped,
         checkpoint=lambda s, path: _send("klein_lora.checkpoint", {"node": node_id, "step": s, "path": str(path)}),
         job=lambda config, devices: _send("klein_lora.job", {"node": node_id, "config": str(config),
                                                              "devices": devices}),
@@ -212,8 +230,10 @@ class KleinLoRATrainer(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The input model with the trained LoRA applied (strength 1)."),
-                io.LoraModel.Output(display_name="lora", tooltip="The LoRA tensors (core Load LoRA Model / Save LoRA)."),
-                io.String.Output(display_name="lora_path", tooltip="Full path of the final LoRA file in models/loras."),
+                io.LoraModel.Output(display_name="lora", tooltip="The LoRA tensors (core Load LoRA Model / Save LoRA); "
+                                    "a run stopped at its peak gives the recommended checkpoint's."),
+                io.String.Output(display_name="lora_path", tooltip="Full path of the final LoRA file in models/loras "
+                                 "(stopped at the peak: a copy of the recommended checkpoint)."),
                 io.LossMap.Output(display_name="loss", tooltip="Loss per step (core Plot Loss Graph)."),
                 io.String.Output(display_name="checkpoints",
                                  tooltip="Checkpoint files then the final LoRA, one per line, oldest first."),
@@ -226,7 +246,7 @@ class KleinLoRATrainer(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, output_name: str, gpus: str = "", model=None, recipe: dict | None = None,
-                        adapter: dict | None = None) -> bool | str:
+                        offload_blocks: str = "off", adapter: dict | None = None) -> bool | str:
         """At queue time, before any model loads: a bad output name or GPU list, and a MODEL that is not klein or
         a rank wider than its targeted layers (found by nodes/queue_check.py from the prompt), fail now, not after
         the encode. `model` is listed so ComfyUI attributes the error to it too (it is None at queue time); ComfyUI
@@ -235,6 +255,7 @@ class KleinLoRATrainer(io.ComfyNode):
         try:
             paths.safe_name(output_name)
             launch.job_devices(gpus or "")
+            parse_offload(offload_blocks or "off")
         except ValueError as e:
             return str(e)
         return queue_check.problem(cls) or True
@@ -244,12 +265,14 @@ class KleinLoRATrainer(io.ComfyNode):
                 seed: int, clip=None, vae=None, sample_steps: int = 20, resume_from: str = "", low_vram: bool = False,
                 gpus: str = "", export_config: bool = False, optimizer: str = "AdamW",
                 gradient_checkpointing: bool = False, compile_blocks: str = "auto",
-                save_dtype: str = "bf16", base_compute: str = "auto", adapter: dict | None = None) -> io.NodeOutput:
+                save_dtype: str = "bf16", base_compute: str = "auto", early_stop_patience: int = 0,
+                offload_blocks: str = "off", adapter: dict | None = None) -> io.NodeOutput:
         cfg = train_config(recipe, batch_size=batch_size, seed=seed, optimizer=optimizer, save_every=save_every,
                            gradient_checkpointing=gradient_checkpointing, compile_blocks=compile_blocks,
                            output_name=paths.safe_name(output_name), save_dtype=save_dtype,
                            resume_from=(resume_from or "").strip(), low_vram=bool(low_vram),
-                           base_compute=base_compute, **adapter_settings(adapter))
+                           base_compute=base_compute, early_stop_patience=int(early_stop_patience or 0),
+                           offload_blocks=(offload_blocks or "off").strip(), **adapter_settings(adapter))
         devices = launch.job_devices(gpus or "")
         job = None
         if export_config or devices:
@@ -266,5 +289,7 @@ class KleinLoRATrainer(io.ComfyNode):
         checkpoints = "\n".join(str(p) for p in [*result.checkpoints, result.lora_path])
         ui = {"lora_path": [str(result.lora_path)], "checkpoints": [str(p) for p in result.checkpoints],
               "final_loss": [result.losses[-1]]}
+        if result.stopped is not None:
+            ui["stopped"] = [result.stopped.to_dict()]
         return io.NodeOutput(trained, result.lora, str(result.lora_path), {"loss": result.losses}, checkpoints,
                              session.evaluation, ui=ui)

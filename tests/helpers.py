@@ -1,6 +1,7 @@
 """Test helpers; the synthetic concept datasets live in devtools/datasets.py (the demo uses them too)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +95,24 @@ def post_prompt(workflow: dict, url: str) -> tuple[int, dict]:
             return r.status, json.load(r)
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)
+
+
+# ------------------------------------------------------------------ the micro world
+@contextlib.contextmanager
+def micro_models_folder(root):
+    """The micro models in their own models folder, put first in ComfyUI's search paths for the test only (the
+    session's shared models folder holds the random tiny taef2, which the micro one must not replace)."""
+    import folder_paths
+
+    from ..microworld import models
+
+    paths = models.write_micro_models(root)
+    kinds = ("diffusion_models", "vae_approx", "text_encoders")
+    for kind in kinds:
+        folder_paths.add_model_folder_path(kind, str(root / kind), is_default=True)
+    try:
+        yield paths
+    finally:
+        for kind in kinds:
+            folder_paths.folder_names_and_paths[kind][0].remove(str(root / kind))
+        folder_paths.filename_list_cache.clear()

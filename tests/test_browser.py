@@ -186,6 +186,16 @@ def test_panel_in_chromium_loads_workflows_charts_a_run_and_replays_it(server, b
         shutil.copyfile(shot, DOCS_SHOT)
     print(f"screenshot: {shot}")
 
+    # a run stopped at its peak: the klein_lora.stopped event marks the chart and the line below it says so
+    before = page.evaluate("() => window.__kleinLora.stopMarks")
+    page.evaluate(f"""(detail) => {API}.dispatchEvent(new CustomEvent('klein_lora.stopped', {{detail}}))""",
+                  {"node": "6", "step": STEPS, "keep_step": STEPS // 2, "reason": "stopped at the peak after ..."})
+    page.wait_for_function(f"() => window.__kleinLora.stopMarks > {before}", timeout=10_000)
+    sub = page.evaluate("() => app.graph.getNodeById(6).kleinPanel.sub.textContent")
+    assert f"stopped @{STEPS}, kept step {STEPS // 2}" in sub, sub
+    assert page.evaluate("() => app.graph.getNodeById(6).kleinPanel.sub.title").startswith("stopped at the peak")
+    assert page.evaluate(chart) != linear  # the marks are drawn
+
     ours = [e for e in errors if "klein" in e.lower()]
     assert not ours, ours
     print(f"browser test: {time.time() - t0:.1f} s; other console errors: {errors}")

@@ -177,7 +177,10 @@ def test_gpu_parked_originals_leave_the_card_and_come_back(comfy):
     before = torch.cuda.memory_allocated()
     handle = fp8.apply_base_compute(dm, "fp8", torch.device("cuda"))
     during = torch.cuda.memory_allocated()
-    assert during <= before + 64 * 2**10, "fp8 weight + its transpose replace the parked bf16 weight"
+    # fp8 weight + its transpose (2 x 28.3 MB) replace the parked bf16 weight (56.6 MB); what is left over is the
+    # per-row scales (9216 x 4 B) and the allocator's: measured on an H200 +1,085,440 B (scales + 1 MiB); 4 MiB
+    # still tells it from an unparked run (+56.6 MB)
+    assert during <= before + 4 * 2**20, f"the bf16 weight was not parked: {during - before} B more on the card"
     handle.undo()
     assert dm.double_blocks[0][0] is lin and lin.weight is weight and lin.weight.is_cuda
     assert torch.equal(lin.weight, values)

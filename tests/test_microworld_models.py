@@ -2,13 +2,14 @@
 base draws what it is asked for."""
 from __future__ import annotations
 
-import contextlib
 import json
 
 import pytest
 import torch
 from klein_lora_studio.microworld import models, reader, world
 from klein_lora_studio.trainer.evaluation import sampling
+
+from .helpers import micro_models_folder
 
 pytestmark = pytest.mark.comfy
 
@@ -34,24 +35,6 @@ def test_regenerated_text_encoder_matches_its_checksum(comfy):
     key = next(iter(sd))
     changed = dict(sd, **{key: sd[key].clone().flatten().index_fill_(0, torch.tensor([0]), 0.5).view(sd[key].shape)})
     assert models.state_dict_sha256(changed) != models.state_dict_sha256(sd)
-
-
-@contextlib.contextmanager
-def micro_models_folder(root):
-    """The micro models in their own models folder, put first in ComfyUI's search paths for the test only (the
-    session's shared models folder holds the random tiny taef2, which the micro one must not replace)."""
-    import folder_paths
-
-    paths = models.write_micro_models(root)
-    kinds = ("diffusion_models", "vae_approx", "text_encoders")
-    for kind in kinds:
-        folder_paths.add_model_folder_path(kind, str(root / kind), is_default=True)
-    try:
-        yield paths
-    finally:
-        for kind in kinds:
-            folder_paths.folder_names_and_paths[kind][0].remove(str(root / kind))
-        folder_paths.filename_list_cache.clear()
 
 
 @pytest.fixture(scope="module")

@@ -258,9 +258,15 @@ def test_a_base_model_too_big_for_the_card_says_how_to_fit_it(setup, monkeypatch
     assert not list(setup["out"].glob("too_big*")), "nothing is written for a run that could not start"
 
 
-def test_model_and_clones_unchanged_after_an_exception_mid_step(setup, monkeypatch):
-    """The step fails after forward and backward (gradients exist, the optimizer has moments)."""
+@pytest.mark.parametrize("offload", ["off", "1"], ids=["resident", "streamed"])
+def test_model_and_clones_unchanged_after_an_exception_mid_step(setup, monkeypatch, offload):
+    """The step fails after forward and backward (gradients exist, the optimizer has moments); also with the
+    frozen blocks streamed from CPU memory (offload_blocks, forced on the CPU)."""
+    from klein_lora_studio.trainer.model import block_stream
+
+    monkeypatch.setenv(block_stream.FORCE_ON_CPU_ENV, "1")
     unet = setup["unet"]
+    flags = {id(m): vars(m).get("comfy_cast_weights") for m in unet.model.diffusion_model.modules()}
     clone = unet.clone()
     real = loop.train_step
     calls = {"n": 0}
@@ -273,13 +279,15 @@ def test_model_and_clones_unchanged_after_an_exception_mid_step(setup, monkeypat
         return loss
 
     monkeypatch.setattr(loop, "train_step", broken)
+    name = f"midstep_{offload}"
     with pytest.raises(RuntimeError, match="boom"):
-        _train(setup, _cfg("midstep", 6, save_every=2))
+        _train(setup, _cfg(name, 6, save_every=2, offload_blocks=offload))
     dm = unet.model.diffusion_model
     assert torch.equal(_forward(unet, setup["probe"]), setup["before"])
     assert torch.equal(_forward(clone, setup["probe"]), setup["before"])
     assert not hasattr(dm, "peft_config") and not any(p.requires_grad for p in dm.parameters())
-    _assert_run_folder_sound(setup["out"], "midstep")
+    assert {id(m): vars(m).get("comfy_cast_weights") for m in dm.modules()} == flags
+    _assert_run_folder_sound(setup["out"], name)
 
 
 CHILD = r"""

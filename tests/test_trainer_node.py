@@ -79,5 +79,5 @@ def test_the_recipe_tooltip_is_built_from_the_recipe_table(comfy):
     assert all(i.tooltip for i in recipe.get_all()) and all(o.tooltip for o in schema.outputs)
     assert {i.id for i in schema.inputs if i.advanced} == {"gpus", "export_config", "optimizer",
                                                            "gradient_checkpointing", "compile_blocks", "save_dtype",
-                                                           "base_compute"}
+                                                           "base_compute", "early_stop_patience", "offload_blocks"}
     assert set(config.SAVE_DTYPE_NAMES) == set(SAVE_DTYPES)

@@ -1,23 +1,26 @@
 // Klein LoRA Studio: the trainer node's live panel.
 // A loss chart (raw points, EMA curve, log-scale toggle), step/total, it/s and ETA, and the latest
-// checkpoint samples as thumbnails (click: full image). Data comes from the pack's websocket events
-// (klein_lora.progress / .checkpoint / .samples, sent by nodes/lora_trainer.py); on page load the
+// checkpoint samples as thumbnails (click: full image); a run stopped at its peak gets a mark on the chart
+// at the step where it stopped and at the checkpoint it kept, with the reason (hover the line below the
+// chart). Data comes from the pack's websocket events
+// (klein_lora.progress / .checkpoint / .samples / .stopped, sent by nodes/lora_trainer.py); on page load the
 // current/last run is replayed from GET /klein_lora/history, so a reload mid-run keeps the chart.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TRAINER = "KleinLoRATrainer";
-const EVENTS = ["progress", "checkpoint", "samples"];
+const EVENTS = ["progress", "checkpoint", "samples", "stopped"];
 const EMA = 0.9; // weight of the previous smoothed value
 const RATE_WINDOW = 20; // steps used for it/s
 
 // Test hook and debugging aid: counts of what the panel received and drew.
-const stats = (window.__kleinLora = { points: 0, samples: 0, thumbnails: 0, replayed: 0, draws: 0 });
+const stats = (window.__kleinLora = { points: 0, samples: 0, thumbnails: 0, replayed: 0, draws: 0, stopMarks: 0 });
 
 const runs = new Map(); // node id (string) -> run state
 
 function newRun() {
-  return { points: [], ema: [], step: 0, total: 0, rate: [], samples: null, checkpoint: null, done: null };
+  return { points: [], ema: [], step: 0, total: 0, rate: [], samples: null, checkpoint: null, done: null,
+    stopped: null };
 }
 
 function runFor(id) {
@@ -42,6 +45,7 @@ function apply(event, data, t, source) {
     run.step = data.step;
     run.total = data.total;
     run.done = null;
+    run.stopped = null; // a resumed run goes on past its old stop
     if (run.rate.length && run.rate[run.rate.length - 1][2] !== source) run.rate = [];
     run.rate.push([data.step, t, source]);
     if (run.rate.length > RATE_WINDOW) run.rate.shift();
@@ -51,6 +55,8 @@ function apply(event, data, t, source) {
     stats.samples += 1;
   } else if (name === "checkpoint") {
     run.checkpoint = { step: data.step, path: data.path };
+  } else if (name === "stopped") {
+    run.stopped = { step: data.step, keep: data.keep_step, reason: data.reason ?? "" };
   }
   return String(data.node);
 }
@@ -154,13 +160,15 @@ class Panel {
     const loss = run.points[run.points.length - 1][1];
     const rate = speed(run);
     const left = run.total - run.step;
-    const eta = run.done ? "done" : rate ? `ETA ${fmtTime(left / rate)}` : "ETA –";
+    const eta = run.stopped ? "stopped at the peak" : run.done ? "done" : rate ? `ETA ${fmtTime(left / rate)}` : "ETA –";
     this.status.textContent = `step ${run.step}/${run.total}  loss ${loss.toFixed(4)}  ` +
       `${rate ? rate.toFixed(2) : "–"} it/s  ${eta}`;
     const parts = [];
     if (run.checkpoint) parts.push(`ckpt @${run.checkpoint.step}: ${run.checkpoint.path.split(/[\\/]/).pop()}`);
+    if (run.stopped) parts.push(`stopped @${run.stopped.step}, kept step ${run.stopped.keep}`);
     if (run.done) parts.push(`saved ${run.done.split(/[\\/]/).pop()}`);
     this.sub.textContent = parts.join("  ·  ");
+    this.sub.title = run.stopped?.reason ?? "";
   }
 
   renderThumbs(run) {
@@ -227,6 +235,23 @@ class Panel {
     ctx.beginPath();
     run.ema.forEach(([s, v], i) => (i ? ctx.lineTo(x(s), y(v)) : ctx.moveTo(x(s), y(v))));
     ctx.stroke();
+    if (run.stopped) this.renderStop(ctx, run.stopped, x, T, H - B);
+  }
+
+  // Where the run stopped (dashed, orange) and the checkpoint it kept (green), labelled on the chart.
+  renderStop(ctx, stop, x, top, bottom) {
+    ctx.save();
+    ctx.lineWidth = 1.5;
+    for (const [step, colour, text] of [[stop.keep, "#4ade80", `kept ${stop.keep}`],
+      [stop.step, "#fb923c", `stopped ${stop.step}`]]) {
+      ctx.strokeStyle = colour;
+      ctx.setLineDash(step === stop.step ? [4, 3] : []);
+      ctx.beginPath(); ctx.moveTo(x(step), top); ctx.lineTo(x(step), bottom); ctx.stroke();
+      ctx.fillStyle = colour;
+      ctx.fillText(text, Math.max(2, x(step) - ctx.measureText(text).width - 3), top + (step === stop.step ? 10 : 22));
+    }
+    ctx.restore();
+    stats.stopMarks += 1;
   }
 }
 

@@ -135,12 +135,14 @@ class JobError(RuntimeError):
 class Job:
     """A started run: `events()` yields its progress events; `stop()` ends it (checkpoints on disk stay)."""
 
-    def __init__(self, config: Path, devices: list[str], extra: list[str] | None = None, log_prefix: str = "job"):
+    def __init__(self, config: Path, devices: list[str], extra: list[str] | None = None, log_prefix: str = "job",
+                 verdicts: bool = False):
         cmd, env = command(Path(config).resolve(), devices, extra)
         logging.info("Klein LoRA: starting %s", " ".join(cmd))
         self.config, self.devices, self.prefix = Path(config), devices, log_prefix
         self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     bufsize=1, start_new_session=os.name != "nt", cwd=str(import_root()))
+                                     bufsize=1, start_new_session=os.name != "nt", cwd=str(import_root()),
+                                     stdin=subprocess.PIPE if verdicts else None)
         self._events: queue.Queue = queue.Queue()
         self.stderr_tail: deque[str] = deque(maxlen=40)
         self.error: dict | None = None
@@ -190,6 +192,16 @@ class Job:
             why = self.error["message"] if self.error else "\n".join(list(self.stderr_tail)[-15:])
             raise JobError(f"the training job ({self.config.name} on {','.join(self.devices)}) failed with exit code "
                            f"{code}: {why}")
+
+    def send(self, line: str) -> None:
+        """A line to the child's stdin (a verdict, trainer/jobs/events.py); a child already gone is not an error."""
+        if self.proc.stdin is None:
+            raise JobError("the job was started without verdicts (stdin is not a pipe)")
+        try:
+            self.proc.stdin.write(line)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            logging.debug("Klein LoRA: the job %s no longer reads its verdicts", self.config.name)
 
     def stop(self) -> None:
         """SIGTERM to the whole process group (launcher and ranks), SIGKILL after STOP_GRACE_S."""

@@ -159,9 +159,10 @@ def encode_folder(cfg: run_config.RunConfig):
 
 
 def run(cfg: run_config.RunConfig, ranks: Ranks, emit: Callable[..., None] = emit_line,
-        sample: bool = True) -> loop.TrainResult:
+        sample: bool = True, await_verdicts: bool = False) -> loop.TrainResult:
     """The run session on the config's model, dataset and targets; rank 0 reports and samples (unless `sample`
-    is off: the trainer node's job mode samples each checkpoint in ComfyUI itself)."""
+    is off: the trainer node's job mode samples each checkpoint in ComfyUI itself, and with `await_verdicts`
+    judges them there too: stopping at the peak, rank 0 asks for the verdict after each checkpoint)."""
     import folder_paths
 
     def say(event: str, **data) -> None:
@@ -180,16 +181,37 @@ def run(cfg: run_config.RunConfig, ranks: Ranks, emit: Callable[..., None] = emi
         reporter = Reporter(step=lambda step, total, loss: say("step", step=step, total=total, loss=loss),
                             checkpoint=lambda step, path: say("checkpoint", step=step, path=str(path)),
                             samples=lambda step, grid, file: say("samples", step=step, file=str(file),
-                                                                 subfolder=file.parent.name))
+                                                                 subfolder=file.parent.name),
+                            begin=lambda first, files: say("begin", first_step=first, run=files.run,
+                                                           out_dir=str(files.out_dir)),
+                            stopped=lambda stop: say("stopped", **stop.to_dict()))
         out_dir = Path(folder_paths.get_folder_paths("loras")[0])
-        session = run_session(model, data, targets, cfg.train, out_dir, reporter, sampling, ranks=ranks)
+        verdicts = _ask_parent(say) if await_verdicts and cfg.train.early_stop_patience else None
+        session = run_session(model, data, targets, cfg.train, out_dir, reporter, sampling, ranks=ranks,
+                              verdicts=verdicts)
     result = session.result
     say("done", run=result.run_name, lora_path=str(result.lora_path), checkpoints=[str(p) for p in result.checkpoints],
         losses=result.losses, seconds=result.seconds, processes=ranks.world,
         evaluation=session.evaluation if session.sampled else "", sharded_base=result.sharded_base,
-        base_bytes_per_process=result.base_bytes_here)
+        base_bytes_per_process=result.base_bytes_here,
+        stopped=result.stopped.to_dict() if result.stopped is not None else None)
     logging.info("Klein LoRA: run %s done on %d process(es)", result.run_name, ranks.world)
     return result
+
+
+def _ask_parent(say) -> Callable[[int], object]:
+    """Rank 0's stop check in a job whose parent judges the checkpoints: ask, then wait for its verdict."""
+    import sys
+
+    from ..evaluation.early_stop import StopDecision
+    from .events import read_verdict
+
+    def verdict(step: int):
+        say("await_verdict", step=step)
+        stop = read_verdict(sys.stdin, step)
+        return StopDecision.from_dict(stop) if stop else None
+
+    return verdict
 
 
 def _sampling(cfg: run_config.RunConfig, ranks: Ranks, sharded: bool, sample: bool, say) -> Sampling | None:

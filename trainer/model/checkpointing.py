@@ -61,35 +61,54 @@ class _Single(torch.nn.Module):
         return self.block(img.clone(), vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
 
 
-def _replacement(wrapper: torch.nn.Module, double: bool, recompute: bool):
+def _streamed(wrapper: torch.nn.Module, streamer, index: int):
+    """The wrapper called with its block's weights on the device (trainer/model/block_stream.py): the staging sits
+    outside the compiled wrapper and inside the checkpointed function, so the recompute fetches them again."""
+    def call(*args):
+        with streamer.use(index):
+            return wrapper(*args)
+    return call
+
+
+def _replacement(wrapper: torch.nn.Module, double: bool, recompute: bool, streamer=None, index: int = 0):
+    block = wrapper if streamer is None else _streamed(wrapper, streamer, index)
+
     def run(args: dict, extra: dict) -> dict:
         opts = dict(args["transformer_options"])  # snapshot: forward_orig mutates the dict per block
         streams = (args["img"], args["txt"]) if double else (args["img"],)
-        call = (wrapper, *streams, args["vec"], args["pe"], args.get("attn_mask"), opts)
-        out = checkpoint(*call, use_reentrant=False) if recompute else wrapper(*call[1:])
+        call = (block, *streams, args["vec"], args["pe"], args.get("attn_mask"), opts)
+        out = checkpoint(*call, use_reentrant=False) if recompute else block(*call[1:])
         return {"img": out[0], "txt": out[1]} if double else {"img": out}
     return run
 
 
-def block_options(diffusion_model: torch.nn.Module, recompute: bool, compile_blocks: bool) -> dict:
-    """transformer_options that run every block through a wrapper: recomputed in backward and/or compiled.
+def block_options(diffusion_model: torch.nn.Module, recompute: bool, compile_blocks: bool, streamer=None) -> dict:
+    """transformer_options that run every block through a wrapper: recomputed in backward and/or compiled, and
+    for the blocks a `streamer` streams, fetched around each call and always recomputed (without it autograd would
+    hold each streamed weight from the forward to the backward, trainer/model/block_stream.py).
 
     The wrappers are new modules holding the model's blocks: compiling them leaves the model itself
     untouched (no compiled-call state on shared modules). Cloning the residual inputs inside the
     wrapper keeps the compiled graph's in-place add off tensors that backward still needs.
     """
-    if not (recompute or compile_blocks):
+    streamed = set(streamer.streamed) if streamer is not None else set()
+    if not (recompute or compile_blocks or streamed):
         return {}
     method = getattr(getattr(diffusion_model, "params", None), "default_ref_method", None)
-    if recompute and method == "index_timestep_zero":
-        raise ValueError("gradient checkpointing does not support the 'index_timestep_zero' reference method: "
-                         "turn gradient_checkpointing off or use the model's default reference method.")
+    if (recompute or streamed) and method == "index_timestep_zero":
+        raise ValueError("gradient checkpointing (which offload_blocks uses for the streamed blocks) does not support "
+                         "the 'index_timestep_zero' reference method: turn gradient_checkpointing off and set "
+                         "offload_blocks to 'off', or use the model's default reference method.")
     replace = {}
+    order = 0  # the block's index in execution order (double blocks, then single blocks)
     for kind, blocks, wrap in (("double_block", diffusion_model.double_blocks, _Double),
                                ("single_block", diffusion_model.single_blocks, _Single)):
         for i, block in enumerate(blocks):
             wrapper = wrap(block)
             if compile_blocks:
                 wrapper.compile()
-            replace[(kind, i)] = _replacement(wrapper, kind == "double_block", recompute)
+            stream = streamer if order in streamed else None
+            replace[(kind, i)] = _replacement(wrapper, kind == "double_block", recompute or stream is not None,
+                                              stream, order)
+            order += 1
     return {"patches_replace": {"dit": replace}}

@@ -117,9 +117,12 @@ class Fp8Linear(torch.nn.Module):
         if not dtype.is_floating_point or dtype.itemsize == 1:
             dtype = torch.bfloat16
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-        y = _Fp8Product.apply(x2, self.w8, self.w_scale, self.w8_t, dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
+        w8, w_scale, w8_t, bias = self.w8, self.w_scale, self.w8_t, self.bias
+        if w8.device != x.device:  # a streamed block between its uses (offload_blocks): copied for this call alone
+            w8, w_scale, w8_t, bias = (t.to(x.device) if t is not None else None for t in (w8, w_scale, w8_t, bias))
+        y = _Fp8Product.apply(x2, w8, w_scale, w8_t, dtype)
+        if bias is not None:
+            y = y + bias.to(dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

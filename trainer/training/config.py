@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from ..model.offload_plan import parse_choice as parse_offload
+
 OPTIMIZERS = ("AdamW", "Adafactor", "AdamW8bit")  # AdamW8bit: torchao's 8-bit optimizer states (low-VRAM mode)
 COMPILE_CHOICES = ("auto", "on", "off")  # auto: compile the blocks on CUDA, not on the CPU
 SHARD_CHOICES = ("auto", "on", "off")  # several processes: shard the frozen base over them (trainer/training/sharding.py)
@@ -42,6 +44,11 @@ class TrainConfig:
     adapter: str = "lora"  # lora, lokr (Kronecker), loha (Hadamard), dora (LoRA + magnitude): trainer/lora/layers.py
     lokr_factor: int = -1  # LoKr: the Kronecker factor's size (-1: near the square root of each width)
     lokr_full_rank: bool = False  # LoKr: both Kronecker factors full matrices (rank and alpha unused, scale 1)
+    # 0: train every step. N: stop once N consecutive checkpoints are past the peak by the monitor's metrics
+    # (trainer/evaluation/early_stop.py); needs the checkpoint samples (clip, vae, save_every > 0)
+    early_stop_patience: int = 0
+    # 'off' | 'auto' | N: the frozen blocks past the first N stream from CPU memory (trainer/model/block_stream.py)
+    offload_blocks: str = "off"
 
     @property
     def recompute(self) -> bool:
@@ -72,5 +79,9 @@ class TrainConfig:
         if self.lokr_factor == 0 or self.lokr_factor < -1:
             raise ValueError(f"lokr_factor is {self.lokr_factor}: use -1 (automatic) or a factor of 1 or more "
                              "(LyCORIS presets use 4-16).")
+        if self.early_stop_patience < 0:
+            raise ValueError(f"early_stop_patience is {self.early_stop_patience}: use 0 (off) or the number of "
+                             "consecutive checkpoints past the peak to stop after (1-3).")
+        parse_offload(self.offload_blocks)
         if self.keep_states < 0:
             raise ValueError(f"keep_states is {self.keep_states}: use 0 (keep all) or more.")

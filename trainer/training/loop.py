@@ -18,7 +18,7 @@ import torch
 
 from ..data.dataset import KleinDataset, stack_contexts
 from ..lora.layers import SAVE_DTYPES, AdapterSpec, LoraHandle, adapter_metadata, lora_layers, lora_metadata
-from ..model import attention, compile_support, fp8_compute
+from ..model import attention, block_stream, compile_support, fp8_compute, offload_plan
 from ..model.checkpointing import block_options, inplace_safe_norms
 from ..model.model_check import flux2_problem
 from ..model.sizes import size_key
@@ -28,7 +28,7 @@ from . import objective, resume, sharding
 from .batches import BatchOrder
 from .config import COMPILE_CHOICES, OPTIMIZERS, TrainConfig  # noqa: F401 - the loop's settings, named here too
 from .distributed import Ranks
-from .run_files import RunFiles
+from .run_files import RunFiles, parse_step
 
 
 @dataclass
@@ -40,6 +40,11 @@ class TrainHooks:
     # (step, file, live model): the live model is a ModelPatcher whose forward includes the LoRA as trained
     # so far (peft layers), valid only during the call: sample with it under torch.no_grad(), patch nothing.
     on_checkpoint: Callable[[int, Path, object], None] = lambda step, path, live: None
+    # stop at the peak (cfg.early_stop_patience > 0), rank 0 only: the run's files once they are known and its
+    # first step (> 1 when resumed), then after each checkpoint but the last the verdict: None goes on, a
+    # StopDecision (trainer/evaluation/early_stop.py: .step, .keep_step, .reason) ends the run there
+    on_begin: Callable[[int, RunFiles], None] = lambda first_step, files: None
+    stop_check: Callable[[int], object] = lambda step: None
 
 
 @dataclass
@@ -52,6 +57,7 @@ class TrainResult:
     seconds: float = 0.0
     sharded_base: bool = False
     base_bytes_here: int = 0  # frozen base weights this process held (its shard when sharded)
+    stopped: object = None  # the StopDecision that ended the run at its peak; `lora` is then its kept checkpoint's
 
 
 def check_klein(patcher) -> None:
@@ -103,12 +109,13 @@ def resolve_compile(choice: str, device_type: str, mixed_precision: bool, fp8_ma
     return wanted
 
 
-def _training_model(patcher, sharded_over: int = 0):
+def _training_model(patcher, sharded_over: int = 0, streamed: bool = False):
     """A patcher whose weights are plain tensors on the compute device (not dynamic VRAM views).
 
     `sharded_over` N > 1: instead of ComfyUI loading the whole model onto the card, this process keeps
     1/N of the frozen weights there (trainer/training/sharding.py); the model stays sharded after the run (the
-    command line's processes own their model).
+    command line's processes own their model). `streamed`: the model stays in CPU memory, where ComfyUI's unload
+    put it; the run's block streamer places the resident part on the card (trainer/model/block_stream.py).
     """
     import comfy.model_management as mm
 
@@ -121,13 +128,23 @@ def _training_model(patcher, sharded_over: int = 0):
         sharding.shard_model(work.model.diffusion_model, work.load_device, sharded_over)
         work.model.model_sampling.to(work.load_device)
         return work
+    if streamed:
+        if work.patches:
+            raise ValueError("offload_blocks streams the base's own weights, and this MODEL carries weight patches (a "
+                             "LoRA or model merge applied before the trainer): connect the base model itself, or set "
+                             "offload_blocks to 'off'.")
+        block_stream.unload_from_comfy(work.model)
+        _make_differentiable(work.model.diffusion_model)
+        work.model.model_sampling.to(work.load_device)
+        return work
     try:
         mm.load_models_gpu([work], force_full_load=True)
     except torch.OutOfMemoryError as e:
         size = sharding.weight_bytes(work.model.diffusion_model) / 2**30
         raise torch.OutOfMemoryError(
             f"out of GPU memory putting the base model ({size:.1f} GiB of weights) on {work.load_device}: load it with "
-            "weight_dtype fp8_e4m3fn and turn low_vram on (klein 9B then trains in ~11 GiB), or train it on several "
+            "weight_dtype fp8_e4m3fn and turn low_vram on (klein 9B then trains in ~11 GiB), set offload_blocks to "
+            "'auto' (the blocks that do not fit stream from CPU memory), or train it on several "
             "GPUs with the base sharded over them (the trainer's gpus input or `accelerate launch`, shard_base "
             f"'auto'/'on'; README, 'Several GPUs'). (torch: {str(e).splitlines()[0] if str(e) else 'out of memory'})"
         ) from None
@@ -255,6 +272,11 @@ class _Placed:
     options: dict
     sharded: bool
     base_compute: str  # 'bf16' or 'fp8': the frozen base's products (cfg.base_compute resolved for the device)
+    streamer: block_stream.BlockStreamer | None = None  # offload_blocks: the blocks streamed from CPU memory
+
+    def streaming(self):
+        """The streamer's placement for the run (entered after the LoRA and fp8 layers), or nothing."""
+        return self.streamer.streaming(self.dm) if self.streamer is not None else nullcontext()
 
     @property
     def dm(self):
@@ -291,7 +313,7 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
     files, resumed, state_file, changes = _open_run(Path(out_dir), cfg, targets, dataset, ranks)
     start = time.perf_counter()
     with torch.inference_mode(False), torch.enable_grad():
-        placed = _place(patcher, cfg, ranks)
+        placed = _place(patcher, cfg, ranks, dataset, targets)
         meta = _run_metadata(patcher, placed, dataset, targets, cfg, ranks)
         if resumed is not None:
             _note_resume(meta, resumed, state_file, changes)
@@ -303,22 +325,28 @@ def train_lora(patcher, dataset: KleinDataset, targets: KleinTargets, cfg: Train
                 (nullcontext() if placed.compiled else inplace_safe_norms(placed.dm)), \
                 comfy_training_mode(), _dynamo_limits(placed.compiled), \
                 attention.run_attention(placed.dm, placed.device, placed.dtype), \
-                fp8_compute.apply_base_compute(placed.dm, placed.base_compute, placed.device):
+                fp8_compute.apply_base_compute(placed.dm, placed.base_compute, placed.device), placed.streaming():
             opt = _make_optimizer(cfg.optimizer_used, lora.parameters(), cfg.learning_rate)
             if resumed is not None:
                 _restore(run, resumed, lora, opt, cfg)
                 logging.info("Klein LoRA: resuming run '%s' from %s at step %d of %d", files.run, state_file.name,
                              resumed["step"], cfg.steps)
+            if cfg.early_stop_patience and ranks.is_main:
+                hooks.on_begin(run.first, files)
+            stop = None
             for step in range(run.first, cfg.steps + 1):
                 _train_one_step(step, run, placed, lora, opt, dataset, cfg, hooks, ranks)
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                     _save_checkpoint(step, run, placed, lora, opt, dataset, targets, cfg, hooks, ranks)
-            final = _save_final(run, placed, lora, opt, dataset, targets, cfg, hooks, ranks)
+                    if cfg.early_stop_patience and (stop := _stop_verdict(step, hooks, ranks)) is not None:
+                        break
+            final = (_save_stopped(stop, run, cfg, ranks) if stop is not None
+                     else _save_final(run, placed, lora, opt, dataset, targets, cfg, hooks, ranks))
     seconds = time.perf_counter() - start
-    logging.info("Klein LoRA: %d steps in %.1fs, final loss %.4f, saved %s", cfg.steps - run.first + 1, seconds,
-                 run.losses[-1], files.lora)
+    logging.info("Klein LoRA: %d steps in %.1fs, final loss %.4f, saved %s", len(run.losses) - run.first + 1,
+                 seconds, run.losses[-1], files.lora)
     return TrainResult(final, run.losses, files.lora, run.checkpoints, files.run, seconds, placed.sharded,
-                       sharding.local_bytes(placed.dm))
+                       sharding.local_bytes(placed.dm), stop)
 
 
 def _check_inputs(patcher, dataset: KleinDataset, cfg: TrainConfig, ranks: Ranks) -> None:
@@ -346,12 +374,15 @@ def _open_run(out_dir: Path, cfg: TrainConfig, targets: KleinTargets, dataset: K
     return files, resumed, state_file, changes
 
 
-def _place(patcher, cfg: TrainConfig, ranks: Ranks) -> _Placed:
-    """The model on its device, in the dtype and block mode (compiled, recomputed) the run trains it in."""
+def _place(patcher, cfg: TrainConfig, ranks: Ranks, dataset: KleinDataset, targets: KleinTargets) -> _Placed:
+    """The model on its device, in the dtype and block mode (compiled, recomputed, streamed) the run trains it in."""
     shard = sharding.decide(cfg.shard_base, patcher.model.diffusion_model, patcher.load_device, ranks)
     _check_adapter(cfg, shard, patcher.model.get_dtype())  # before the base is placed or sharded
-    work = _training_model(patcher, ranks.world if shard else 0)
+    streamed = _streamed_blocks(patcher, cfg, dataset, targets, shard)
+    work = _training_model(patcher, ranks.world if shard else 0, bool(streamed))
     dm = work.model.diffusion_model
+    streamer = (block_stream.BlockStreamer(block_stream.execution_order(dm), streamed, work.load_device, work.model)
+                if streamed else None)
     # the compute dtype: fp8-stored weights (UNETLoader weight_dtype fp8_*) are cast per layer to this one
     device, dtype = work.load_device, work.model.get_dtype_inference()
     if cfg.low_vram and work.model.get_dtype().itemsize > 1:
@@ -361,8 +392,51 @@ def _place(patcher, cfg: TrainConfig, ranks: Ranks) -> _Placed:
     autocast = torch.autocast(device.type, dtype=dtype) if mixed else nullcontext()
     compiled = compile_support.usable(cfg.compile_blocks, device, resolve_compile(
         cfg.compile_blocks, device.type, mixed, uses_fp8_matmuls(dm), shard))
-    return _Placed(work, device, dtype, autocast, compiled, block_options(dm, cfg.recompute, compiled), shard,
-                   _base_compute(cfg.base_compute, device, shard, cfg.adapter))
+    return _Placed(work, device, dtype, autocast, compiled, block_options(dm, cfg.recompute, compiled, streamer), shard,
+                   _base_compute(cfg.base_compute, device, shard, cfg.adapter), streamer)
+
+
+def _run_shape(patcher, cfg: TrainConfig, dataset: KleinDataset, targets: KleinTargets) -> block_stream.RunShape:
+    """The run's largest batch in tokens (image, reference and text) and its LoRA's size, for offload_blocks 'auto'."""
+    dm = patcher.model.diffusion_model
+    image = max(int(x.shape[-1] * x.shape[-2]) for x in dataset.latents)
+    text = max(int(c.shape[0]) for c in dataset.contexts)
+    params = 0
+    for name in targets.modules:
+        layer = dm.get_submodule(name)
+        params += cfg.rank * (getattr(layer, "in_features", 0) + getattr(layer, "out_features", 0))
+    return block_stream.RunShape(image * (2 if dataset.references else 1) + text, cfg.batch_size, params,
+                                 cfg.optimizer_used, cfg.recompute)
+
+
+def _streamed_blocks(patcher, cfg: TrainConfig, dataset: KleinDataset, targets: KleinTargets,
+                     sharded: bool) -> list[int]:
+    """The blocks (execution order) that stream from CPU memory; [] keeps today's placement, every block on the card.
+    On CUDA ComfyUI first unloads this model and frees what the whole run would need (other models leave the card);
+    'auto' then keeps the blocks that fit in the memory left free."""
+    choice = offload_plan.parse_choice(cfg.offload_blocks)
+    if choice == offload_plan.OFF:
+        return []
+    if sharded:
+        if choice != offload_plan.AUTO:
+            raise ValueError("offload_blocks does not combine with a base sharded over processes (shard_base): set "
+                             "shard_base to 'off' or offload_blocks to 'off' or 'auto'.")
+        return []
+    import comfy.model_management as mm
+
+    dm, device = patcher.model.diffusion_model, patcher.load_device
+    shape = _run_shape(patcher, cfg, dataset, targets)
+    free = None
+    if device.type == "cuda":
+        blocks, fixed = block_stream.block_bytes(dm)
+        block_stream.unload_from_comfy(patcher.model)
+        mm.free_memory(fixed + sum(blocks) + block_stream.needs_bytes(dm, shape, len(blocks)), device)
+        free = block_stream.free_device_bytes(device)
+    total = len(block_stream.execution_order(dm))
+    resident = block_stream.choose_resident(cfg.offload_blocks, dm, device, shape, free)
+    if resident >= total:
+        logging.info("Klein LoRA: offload_blocks '%s': every block stays on %s.", cfg.offload_blocks, device)
+    return list(range(resident, total))
 
 
 def _base_compute(choice: str, device: torch.device, sharded: bool, adapter: str = "lora") -> str:
@@ -412,7 +486,8 @@ def _run_metadata(patcher, placed: _Placed, dataset: KleinDataset, targets: Klei
         target_groups=list(targets.groups), target_layers=targets.layers, targets=targets.modules,
         low_vram=cfg.low_vram, base_weight_dtype=str(placed.work.model.get_dtype()).removeprefix("torch."),
         gradient_checkpointing=cfg.recompute, compiled=placed.compiled, software="klein-lora-studio",
-        base_compute=placed.base_compute,
+        base_compute=placed.base_compute, offload_blocks=cfg.offload_blocks,
+        streamed_blocks=len(placed.streamer.streamed) if placed.streamer is not None else 0,
         task_kind="image-to-image" if dataset.references else "text-to-image",
         buckets=[f"{w}x{h}:{len(v)}" for (w, h), v in dataset.bucket_assignment().items()],
         repeats=dataset.repeats, caption_dropout=dataset.caption_dropout,
@@ -524,6 +599,34 @@ def _save_final(run: _RunState, placed: _Placed, lora: LoraHandle, opt: torch.op
     return final
 
 
+def _stop_verdict(step: int, hooks: TrainHooks, ranks: Ranks):
+    """Rank 0's stop decision after checkpoint `step`, the same on every rank (they all end the run together)."""
+    verdict = hooks.stop_check(step) if ranks.is_main else None
+    return ranks.broadcast(verdict) if ranks.distributed else verdict
+
+
+def _save_stopped(stop, run: _RunState, cfg: TrainConfig, ranks: Ranks) -> dict[str, torch.Tensor]:
+    """The run ended at its peak after checkpoint `stop.step` (saved with its state: resume_from 'latest' goes on
+    from there): the final LoRA is the kept checkpoint's tensors, its header says where, why and what was kept."""
+    from safetensors.torch import load_file
+
+    keep = run.files.checkpoint(stop.keep_step)
+    if keep not in run.checkpoints or not keep.is_file():
+        logging.warning("Klein LoRA: the checkpoint to keep (step %d) is not among this run's files; keeping step %d's.",
+                        stop.keep_step, stop.step)
+        keep = run.files.checkpoint(stop.step)
+    tensors = load_file(str(keep))
+    if ranks.is_main:
+        meta = {**run.meta, "steps": str(parse_step(keep.name)[1]), "early_stop_reason": stop.reason,
+                "early_stop": json.dumps({"stopped_at_step": stop.step, "kept_step": parse_step(keep.name)[1],
+                                          "kept": keep.name, "planned_steps": cfg.steps,
+                                          "patience": cfg.early_stop_patience})}
+        atomic_save_safetensors(tensors, run.files.lora, meta)
+        logging.info("Klein LoRA: %s", stop.reason)
+    ranks.barrier()
+    return tensors
+
+
 def _oom_message(step: int, cfg: TrainConfig, x0: torch.Tensor, run: _RunState) -> str:
     """What to lower, in the order that saves the most, and what is kept."""
     h, w = x0.shape[-2] * 16, x0.shape[-1] * 16
@@ -534,4 +637,5 @@ def _oom_message(step: int, cfg: TrainConfig, x0: torch.Tensor, run: _RunState) 
     ckpt = "on" if cfg.recompute else "off"
     return (f"out of GPU memory in training step {step} (batch_size {cfg.batch_size}, {w}x{h} px, rank {cfg.rank}, "
             f"gradient_checkpointing {ckpt}). Lower batch_size, the resolution (Dataset Loader), or rank, or turn "
-            f"gradient_checkpointing on (the low-VRAM mode: ~30% slower, much less memory); {kept}{how}.")
+            f"gradient_checkpointing on (the low-VRAM mode: ~30% slower, much less memory), or stream more of the "
+            f"frozen base from CPU memory (offload_blocks 'auto' or fewer blocks); {kept}{how}.")

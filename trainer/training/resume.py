@@ -27,8 +27,8 @@ VERSION = 1
 # the optimizer's saved moments only fit the same optimizer.
 FIXED = ("rank", "alpha", "optimizer", "adapter", "lokr_factor", "lokr_full_rank")
 # Not compared: where the run came from, how it is saved next, and how the frozen base is laid out over the
-# processes (sharded or not, the update is the same).
-IGNORED = ("resume_from", "output_name", "shard_base")
+# processes or between the card and CPU memory (sharded, streamed or not, the update is the same).
+IGNORED = ("resume_from", "output_name", "shard_base", "offload_blocks")
 
 
 def dataset_signature(dataset) -> dict:
@@ -182,7 +182,9 @@ def check_compatible(state: dict, path: Path, cfg, modules: list[str], dataset) 
         raise ValueError(f"resume_from {path.name}: the run is already at step {state['step']} and steps is "
                          f"{cfg.steps}: raise steps above {state['step']} to train further.")
     now = dataclasses.asdict(cfg)
-    changes = {k: [before.get(k), v] for k, v in now.items() if k not in IGNORED and before.get(k) != v}
+    defaults = dataclasses.asdict(type(cfg)(**{k: now[k] for k in ("rank", "alpha", "learning_rate", "steps")}))
+    was = {k: before.get(k, defaults[k]) for k in now}  # a field newer than the state: its default then
+    changes = {k: [was[k], v] for k, v in now.items() if k not in IGNORED and was[k] != v}
     if state["dataset"].get("repeats") != sig["repeats"]:
         changes["repeats"] = [state["dataset"].get("repeats"), sig["repeats"]]
     if changes:

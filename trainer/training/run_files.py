@@ -3,6 +3,7 @@
     <loras>/<run>.safetensors                                 the final LoRA
     <loras>/<run>_checkpoints/<run>_stepNNNNN.safetensors     the checkpoint of step N (also of the final step)
     <loras>/<run>_checkpoints/<run>_stepNNNNN.trainstate      the training state beside it (resume)
+    <loras>/<run>_checkpoints/<run>_monitor.json              the monitor's per-checkpoint metrics (early stop)
 """
 from __future__ import annotations
 
@@ -56,6 +57,11 @@ class RunFiles:
     @property
     def step_prefix(self) -> str:
         return f"{self.run}_step"
+
+    @property
+    def monitor(self) -> Path:
+        """The monitor's history of a run that stops at its peak: what a resumed run decides from."""
+        return self.checkpoints_dir / f"{self.run}_monitor.json"
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints_dir / f"{step_stem(self.run, step)}{LORA_SUFFIX}"
