@@ -49,13 +49,22 @@ def load_models(kind: str, weights: Path | None = None) -> Models:
     if kind == "micro":
         from . import models as mm
 
-        paths = mm.write_micro_models(folder_paths.models_dir, weights)
-        return Models(mm.UNET_FILE, nodes.VAELoader().load_vae("taef2")[0], mm.micro_clip(paths["te"]), kind)
+        return micro_models(mm.write_micro_models(folder_paths.models_dir, weights))
     from ..devtools import tiny_models
 
     paths = tiny_models.write_tiny_models(folder_paths.models_dir)
     return Models(tiny_models.UNET_FILE, nodes.VAELoader().load_vae("taef2")[0], tiny_models.tiny_clip(paths["te"]),
                   kind)
+
+
+def micro_models(paths: dict) -> Models:
+    """The micro models already written into a models folder ComfyUI searches first (`paths`: what
+    models.write_micro_models returned), through the stock loaders."""
+    import nodes
+
+    from . import models as mm
+
+    return Models(mm.UNET_FILE, nodes.VAELoader().load_vae("taef2")[0], mm.micro_clip(paths["te"]), "micro")
 
 
 @dataclass

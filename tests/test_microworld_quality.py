@@ -9,7 +9,7 @@ quality benchmark's engine, at a CI size).
 from __future__ import annotations
 
 import pytest
-from klein_lora_studio.microworld import models, quality
+from klein_lora_studio.microworld import quality
 
 from .helpers import micro_models_folder
 
@@ -21,11 +21,8 @@ I2I_REFERENCES = 8
 
 @pytest.fixture(scope="module")
 def micro_models(comfy, tmp_path_factory):
-    import nodes
-
     with micro_models_folder(tmp_path_factory.mktemp("micro-quality")) as paths:
-        yield quality.Models(models.UNET_FILE, nodes.VAELoader().load_vae("taef2")[0], models.micro_clip(paths["te"]),
-                             "micro")
+        yield quality.micro_models(paths)
 
 
 def test_image_to_image_lora_applies_its_transform_to_heldout_references(micro_models):
