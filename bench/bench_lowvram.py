@@ -117,11 +117,16 @@ def run(pcn, sd, name: str, mode: str, warm: int, steps: int, res: int, sample_e
 
 def one(model: str, mode: str, warm: int, steps: int, res: int, cap_gib: float = 0.0, sample_every: int = 50) -> None:
     """One config in this process: a model loaded before it would still count towards the peak here."""
-    if MODES[mode].get("capped"):
-        _cap(cap_gib)
+    import torch
+
     pcn = bs.setup_comfy()
     hidden, depth, single, ctx = pcn.SIZES[model]
-    sd = {k: v.cpu() for k, v in pcn.random_sd(hidden, depth, single, ctx).items()}
+    sd = {k: v.cpu() for k, v in pcn.random_sd(hidden, depth, single, ctx).items()}  # made on the card, in bf16
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    if MODES[mode].get("capped"):  # after the random weights: a user's file is read into CPU memory, not the card
+        _cap(cap_gib)
     gc = MODES[mode].get("gc", True) or MODES[mode]["low_vram"]
     key = dict(model=model, res=res, gc=gc, mode=mode, cap_gib=cap_gib if MODES[mode].get("capped") else None)
     row = bs.guarded(run, key, pcn, sd, model, mode, warm, steps, res, sample_every)

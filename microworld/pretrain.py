@@ -41,6 +41,8 @@ from . import models, reader, world
 class PretrainConfig:
     seed: int = 16
     px: int = 128
+    mix_px: int = 0  # > 0: every mix_every-th step trains on the same scenes rendered at this size instead
+    mix_every: int = 4  # (a model moved to a new px keeps working at mix_px, where the CPU tests sample)
     vae_steps: int = 1500
     vae_batch: int = 64
     vae_lr: float = 1e-3
@@ -230,22 +232,26 @@ def new_dit(seed: int, device) -> torch.nn.Module:
 @dataclass
 class DitData:
     """Everything the diffusion training draws from, on the training device."""
-    latents: torch.Tensor  # (N, 128, 8, 8): one per rendered scene
+    latents: torch.Tensor  # (N, 128, px / 16, px / 16): one per rendered scene
     contexts: torch.Tensor  # (C, 512, 192): one per distinct caption; row 0 is the empty caption
     t2i: torch.Tensor  # (M, 2): (latent index, caption index) of the pretraining scenes
     edits: torch.Tensor  # (E, 3): (reference latent, target latent, caption index)
+    mix_latents: torch.Tensor | None = None  # the same scenes at mix_px (None: one resolution)
 
 
 def dit_batch(data: DitData, cfg: PretrainConfig, step: int, g: torch.Generator):
-    """(x0, context, reference or None) for one step; caption dropout swaps in the empty caption (row 0)."""
+    """(x0, context, reference or None) for one step; caption dropout swaps in the empty caption (row 0).
+    Every mix_every-th step (offset from the edit steps) draws the latents at mix_px."""
     edit = cfg.edit_every > 0 and len(data.edits) > 0 and step % cfg.edit_every == cfg.edit_every - 1
+    mix = data.mix_latents is not None and step % cfg.mix_every == min(1, cfg.mix_every - 1)
+    latents = data.mix_latents if mix else data.latents
     rows = data.edits if edit else data.t2i
     pick = rows[torch.randint(len(rows), (cfg.dit_batch,), generator=g)]
     caption = pick[:, -1].clone()
     caption[torch.rand(cfg.dit_batch, generator=g) < cfg.caption_dropout] = 0
-    dev = data.latents.device
-    x0 = data.latents[pick[:, 1 if edit else 0].to(dev)]
-    ref = data.latents[pick[:, 0].to(dev)] if edit else None
+    dev = latents.device
+    x0 = latents[pick[:, 1 if edit else 0].to(dev)]
+    ref = latents[pick[:, 0].to(dev)] if edit else None
     return x0, data.contexts[caption.to(dev)], ref
 
 
@@ -266,7 +272,7 @@ def train_dit(data: DitData, cfg: PretrainConfig, device, autocast, init: dict |
     ema = [p.detach().clone().float() for p in params]
     opt = torch.optim.AdamW(dm.parameters(), lr=cfg.dit_lr, betas=(0.9, 0.99), weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed + 1 + seed_offset)
-    losses, kinds, start, tokens = [], [], time.perf_counter(), data.latents.shape[-1] * data.latents.shape[-2]
+    losses, kinds, start = [], [], time.perf_counter()
     with comfy_training_mode(), inplace_safe_norms(dm):
         for step in range(cfg.dit_steps):
             if cfg.time_budget_s > 0 and time.perf_counter() - start > cfg.time_budget_s:
@@ -276,7 +282,7 @@ def train_dit(data: DitData, cfg: PretrainConfig, device, autocast, init: dict |
                 group["lr"] = _lr(step, cfg.dit_steps, cfg.dit_lr, cfg.dit_warmup, cfg.dit_min_lr,
                                   time.perf_counter() - start, cfg.time_budget_s)
             x0, ctx, ref = dit_batch(data, cfg, step, g)
-            sigma = objective.sample_sigmas(len(x0), tokens, g, device)
+            sigma = objective.sample_sigmas(len(x0), x0.shape[-1] * x0.shape[-2], g, device)
             noise = torch.randn(x0.shape, generator=g).to(device)
             xt, target = objective.noisy_input(x0, noise, sigma)
             extra = {} if ref is None else {"ref_latents": [ref]}
@@ -313,6 +319,7 @@ def build_data(cfg: PretrainConfig, tae, clip, device) -> tuple[DitData, dict]:
     index = {s: i for i, s in enumerate(scenes)}
     start = time.perf_counter()
     latents = encode_images(tae, render_all(scenes, cfg.px, cfg.workers).to(device))
+    mix = encode_images(tae, render_all(scenes, cfg.mix_px, cfg.workers).to(device)) if cfg.mix_px else None
     captions = [""] + sorted({world.caption(s) for s in t2i_scenes} | {c for _, _, c in edits})
     cap_index = {c: i for i, c in enumerate(captions)}
     contexts = encode_captions(clip, captions)
@@ -329,7 +336,7 @@ def build_data(cfg: PretrainConfig, tae, clip, device) -> tuple[DitData, dict]:
         probe_ctx = torch.cat([contexts[[cap_index[world.caption(s)] for s in train]],
                                encode_captions(clip, [world.caption(s) for s in held])])
         stats["te_probe"] = te_probe(probe_ctx, list(train) + list(held), [True] * len(train) + [False] * len(held))
-    return DitData(latents, contexts.to(device), t2i, edit_rows), stats
+    return DitData(latents, contexts.to(device), t2i, edit_rows, mix), stats
 
 
 def reconstruction_check(tae, cfg: PretrainConfig, device) -> dict:
@@ -373,16 +380,16 @@ def save_weights(out: Path, tae, dit_sd: dict[str, torch.Tensor]) -> dict[str, P
     return paths
 
 
-def evaluate(weights: Path, models_dir: Path, cfg: PretrainConfig, n: int) -> tuple[dict, list]:
-    """Sample n held-out prompts through the stock loaders (from `models_dir`, ComfyUI's models/ folder) at
-    the pack's sampler settings; score them with the reader."""
+def evaluate(weights: Path, models_dir: Path, cfg: PretrainConfig, n: int, px: int) -> tuple[dict, list]:
+    """Sample n held-out prompts at px x px through the stock loaders (from `models_dir`, ComfyUI's models/
+    folder) at the pack's sampler settings; score them with the reader."""
     models.write_micro_models(models_dir, weights_dir=weights)
     model, clip, vae = models.load_micro_models(models_dir)
     scenes = world.heldout_scenes(cfg.seed, n)
     start = time.perf_counter()
     images = models.generate(model, clip, vae, [world.caption(s) for s in scenes], seed=cfg.seed,
-                             steps=cfg.eval_steps, cfg=cfg.eval_cfg, px=cfg.px, batch=cfg.eval_batch)
-    result = {"prompts": n, "steps": cfg.eval_steps, "cfg": cfg.eval_cfg, "sampler": "euler",
+                             steps=cfg.eval_steps, cfg=cfg.eval_cfg, px=px, batch=cfg.eval_batch)
+    result = {"prompts": n, "px": px, "steps": cfg.eval_steps, "cfg": cfg.eval_cfg, "sampler": "euler",
               "seconds": time.perf_counter() - start, **score(images, scenes)}
     return result, list(zip(images, scenes, strict=True))
 
@@ -448,7 +455,10 @@ def run(cfg: PretrainConfig, out: Path, device: torch.device) -> dict:
         record["vae"]["reconstruction_reader"] = reconstruction_check(tae, cfg, device)
         logging.info("vae: %s", record["vae"]["reconstruction_reader"])
     else:
-        tae, record["vae"] = load_taef2(Path(cfg.resume), device), previous["vae"]
+        tae, record["vae"] = load_taef2(Path(cfg.resume), device), dict(previous["vae"])
+        if cfg.px != previous["config"].get("px", 128):  # the same (fully convolutional) VAE at the new size
+            record["vae"][f"reconstruction_reader_{cfg.px}px"] = reconstruction_check(tae, cfg, device)
+            logging.info("vae at %d px: %s", cfg.px, record["vae"][f"reconstruction_reader_{cfg.px}px"])
     clip, record["text_encoder"] = text_encoder(cfg)
     data, record["data"] = build_data(cfg, tae, clip, device)
     if previous is not None and "te_probe" in previous["data"]:
@@ -469,8 +479,12 @@ def run(cfg: PretrainConfig, out: Path, device: torch.device) -> dict:
     if cfg.eval_prompts:
         import folder_paths
 
-        record["eval"], samples = evaluate(out, Path(folder_paths.models_dir), cfg, cfg.eval_prompts)
+        record["eval"], samples = evaluate(out, Path(folder_paths.models_dir), cfg, cfg.eval_prompts, cfg.px)
         logging.info("eval: %s", record["eval"])
+        if cfg.mix_px:  # the other resolution the model was trained at (the CPU tests sample at 128 px)
+            record["eval_mix"], _ = evaluate(out, Path(folder_paths.models_dir), cfg, cfg.eval_prompts, cfg.mix_px)
+            logging.info("eval at %d px: %s", cfg.mix_px, record["eval_mix"])
+            man["eval_mix"] = record["eval_mix"]
         eval_grid(samples[:96], out / "eval_grid.png")
         man["eval"] = record["eval"]
         (out / "manifest.json").write_text(json.dumps(man, indent=1), encoding="utf-8")
