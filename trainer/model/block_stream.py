@@ -1,7 +1,9 @@
 """Frozen blocks streamed from CPU memory (`offload_blocks`): the first blocks stay on the card, the others live in
 pinned host memory and are copied host -> device one block ahead of use, in the forward and in backward's
-recompute, on a copy stream of their own; the copies are dropped after use and never copied back (the weights are
-frozen). The LoRA parameters, the non-block layers and the resident blocks stay on the card.
+recompute, on a copy stream of their own; the copies are dropped after use (what backward saved of them, once it
+has run) and never copied back (the weights are frozen). A use sets each copy as an object of its own in the
+module, never into the block's Parameter (`_Slot` says why: the first GPU run). The LoRA parameters, the non-block
+layers and the resident blocks stay on the card.
 
 What is reused from ComfyUI and what is not:
 - Between uses a streamed block is in ComfyUI's own low-VRAM form: its weights in (pinned) CPU memory and
@@ -66,15 +68,34 @@ def _tensors(module: torch.nn.Module) -> Iterator[tuple[str, bool, torch.Tensor]
 
 @dataclass
 class _Slot:
-    """One frozen tensor of a streamed block: where it is set, and its host copy (its home between uses)."""
+    """One frozen tensor of a streamed block: where it is set, its host copy, and the object set between uses (the
+    module's own Parameter, whose data is the host copy, or the host buffer itself).
+
+    A use sets a new object in its place (`put`), never the Parameter's `.data`. Under checkpointing, autograd hands
+    a saved frozen parameter to the saved-tensor hooks as the Parameter object itself, and the recompute's hook keeps
+    a tensor that needs no grad as it is (ops such as rms_norm or a product save their weight argument; compiled
+    blocks save their parameter inputs); the block's backward reads it after the recompute's use has ended. A `.data`
+    swap back to the host then changed what backward read into the host tensor (the first GPU run of issue 19:
+    "CheckpointError: Recomputed values ... have different metadata", an fp8 [128] norm scale saved on cuda:0, cpu
+    when checked). A copy set as an object of its own stays what autograd saved, until backward frees it.
+    """
 
     module: torch.nn.Module
     name: str
     is_param: bool
     host: torch.Tensor
+    home: torch.Tensor
 
-    def set(self, value: torch.Tensor) -> None:
-        _set(self.module, self.name, self.is_param, value)
+    def put(self, value: torch.Tensor) -> None:
+        (self.module._parameters if self.is_param else self.module._buffers)[self.name] = value
+
+    def at_home(self) -> None:
+        self.put(self.home)
+
+    def device_copy(self, copy: torch.Tensor) -> torch.Tensor:
+        """The object a use sets: a Parameter of its own for a parameter (the block's code and torch.compile's
+        guards see the type they saw before), the copy itself for a buffer."""
+        return torch.nn.Parameter(copy, requires_grad=False) if self.is_param else copy
 
 
 class BlockStreamer:
@@ -119,8 +140,9 @@ class BlockStreamer:
                     self._moved.append((module, name, is_param, data))
                     _set(module, name, is_param, data.to(self.device))
                 else:
-                    self._slots.setdefault(block, []).append(_Slot(module, name, is_param, self._host(module, name,
-                                                                                                      is_param, t)))
+                    host = self._host(module, name, is_param, t)
+                    home = module._parameters[name] if is_param else host
+                    self._slots.setdefault(block, []).append(_Slot(module, name, is_param, host, home))
             if block is not None and getattr(type(module), "comfy_cast_weights", None) is not None:  # ComfyUI's ops
                 own = "comfy_cast_weights" in vars(module)
                 self._cast_flags.setdefault(block, []).append((module, own, module.comfy_cast_weights))
@@ -151,7 +173,7 @@ class BlockStreamer:
         self._staged.clear()
         for slots in self._slots.values():
             for s in slots:
-                s.set(s.host)
+                s.at_home()
         for module, name, is_param, original in reversed(self._moved):
             _set(module, name, is_param, original)
         for flags in self._cast_flags.values():
@@ -197,7 +219,7 @@ class BlockStreamer:
             for c in copies:
                 c.record_stream(current)  # the allocator reuses the memory only after the compute stream is done
         for slot, c in zip(self._slots[index], copies, strict=True):
-            slot.set(c)
+            slot.put(c)
         self._cast_flag(index, False)
         self._active[index] = copies
         ahead = self._ahead(index)
@@ -208,7 +230,7 @@ class BlockStreamer:
     def release(self, index: int) -> None:
         copies = self._active.pop(index)
         for slot in self._slots[index]:
-            slot.set(slot.host)
+            slot.at_home()  # what autograd saved of the copies stays the copies (see _Slot)
         self._cast_flag(index, True)
         backward = _in_backward()
         if (not backward and index == self.streamed[-1] and torch.is_grad_enabled()) or \
@@ -227,11 +249,11 @@ class BlockStreamer:
         self.fetches += 1
         slots = self._slots[index]
         if self.copy_stream is None:  # the CPU (forced): a separate tensor stands for the device copy
-            return [s.host.clone() for s in slots], None
+            return [s.device_copy(s.host.clone()) for s in slots], None
         import comfy.model_management as mm
 
         with torch.cuda.stream(self.copy_stream):  # allocated and copied on the copy stream, ordered by the event
-            copies = [mm.cast_to(s.host, None, self.device, non_blocking=True) for s in slots]
+            copies = [s.device_copy(mm.cast_to(s.host, None, self.device, non_blocking=True)) for s in slots]
             event = torch.cuda.Event()
             event.record(self.copy_stream)
         return copies, event
