@@ -241,9 +241,12 @@ class DitData:
 
 def dit_batch(data: DitData, cfg: PretrainConfig, step: int, g: torch.Generator):
     """(x0, context, reference or None) for one step; caption dropout swaps in the empty caption (row 0).
-    Every mix_every-th step (offset from the edit steps) draws the latents at mix_px."""
+    One in mix_every of the text-to-image steps and one in mix_every of the edit steps draw the latents at mix_px.
+    (Phase 4 of the committed base ran before the edit steps were counted apart: with edit_every = mix_every = 4 its
+    edits never came at 128 px.)"""
     edit = cfg.edit_every > 0 and len(data.edits) > 0 and step % cfg.edit_every == cfg.edit_every - 1
-    mix = data.mix_latents is not None and step % cfg.mix_every == min(1, cfg.mix_every - 1)
+    turn = step // cfg.edit_every if edit else step
+    mix = data.mix_latents is not None and turn % cfg.mix_every == min(1, cfg.mix_every - 1)
     latents = data.mix_latents if mix else data.latents
     rows = data.edits if edit else data.t2i
     pick = rows[torch.randint(len(rows), (cfg.dit_batch,), generator=g)]
