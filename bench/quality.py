@@ -6,6 +6,11 @@ metrics) is microworld/quality.py; this script boots ComfyUI, runs it per recipe
     python bench/quality.py --models micro --steps 300 --every 50 --prompts 16 --sample-steps 8   # CPU, minutes
     python bench/quality.py --models micro --steps 1200 --every 100 --prompts 64 --sample-steps 50  # GPU, full
     python bench/quality.py --models tiny ...    # the random tiny models (plumbing only: they know nothing)
+    python bench/quality.py --recipes style --adapters lora,lokr,loha,dora ...   # issue 20: the adapters side by side
+
+`--adapters` trains each adapter on the same concept at a comparable parameter count (microworld/quality.py
+ADAPTER_RUNS) and adds a side-by-side table (ground-truth metrics of the final file, trained parameters, file size,
+step time) to the docs section.
 
 Writes a table and a labelled grid per run into docs/quality.md (between the quality-bench markers) and
 docs/images/quality_<recipe>.png, and the raw numbers to bench/results/quality_<tag>.json.
@@ -126,11 +131,40 @@ def markdown(result: dict) -> str:
     return head + "\n".join(lines) + f"\n\n![{run['recipe']} grid](images/{result['grid']})\n"
 
 
+def file_facts(lora: Path) -> dict:
+    """The final file's trained parameters (every tensor but alpha) and its size on disk (fp32)."""
+    import math
+
+    from safetensors import safe_open
+
+    with safe_open(str(lora), framework="pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(".alpha"))
+    return {"params": params, "file_bytes": lora.stat().st_size}
+
+
+def adapter_table(results: list[dict]) -> str:
+    """Issue 20: the adapters on one concept, their final LoRA side by side."""
+    rows = [r for r in results if r["run"].get("adapter")]
+    if not rows:
+        return ""
+    concept = "transform error | identity baseline" if rows[0]["run"]["recipe"] == "image-to-image" else \
+        "strength | leakage | flexibility | base accuracy"
+    lines = ["### Adapters side by side (final LoRA)\n", f"| adapter | rank | trained parameters | file (fp32) | "
+             f"step time | {concept} |", "|---|---|---|---|---|" + "---|" * (concept.count("|") + 1)]
+    for r in rows:
+        t = r["truth"][-1]
+        cells = [_f(t["error"], "{:.3f}"), _f(t["identity_error"], "{:.3f}")] if "error" in t else \
+            [_f(t[k]) for k in ("strength", "leakage", "flexibility", "base_accuracy")]
+        lines.append(f"| {r['run']['adapter']} | {r['rank']} | {r['params']:,} | {r['file_bytes'] / 1024:.0f} KiB | "
+                     f"{1000 * r['train_s'] / r['run']['steps']:.0f} ms | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nStep time: training seconds (sampling excluded) / steps.\n\n"
+
+
 def write_docs(results: list[dict], doc: Path, tag: str) -> None:
     """Replace the quality-bench section of docs/quality.md (everything else in the file is kept)."""
     from klein_lora_studio.trainer.paths import atomic_write_text
 
-    body = "\n".join(markdown(r) for r in results)
+    body = adapter_table(results) + "\n".join(markdown(r) for r in results)
     section = (f"{MARK_START}\n## Quality benchmark ({tag})\n\nWritten by `bench/quality.py` "
                f"(raw numbers: bench/results/quality_{tag}.json).\n\n{body}{MARK_END}")
     text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Quality on the micro world\n\n"
@@ -152,13 +186,14 @@ def run_recipe(models, base_model, run, prompts_n: int, sample_steps: int, image
     t0 = time.perf_counter()
     evaluate = q.evaluate_transform if run.recipe == "image-to-image" else q.evaluate_concept
     truth, pack, grid = evaluate(models, run, base_model, data, checkpoints, prompts_n, sample_steps)
-    name = f"quality_{tag}_{run.recipe}.png"
+    name = f"quality_{tag}_{run.recipe}{'_' + run.adapter if run.adapter else ''}.png"
     atomic_save_image(grid, images_dir / name)
     if os.environ.get("OUT"):  # the GPU machine sends back only $OUT
         atomic_save_image(grid, Path(os.environ["OUT"]) / name)
     r = recipes.RECIPES[run.recipe]
     result = {"run": {k: v for k, v in vars(run).items()}, "trigger": world.CONCEPTS[run.concept].trigger,
-              "rank": r.rank, "lr": r.learning_rate * run.lr_scale, "prompts": prompts_n, "sample_steps": sample_steps,
+              "rank": run.rank, **file_facts(checkpoints[-1]), "lr": r.learning_rate * run.lr_scale,
+              "prompts": prompts_n, "sample_steps": sample_steps,
               "models": models.kind, "train_s": train_s, "eval_s": time.perf_counter() - t0, "losses": losses,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
               "truth": truth, "pack": pack, "grid": name}
@@ -193,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-compute", default="auto", choices=("auto", "bf16", "fp8"),
                     help="the frozen base's products (issue 17's check: fp8 within the run-to-run noise of bf16)")
+    ap.add_argument("--adapters", default="", help="issue 20: e.g. lora,lokr,loha,dora (each as ADAPTER_RUNS sizes it)")
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--docs", type=Path, default=REPO / "docs", help="where quality.md and images/ go")
     ap.add_argument("--weights", type=Path, default=None, help="micro weights folder (default: the committed ones)")
@@ -205,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     models = q.load_models(args.models, args.weights)
     base_model = models.unet()
     results = []
-    for recipe in [r.strip() for r in args.recipes.split(",") if r.strip()]:
-        run = q.Run(recipe, args.steps, args.every, args.images, args.px, args.seed, args.lr_scale, args.base_compute)
+    adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] or [""]
+    for recipe, adapter in [(r.strip(), a) for r in args.recipes.split(",") if r.strip() for a in adapters]:
+        run = q.Run(recipe, args.steps, args.every, args.images, args.px, args.seed, args.lr_scale, args.base_compute,
+                    adapter)
         results.append(run_recipe(models, base_model, run, args.prompts, args.sample_steps,
                                   args.docs / "images", args.tag))
         logging.info("quality: %s", json.dumps({k: results[-1][k] for k in ("truth", "calibration")

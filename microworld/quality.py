@@ -24,6 +24,11 @@ from pathlib import Path
 
 CONCEPT_OF = {"style": "style", "object": "object", "character": "character", "image-to-image": "transform"}
 GRID_ROWS = 3  # held-out prompts shown per grid (each with and without the trigger)
+# issue 20: each adapter at about the trained parameters of LoRA rank 16 on the micro model's attention (hidden 128):
+# LoHa rank 8 has 2 x 8 x (in + out) per layer, DoRA adds one magnitude per output row, full-rank LoKr with factor 2
+# keeps an (out/2) x (in/2) factor (proj: exactly LoRA 16's 4,096; qkv: 1.5x)
+ADAPTER_RUNS = {"lora": dict(rank=16, alpha=16.0), "lokr": dict(rank=16, alpha=16.0, lokr_factor=2, lokr_full_rank=True),
+                "loha": dict(rank=8, alpha=8.0), "dora": dict(rank=16, alpha=16.0)}
 
 
 @dataclass
@@ -77,10 +82,19 @@ class Run:
     seed: int = 0
     lr_scale: float = 1.0
     base_compute: str = "auto"  # the trainer's base_compute (issue 17: fp8 against bf16 on the same seeds)
+    adapter: str = ""  # issue 20: '' = the recipe's plain LoRA; else a key of ADAPTER_RUNS (its rank and knobs)
     concept: str = field(init=False)
 
     def __post_init__(self):
         self.concept = CONCEPT_OF[self.recipe]
+        if self.adapter and self.adapter not in ADAPTER_RUNS:
+            raise ValueError(f"Run.adapter {self.adapter!r}: use '' (the recipe's LoRA) or one of {list(ADAPTER_RUNS)}")
+
+    @property
+    def rank(self) -> int:
+        from ..trainer.training import recipes
+
+        return ADAPTER_RUNS.get(self.adapter, {}).get("rank", recipes.RECIPES[self.recipe].rank)
 
 
 def train(models: Models, run: Run, base_model):
@@ -94,7 +108,7 @@ def train(models: Models, run: Run, base_model):
     from ..trainer.training import recipes
     from . import world
 
-    name = f"mw_{run.concept}_{run.seed}"
+    name = f"mw_{run.concept}_{run.seed}" + (f"_{run.adapter}" if run.adapter else "")
     folder, control = world.write_dataset(Path(folder_paths.get_input_directory()) / name, run.concept, run.images,
                                           seed=run.seed, px=run.px)
     trigger = world.CONCEPTS[run.concept].trigger
@@ -106,11 +120,14 @@ def train(models: Models, run: Run, base_model):
         targets = KleinBlockTargetSelector.execute(base_model, r.target_preset, True, True, True, True, "attention",
                                                    "both").args[0]
         t0 = time.perf_counter()
-        recipe = {"recipe": "custom", "rank": r.rank, "alpha": r.alpha, "learning_rate": r.learning_rate * run.lr_scale,
-                  "steps": run.steps}  # the recipe's DynamicCombo value, as ComfyUI passes it
+        knobs = ADAPTER_RUNS.get(run.adapter, {})
+        recipe = {"recipe": "custom", "rank": knobs.get("rank", r.rank), "alpha": knobs.get("alpha", r.alpha),
+                  "learning_rate": r.learning_rate * run.lr_scale, "steps": run.steps}  # the DynamicCombo's value
+        adapter = {"adapter": run.adapter or "lora", **{k: v for k, v in knobs.items() if k.startswith("lokr_")}}
         out = KleinLoRATrainer.execute(model=base_model, dataset=data, targets=targets, recipe=recipe,
                                        output_name=name, save_every=run.every, batch_size=1, seed=run.seed,
-                                       compile_blocks="off", save_dtype="fp32", base_compute=run.base_compute).args
+                                       compile_blocks="off", save_dtype="fp32", base_compute=run.base_compute,
+                                       adapter=adapter).args
     seconds = time.perf_counter() - t0
     checkpoints = [Path(p) for p in out[4].splitlines() if p.strip()]
     logging.info("quality: %s trained %d steps in %.0f s (%s)", run.recipe, run.steps, seconds, report.splitlines()[0])
