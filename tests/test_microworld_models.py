@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 from klein_lora_studio.microworld import models, reader, world
+from klein_lora_studio.tests.helpers import micro_models_folder
 from klein_lora_studio.trainer.evaluation import sampling
-
-from .helpers import micro_models_folder
 
 pytestmark = pytest.mark.comfy
 

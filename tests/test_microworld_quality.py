@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 from klein_lora_studio.microworld import quality
-
-from .helpers import micro_models_folder
+from klein_lora_studio.tests.helpers import micro_models_folder
 
 pytestmark = pytest.mark.comfy
 
