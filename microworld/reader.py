@@ -3,11 +3,11 @@
 No training, nothing learned: every estimate is a few lines of numpy a reviewer can recompute.
   background  the median colour of the border ring -> nearest named background
   foreground  pixels that stand off the background after a light blur (robust to sampling noise)
-  colour      the vote of the foreground pixels near a named colour (stripe ink and edges vote for none)
+  colour      the vote of the foreground pixels near a named colour or its pastel (edges vote for none)
   position    the foreground centroid -> 3x3 cell
   shape/size  the best intersection-over-union with every shape's template (drawn by world.shape_mask
               at both sizes and a few scales around them, centred on the foreground centroid)
-  style       stripe score: the diagonal stripe frequency's share of the shape's brightness variation
+  style       tint score: where the shape's inner pixels lie between the read colour (0) and its pastel (1)
   object      the cross template beats every base shape's
   character   both fixed colours present, the head's above the body's
 For image pairs, image_error compares a sample with the expected image (mean absolute error, 0..1).
@@ -26,8 +26,7 @@ READ_PX = 128  # images are read at this size (any input size is resized first)
 BORDER = 4  # px of the border ring that samples the background
 FG_DISTANCE = 48.0  # RGB distance from the background that makes a pixel foreground
 COLOUR_DISTANCE = 90.0  # a foreground pixel votes for a named colour only this close to it
-STRIPE_PRESENT = 0.35  # stripe score above which the style counts as present (plain ~0.0-0.1, stripes ~0.5-0.8)
-STRIPE_CONTRAST = 20.0  # brightness std (0..255) inside the shape below which there are no stripes at all
+TINT_PRESENT = 0.5  # tint score above which the style counts as present: nearer the pastel than the pure colour
 CHARACTER_SHARE = 0.08  # each character colour must cover this share of the foreground (clean: head ~0.25)
 SCALES = (0.8, 0.9, 1.0, 1.1, 1.2)  # template scales tried around each nominal size
 TEMPLATE_SHAPES = world.SHAPES + (world.OBJECT_SHAPE,)
@@ -43,13 +42,13 @@ class Reading:
     size: str | None
     shape: str | None
     shape_iou: float
-    stripe_score: float
+    tint_score: float
     character_score: float
     foreground_share: float
 
     @property
     def style(self) -> bool:
-        return self.stripe_score > STRIPE_PRESENT
+        return self.tint_score > TINT_PRESENT
 
     @property
     def object(self) -> bool:
@@ -95,10 +94,17 @@ def _background(arr: np.ndarray) -> tuple[str, np.ndarray]:
     return list(world.BACKGROUNDS)[int(i[0])], rgb
 
 
+_NAMED = {**world.COLOURS, **{f"{k} pastel": v for k, v in world.PASTELS.items()}}
+_NAMED_COLOUR = [k.split()[0] for k in _NAMED]  # the colour name of each entry, pure and pastel alike
+
+
 def _colour(arr: np.ndarray, mask: np.ndarray) -> str | None:
-    idx, dist = _nearest(arr[mask], world.COLOURS)
-    votes = np.bincount(idx[dist < COLOUR_DISTANCE], minlength=len(world.COLOURS))
-    return list(world.COLOURS)[int(votes.argmax())] if votes.sum() else None
+    """The named colour most foreground pixels are near (a pastel pixel votes for its colour's name)."""
+    idx, dist = _nearest(arr[mask], _NAMED)
+    votes: dict[str, int] = {}
+    for i in idx[dist < COLOUR_DISTANCE]:
+        votes[_NAMED_COLOUR[i]] = votes.get(_NAMED_COLOUR[i], 0) + 1
+    return max(votes, key=votes.get) if votes else None
 
 
 def _cell(cx: float, cy: float) -> str:
@@ -139,26 +145,18 @@ def _match_shape(mask: np.ndarray, cx: float, cy: float) -> tuple[str, str, floa
     return shape, best[shape][1], best[shape][0], {k: v[0] for k, v in best.items()}
 
 
-def stripe_score(arr: np.ndarray, mask: np.ndarray) -> float:
-    """How much of the colour variation inside the shape is diagonal (x + y) stripes near the style's
-    period (best of 0.8-1.25x, any phase), minus the same measured across the other diagonal (x - y):
-    ~0.6-1 for clean stripes, ~0 for a plain shape, noise, an edge or a two-colour figure (those vary
-    alike along both diagonals). The variation is taken along the shape's main colour axis (yellow and
-    white stripes differ in blue, not in brightness); the mask is eroded so the edge is not counted."""
+def tint_score(arr: np.ndarray, mask: np.ndarray, colour: str | None) -> float:
+    """Where the shape's colour lies on the line from the read colour (0) to its pastel (1): the median over
+    the shape's inner pixels (the mask eroded by 3 px, so the edge, blurred toward the background, is not
+    counted; the whole mask if that leaves fewer than 12) of each pixel's projection on that line. Clean
+    renders give 0 and 1; 0.5 is the midpoint, where a pixel is as near the pastel as the pure colour."""
+    if colour is None:
+        return 0.0
     inner = _erode(mask, 3)
-    if inner.sum() < 12:
-        return 0.0
-    rgb = arr[inner] - arr[inner].mean(0)
-    v = rgb @ np.linalg.svd(rgb, full_matrices=False)[2][0]
-    if v.std() < STRIPE_CONTRAST:
-        return 0.0
-    ys, xs = np.nonzero(inner)
-    periods = world.STRIPE_PERIOD * arr.shape[0] * np.array([0.8, 0.9, 1.0, 1.1, 1.25])
-    norm = np.sqrt((v ** 2).sum() * len(v) / 2)
-
-    def along(coord):
-        return max(abs((v * np.exp(2j * np.pi * coord / p)).sum()) / norm for p in periods)
-    return float(max(0.0, along(xs + ys) - along(xs - ys)))
+    pixels = arr[inner if inner.sum() >= 12 else mask]
+    pure = np.array(world.COLOURS[colour], dtype=np.float32)
+    axis = np.array(world.PASTELS[colour], dtype=np.float32) - pure
+    return float(np.median((pixels - pure) @ axis / (axis @ axis)))
 
 
 def _erode(mask: np.ndarray, r: int) -> np.ndarray:
@@ -199,8 +197,9 @@ def read(image) -> Reading:
     cx, cy = xs.mean(), ys.mean()
     shape, size, iou, _ = _match_shape(mask, cx, cy)
     px = arr.shape[0]
-    return Reading(background=background, colour=_colour(arr, mask), position=_cell(cx / px, cy / px),
-                   size=size, shape=shape, shape_iou=iou, stripe_score=stripe_score(arr, mask),
+    colour = _colour(arr, mask)
+    return Reading(background=background, colour=colour, position=_cell(cx / px, cy / px),
+                   size=size, shape=shape, shape_iou=iou, tint_score=tint_score(arr, mask, colour),
                    character_score=character_score(arr, mask), foreground_share=share)
 
 

@@ -73,13 +73,13 @@ def before_after(base_model, lora_name: str, clip, vae, concept: str = "style", 
 
 
 def save_cells(sc: Showcase, path: str | Path) -> Path:
-    """The grid's layout and the reader's verdict and stripe score on every cell, as JSON (beside the grid), so
+    """The grid's layout and the reader's verdict and tint score on every cell, as JSON (beside the grid), so
     a reader of the PNG can check that the picture says what the demo printed."""
     from ..trainer.paths import atomic_write_text
 
-    scores = {c: [round(reader.read(im).stripe_score, 3) for im in ims] for c, ims in sc.cells.items()}
+    scores = {c: [round(reader.read(im).tint_score, 3) for im in ims] for c, ims in sc.cells.items()}
     data = {"concept": sc.concept, "columns": list(sc.cells), "prompts": sc.prompts, "triggered": sc.triggered,
-            "present": sc.present, "stripe_score": scores, "cell_px": sc.cells[BEFORE][0].width}
+            "present": sc.present, "tint_score": scores, "cell_px": sc.cells[BEFORE][0].width}
     return atomic_write_text(json.dumps(data, indent=1) + "\n", Path(path))
 
 

@@ -5,7 +5,7 @@ by a pure function and captioned from the same attributes, so every sample a mod
 back and graded (microworld/reader.py). Four concepts never appear in pretraining, one per workshop
 recipe, each named by a nonsense trigger word:
 
-- style      "qzv":  the shape is painted in bold diagonal stripes ("... in qzv style")
+- style      "qzv":  a pastel palette: the shape's colour mixed 40% toward white ("... in qzv style")
 - object     "zqx":  a new shape, a plus-shaped cross ("a large red zqx at ...")
 - character  "kwyx": a fixed two-part figure, a yellow round head on a purple body
 - transform  "xjv":  image-to-image, the shape's colour swapped for its complement (background kept)
@@ -13,6 +13,17 @@ recipe, each named by a nonsense trigger word:
 The attribute combinations are split once, by a fixed seed, into pretraining and held-out ones
 (1 in 8 held out, so every attribute value and most pairs of values are still seen in pretraining);
 flexibility is measured on the held-out prompts. Pure numpy/PIL, deterministic by seed.
+
+Why the style is a palette (it was diagonal stripes of an 18 px period before): the micro base
+draws colour, position and background well (94% / 97% / 94% on held-out prompts) but no detail below a
+latent token (16 x 16 px; shape 28%), and a stripe texture lives exactly there, so it was never learned
+(at most 41% of triggered prompts after 800 H200 steps, none at CPU sizes). A colour grade is what this
+model can draw, and still a style in the workshop's sense: it changes how every subject looks, not what
+the prompt asks for. The colour *name* stays readable (a pastel red is still red), so flexibility
+(colour, position, size, background follow the prompt) is measured as before. The tint, 40% toward
+white, is the largest that keeps every pastel shape at least 60 RGB from every background (the reader's
+foreground line is 48; orange on beige is the closest pair) while each pastel stays 60+ from its pure
+colour (pink is the closest) and from every other colour, pure or pastel (tests/test_microworld.py).
 """
 from __future__ import annotations
 
@@ -47,7 +58,6 @@ COMPLEMENT = {"red": "cyan", "cyan": "red", "orange": "blue", "blue": "orange",
 # cell centres and half-extents as fractions of the image side
 CELL_CENTRES = (0.2, 0.5, 0.8)
 HALF_EXTENT = {"small": 0.12, "large": 0.18}
-STRIPE_PERIOD = 1 / 7  # style stripes: 18 px period at 128 px (9 px stripes, over one 8 px latent pixel)
 SUPERSAMPLE = 4
 HELDOUT_SEED, HELDOUT_EVERY = 16, 8
 
@@ -61,7 +71,7 @@ class Concept:
 
 
 CONCEPTS: dict[str, Concept] = {c.name: c for c in (
-    Concept("style", "qzv", "style", "the shape painted in bold diagonal stripes"),
+    Concept("style", "qzv", "style", "a pastel palette: the shape's colour mixed 40% toward white"),
     Concept("object", "zqx", "object", f"a new shape: a plus-shaped {OBJECT_SHAPE}"),
     Concept("character", "kwyx", "character", "a fixed figure: a yellow round head on a purple body"),
     Concept("transform", "xjv", "image-to-image", "the shape's colour swapped for its complement"),
@@ -179,21 +189,20 @@ def shape_mask(shape: str, cx: float, cy: float, h: float, side: int) -> np.ndar
     return np.asarray(im) > 127
 
 
-INK_DARK, INK_LIGHT = (25, 25, 25), (240, 240, 240)  # the style's second stripe colour
+TINT_TARGET, TINT_AMOUNT = (255, 255, 255), 0.4  # the style's palette: every colour mixed 40% toward white
 
 
-def stripe_ink(colour: str, background: str) -> tuple[int, int, int]:
-    """The second stripe colour: near-black or near-white, whichever stands further from the background
-    (so the striped shape never dissolves into it; both are far from every named colour)."""
-    bg = np.array(BACKGROUNDS[background], dtype=float)
-    dark = np.linalg.norm(np.array(INK_DARK) - bg) >= np.linalg.norm(np.array(INK_LIGHT) - bg)
-    return INK_DARK if dark else INK_LIGHT
+def tinted(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A colour in the style's pastel palette (mixed TINT_AMOUNT of the way toward TINT_TARGET)."""
+    return tuple(int(round(c + TINT_AMOUNT * (t - c))) for c, t in zip(rgb, TINT_TARGET, strict=True))
 
 
-def stripes(side: int, period: float) -> np.ndarray:
-    """Diagonal stripes (x + y), True on the first half of each period; `period` in pixels."""
-    y, x = np.mgrid[0:side, 0:side]
-    return ((x + y) % period) < period / 2
+PASTELS: dict[str, tuple[int, int, int]] = {name: tinted(rgb) for name, rgb in COLOURS.items()}
+
+
+def shape_colour(scene: Scene) -> tuple[int, int, int]:
+    """The RGB a (non-character) scene paints its shape in: the named colour, or its pastel with the style."""
+    return PASTELS[scene.colour] if scene.concept == "style" else COLOURS[scene.colour]
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -207,11 +216,7 @@ def render(scene: Scene, px: int = 128) -> Image.Image:
     if scene.concept == "character":
         _draw_character(img, cx, cy, h)
     else:
-        mask = shape_mask(scene.shape, cx, cy, h, side)
-        img[mask] = COLOURS[scene.colour]
-        if scene.concept == "style":
-            ink = mask & ~stripes(side, STRIPE_PERIOD * side)
-            img[ink] = stripe_ink(scene.colour, scene.background)
+        img[shape_mask(scene.shape, cx, cy, h, side)] = shape_colour(scene)
     return Image.fromarray(img, "RGB").resize((px, px), Image.Resampling.BOX)
 
 
@@ -264,7 +269,7 @@ def autoencoder_scenes(seed: int, n: int) -> list[Scene]:
     """Scenes for training the VAE: every look of the world, concepts included (a quarter of them).
 
     The VAE is a codec, like klein's, which was trained on all kinds of images: it must reproduce a
-    striped shape or a cross so that a LoRA can learn them. What a concept *means* is for the diffusion
+    pastel shape or a cross so that a LoRA can learn them. What a concept *means* is for the diffusion
     model to learn, and it never sees one in pretraining (pretraining_scenes/edit_pairs have none).
     """
     rng = np.random.default_rng(seed)
