@@ -7,7 +7,8 @@ No training, nothing learned: every estimate is a few lines of numpy a reviewer 
   position    the foreground centroid -> 3x3 cell
   shape/size  the best intersection-over-union with every shape's template (drawn by world.shape_mask
               at both sizes and a few scales around them, centred on the foreground centroid)
-  style       tint score: where the shape's inner pixels lie between the read colour (0) and its pastel (1)
+  style       tint score: how far the shape's inner pixels are mixed toward white, from the read colour (0)
+              to its pastel (1), judged on the smallest channel (which a hue error barely moves)
   object      the cross template beats every base shape's
   character   both fixed colours present, the head's above the body's
 For image pairs, image_error compares a sample with the expected image (mean absolute error, 0..1).
@@ -146,17 +147,18 @@ def _match_shape(mask: np.ndarray, cx: float, cy: float) -> tuple[str, str, floa
 
 
 def tint_score(arr: np.ndarray, mask: np.ndarray, colour: str | None) -> float:
-    """Where the shape's colour lies on the line from the read colour (0) to its pastel (1): the median over
-    the shape's inner pixels (the mask eroded by 3 px, so the edge, blurred toward the background, is not
-    counted; the whole mask if that leaves fewer than 12) of each pixel's projection on that line. Clean
-    renders give 0 and 1; 0.5 is the midpoint, where a pixel is as near the pastel as the pure colour."""
+    """How far the shape's colour is mixed toward white, as a share of the style's mix: 0 for the read colour
+    itself, 1 for its pastel. Mixing toward white raises a pixel's smallest channel, and a hue error (a sample's
+    orange read as red, a cyan blob with green in it) barely moves it, so the score is that channel's rise above
+    the read colour's smallest channel, over the pastel's rise: the median over the shape's inner pixels (the
+    mask eroded by 3 px, so the edge, blurred toward the background, is not counted; the whole mask if that
+    leaves fewer than 12). 0.5 is the midpoint, where a pixel is as near the pastel as the pure colour."""
     if colour is None:
         return 0.0
     inner = _erode(mask, 3)
     pixels = arr[inner if inner.sum() >= 12 else mask]
-    pure = np.array(world.COLOURS[colour], dtype=np.float32)
-    axis = np.array(world.PASTELS[colour], dtype=np.float32) - pure
-    return float(np.median((pixels - pure) @ axis / (axis @ axis)))
+    lo, hi = min(world.COLOURS[colour]), min(world.PASTELS[colour])
+    return float(np.median((pixels.min(-1) - lo) / (hi - lo)))
 
 
 def _erode(mask: np.ndarray, r: int) -> np.ndarray:
