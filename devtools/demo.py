@@ -5,7 +5,7 @@
 With real klein weights in DIR/models (flux-2-klein-base-4b.safetensors, qwen_3_4b.safetensors,
 flux2-vae.safetensors) and images in DIR/input/klein_style_dataset, it runs the workflow as shipped.
 Otherwise it runs the same graph on the micro klein models pretrained on the micro world
-(microworld/): a style dataset of that world (shapes in the "qzv" stripes), a short schedule, then a
+(microworld/): a style dataset of that world (shapes in the "qzv" pastel palette), a short schedule, then a
 before/after grid on held-out prompts with and without the trigger, every cell graded by the
 reader; it prints the grid's path and the counts. The micro run uses a ComfyUI base directory of its
 own, DIR/micro-world, so models left in DIR/models by an earlier run (the tiny random taef2 pair, or a
@@ -36,8 +36,8 @@ MICRO_DATASET, MICRO_IMAGES, MICRO_LORA = "klein_micro_style", 24, "klein_micro_
 GRID_FILE = "klein_demo_before_after.png"
 GRID_CELLS = "klein_demo_before_after.json"  # the grid's prompts and the reader's verdict on every cell
 MICRO_BASE = "micro-world"  # the micro run's ComfyUI base directory, inside --base
-MICRO_STEPS, MICRO_LR = 160, 1.5e-3  # the H200 style run (docs/quality.md) showed stripes from step 160 at 1.5e-3;
-# the 3-minute CPU budget of this schedule is not yet measured on an idle 2-core machine
+MICRO_STEPS, MICRO_LR = 160, 1.5e-3  # 160 steps at 1.5e-3 train in ~1 min on this CPU (0.37 s/step, 1 thread);
+# no style LoRA learns its concept at CPU sizes on this base yet (docs/quality.md, "The style concept on the CPU")
 _BOOT = ("import sys, pathlib; comfyui, base = sys.argv[1], sys.argv[2];"
          "from klein_lora_studio.trainer.jobs import comfy_library; comfy_library.boot(comfyui, base, cpu=True);"
          "import folder_paths;")
@@ -111,7 +111,7 @@ def _serve(api: dict, comfyui: Path, base: Path, dev_nodes: bool) -> int:
 def micro_demo(api: dict, comfyui: Path, base: Path, steps: int) -> int:
     """Set up the micro world in `base`, train, grade the before/after grid; prints each phase's wall time."""
     base = prepare_base(base)
-    print(f"training a style LoRA ('qzv' stripes) on the micro klein models, ComfyUI base {base}")
+    print(f"training a style LoRA ('qzv' pastel palette) on the micro klein models, ComfyUI base {base}")
     t0 = time.monotonic()
     _micro_assets(base, comfyui)
     t1 = time.monotonic()

@@ -303,7 +303,7 @@ def to_tiny(api: dict, dataset_folder: str, steps: int = 20, resolution: int = 6
 # ------------------------------------------------------------------ the micro-world sandbox (issue 16, item 8)
 # Kept apart from WORKFLOWS: its dataset folder and trigger are links from Klein Micro World into the Dataset
 # Loader's widgets, which build() does not write, so `sandbox_workflows` adds them to build()'s output.
-SANDBOX_STEPS, SANDBOX_EVERY, SANDBOX_LR = 240, 80, 1.5e-3  # docs/quality.md: stripes from step 160 at 1.5e-3
+SANDBOX_STEPS, SANDBOX_EVERY, SANDBOX_LR = 240, 80, 1.5e-3  # the H200 style run's learning rate (docs/quality.md)
 SANDBOX_PROMPT = "a large red square at the center on a white background, in qzv style"
 
 

@@ -84,9 +84,8 @@ def test_sandbox_workflow_is_up_to_date_and_feeds_the_loader_from_the_micro_worl
 def test_demo_graph_runs_and_its_grid_is_read_by_the_reader(tmp_path):
     """The demo's micro path as `bash scripts/demo.sh` runs it (own base dir, real server, the shipped graph on
     the micro models), shortened to 12 steps: the grid exists and the reader, reading the PNG itself, sees what
-    the demo reported. 12 CPU steps teach nothing visible (docs/quality.md: stripes from step 160), so learning
-    is not asserted (measured, load ~8: after 0.49 stripe score on 1/4 triggered, and the base itself crossed the
-0.35 line on 1/4 untriggered at 0.356, so the base's cleanliness is not a safe assertion either)."""
+    the demo reported. Learning is not asserted: no style LoRA learns its concept at CPU sizes on this base
+    (docs/quality.md, "The style concept on the CPU"), and 12 steps teach nothing in any case."""
     from klein_lora_studio.devtools import demo
 
     api = json.loads(wf.api_path("klein_style_lora").read_text(encoding="utf-8"))
@@ -99,8 +98,8 @@ def test_demo_graph_runs_and_its_grid_is_read_by_the_reader(tmp_path):
     cells = json.loads((out / demo.GRID_CELLS).read_text())
     assert (base / demo.MICRO_BASE / "models" / "loras" / f"{demo.MICRO_LORA}.safetensors").is_file()
     read = showcase.read_grid(out / demo.GRID_FILE, out / demo.GRID_CELLS)
-    assert read == cells["present"], (read, cells["stripe_score"])  # the picture says what the demo printed
-    assert len(cells["present"][showcase.AFTER]) == 8 and all(0 <= v <= 1 for v in cells["stripe_score"][showcase.AFTER])
+    assert read == cells["present"], (read, cells["tint_score"])  # the picture says what the demo printed
+    assert len(cells["present"][showcase.AFTER]) == 8 and len(cells["tint_score"][showcase.AFTER]) == 8
     assert (base / "models" / "vae_approx" / "taef2_encoder.safetensors").read_bytes() == b"a user's taef2"
 
 
