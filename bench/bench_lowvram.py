@@ -96,7 +96,10 @@ def run(pcn, sd, name: str, mode: str, warm: int, steps: int, res: int, sample_e
     bs.reset_peak()
     mem["weights_gib"] = sum(t.numel() * t.element_size() for t in patcher.model.diffusion_model.state_dict().values()) / 2**30
     with tempfile.TemporaryDirectory() as out, torch.inference_mode():
-        result = loop.train_lora(patcher, data, targets, cfg, Path(out), hooks)
+        try:
+            result = loop.train_lora(patcher, data, targets, cfg, Path(out), hooks)
+        except torch.cuda.OutOfMemoryError as e:  # where it ran out, and the memory trace up to there (the soak)
+            return dict(error="OOM", oom_at_step=len(stamps), oom_message=str(e)[:400], mem_trace=trace, **mem)
     times = [b - a for a, b in zip(stamps[warm - 1:-1], stamps[warm:], strict=True)]
     steady = bs.peak_gib()
     row = dict(model=name, res=res, mode=mode, step_s=statistics.median(times),

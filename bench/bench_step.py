@@ -185,8 +185,8 @@ def guarded(fn, key, *a, **kw):
     t = time.perf_counter()
     try:
         row = fn(*a, **kw)
-    except torch.cuda.OutOfMemoryError:
-        row = dict(error="OOM")
+    except torch.cuda.OutOfMemoryError as e:
+        row = dict(error="OOM", oom_message=str(e)[:400])
     except Exception as e:  # one broken config must not hide the rest
         traceback.print_exc()
         row = dict(error=repr(e)[:400])

@@ -107,7 +107,8 @@ def _f(v, fmt="{:.2f}") -> str:
 
 def markdown(result: dict) -> str:
     run, rows = result["run"], result["truth"]
-    head = (f"### {run['recipe']} (trigger `{result['trigger']}`)\n\n{run['images']} images at {run['px']} px, "
+    plain = f" + {run['plain_images']} regularisation images" if run.get("plain_images") else ""
+    head = (f"### {run['recipe']} (trigger `{result['trigger']}`)\n\n{run['images']} images{plain} at {run['px']} px, "
             f"rank {result['rank']}, lr {result['lr']:g}, {run['steps']} steps (checkpoint every {run['every']}), "
             f"{result['prompts']} held-out prompts, {result['sample_steps']} sampling steps, CFG 4, seed "
             f"{run['seed']}; {result['models']} models; training {result['train_s']:.0f} s, evaluation "
@@ -229,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-compute", default="auto", choices=("auto", "bf16", "fp8"),
                     help="the frozen base's products (issue 17's check: fp8 within the run-to-run noise of bf16)")
     ap.add_argument("--adapters", default="", help="issue 20: e.g. lora,lokr,loha,dora (each as ADAPTER_RUNS sizes it)")
+    ap.add_argument("--plain-images", type=int, default=0,
+                    help="regularisation images beside the concept's (untriggered base-world scenes; not for pairs)")
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--docs", type=Path, default=REPO / "docs", help="where quality.md and images/ go")
     ap.add_argument("--weights", type=Path, default=None, help="micro weights folder (default: the committed ones)")
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] or [""]
     for recipe, adapter in [(r.strip(), a) for r in args.recipes.split(",") if r.strip() for a in adapters]:
         run = q.Run(recipe, args.steps, args.every, args.images, args.px, args.seed, args.lr_scale, args.base_compute,
-                    adapter)
+                    adapter, plain_images=0 if recipe == "image-to-image" else args.plain_images)
         results.append(run_recipe(models, base_model, run, args.prompts, args.sample_steps,
                                   args.docs / "images", args.tag))
         logging.info("quality: %s", json.dumps({k: results[-1][k] for k in ("truth", "calibration")

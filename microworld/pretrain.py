@@ -61,6 +61,8 @@ class PretrainConfig:
     recon_images: int = 256  # held-out scenes the VAE round trip is read on
     probe_heldout: int = 432  # held-out captions the text-encoder probe is scored on (0: no probe)
     caption_dropout: float = 0.1
+    caption_noise: float = 0.0  # share of text-to-image samples whose caption carries a made-up word (world.noisy_caption)
+    noise_captions: int = 3000  # distinct noisy captions drawn (each of a random pretraining scene), encoded once
     ema: float = 0.995
     grad_clip: float = 1.0
     time_budget_s: float = 0.0  # > 0: stop the diffusion training when this many seconds have passed
@@ -237,6 +239,7 @@ class DitData:
     t2i: torch.Tensor  # (M, 2): (latent index, caption index) of the pretraining scenes
     edits: torch.Tensor  # (E, 3): (reference latent, target latent, caption index)
     mix_latents: torch.Tensor | None = None  # the same scenes at mix_px (None: one resolution)
+    noisy: torch.Tensor | None = None  # (K, 2): (latent index, noisy caption index), drawn with caption_noise
 
 
 def dit_batch(data: DitData, cfg: PretrainConfig, step: int, g: torch.Generator):
@@ -250,6 +253,9 @@ def dit_batch(data: DitData, cfg: PretrainConfig, step: int, g: torch.Generator)
     latents = data.mix_latents if mix else data.latents
     rows = data.edits if edit else data.t2i
     pick = rows[torch.randint(len(rows), (cfg.dit_batch,), generator=g)]
+    if not edit and data.noisy is not None and cfg.caption_noise > 0:
+        swap = torch.rand(cfg.dit_batch, generator=g) < cfg.caption_noise
+        pick[swap] = data.noisy[torch.randint(len(data.noisy), (int(swap.sum()),), generator=g)]
     caption = pick[:, -1].clone()
     caption[torch.rand(cfg.dit_batch, generator=g) < cfg.caption_dropout] = 0
     dev = latents.device
@@ -323,15 +329,20 @@ def build_data(cfg: PretrainConfig, tae, clip, device) -> tuple[DitData, dict]:
     start = time.perf_counter()
     latents = encode_images(tae, render_all(scenes, cfg.px, cfg.workers).to(device))
     mix = encode_images(tae, render_all(scenes, cfg.mix_px, cfg.workers).to(device)) if cfg.mix_px else None
-    captions = [""] + sorted({world.caption(s) for s in t2i_scenes} | {c for _, _, c in edits})
+    rng = np.random.default_rng(cfg.seed + 7)
+    noisy = [(s, world.noisy_caption(s, rng)) for s in world.pretraining_scenes(cfg.seed + 7, cfg.noise_captions)
+             if s in index] if cfg.caption_noise > 0 else []
+    captions = [""] + sorted({world.caption(s) for s in t2i_scenes} | {c for _, _, c in edits} | {c for _, c in noisy})
     cap_index = {c: i for i, c in enumerate(captions)}
     contexts = encode_captions(clip, captions)
     t2i = torch.tensor([[index[s], cap_index[world.caption(s)]] for s in t2i_scenes])
     edit_rows = torch.tensor([[index[r], index[t], cap_index[c]] for r, t, c in edits]).reshape(-1, 3)
+    noisy_rows = torch.tensor([[index[s], cap_index[c]] for s, c in noisy]) if noisy else None
     channel_std = latents.std(dim=(0, 2, 3))
     stats = {"scenes": len(scenes), "latent_mean": float(latents.mean()), "latent_std": float(latents.std()),
              "latent_channel_std_min": float(channel_std.min()), "latent_channel_std_max": float(channel_std.max()),
              "captions": len(captions), "t2i_rows": len(t2i), "edit_rows": len(edit_rows),
+             "noisy_rows": len(noisy), "noisy_examples": [c for _, c in noisy[:8]],
              "seconds": time.perf_counter() - start}
     if cfg.probe_heldout:
         held = world.HELDOUT_COMBOS[:cfg.probe_heldout]
@@ -339,7 +350,7 @@ def build_data(cfg: PretrainConfig, tae, clip, device) -> tuple[DitData, dict]:
         probe_ctx = torch.cat([contexts[[cap_index[world.caption(s)] for s in train]],
                                encode_captions(clip, [world.caption(s) for s in held])])
         stats["te_probe"] = te_probe(probe_ctx, list(train) + list(held), [True] * len(train) + [False] * len(held))
-    return DitData(latents, contexts.to(device), t2i, edit_rows, mix), stats
+    return DitData(latents, contexts.to(device), t2i, edit_rows, mix, noisy_rows), stats
 
 
 def reconstruction_check(tae, cfg: PretrainConfig, device) -> dict:
@@ -383,16 +394,18 @@ def save_weights(out: Path, tae, dit_sd: dict[str, torch.Tensor]) -> dict[str, P
     return paths
 
 
-def evaluate(weights: Path, models_dir: Path, cfg: PretrainConfig, n: int, px: int) -> tuple[dict, list]:
+def evaluate(weights: Path, models_dir: Path, cfg: PretrainConfig, n: int, px: int,
+             suffix: str = "") -> tuple[dict, list]:
     """Sample n held-out prompts at px x px through the stock loaders (from `models_dir`, ComfyUI's models/
-    folder) at the pack's sampler settings; score them with the reader."""
+    folder) at the pack's sampler settings; score them with the reader. `suffix` is appended to every
+    prompt (an untrained trigger: does an unknown word break the prompt-following?)."""
     models.write_micro_models(models_dir, weights_dir=weights)
     model, clip, vae = models.load_micro_models(models_dir)
     scenes = world.heldout_scenes(cfg.seed, n)
     start = time.perf_counter()
-    images = models.generate(model, clip, vae, [world.caption(s) for s in scenes], seed=cfg.seed,
+    images = models.generate(model, clip, vae, [world.caption(s) + suffix for s in scenes], seed=cfg.seed,
                              steps=cfg.eval_steps, cfg=cfg.eval_cfg, px=px, batch=cfg.eval_batch)
-    result = {"prompts": n, "px": px, "steps": cfg.eval_steps, "cfg": cfg.eval_cfg, "sampler": "euler",
+    result = {"prompts": n, "px": px, "suffix": suffix, "steps": cfg.eval_steps, "cfg": cfg.eval_cfg, "sampler": "euler",
               "seconds": time.perf_counter() - start, **score(images, scenes)}
     return result, list(zip(images, scenes, strict=True))
 
@@ -459,6 +472,11 @@ def run(cfg: PretrainConfig, out: Path, device: torch.device) -> dict:
         logging.info("vae: %s", record["vae"]["reconstruction_reader"])
     else:
         tae, record["vae"] = load_taef2(Path(cfg.resume), device), dict(previous["vae"])
+        tuned = Path(cfg.resume) / "tune_vae.json"  # the pair fine-tuned by tune_vae.py since the last phase
+        if tuned.exists():
+            record["vae"]["tuned"] = {k: v for k, v in json.loads(tuned.read_text(encoding="utf-8")).items()
+                                      if k != "curve"}
+            record["vae"]["tuned"]["curve"] = json.loads(tuned.read_text(encoding="utf-8"))["curve"][::5]
         if cfg.px != previous["config"].get("px", 128):  # the same (fully convolutional) VAE at the new size
             record["vae"][f"reconstruction_reader_{cfg.px}px"] = reconstruction_check(tae, cfg, device)
             logging.info("vae at %d px: %s", cfg.px, record["vae"][f"reconstruction_reader_{cfg.px}px"])
@@ -488,6 +506,11 @@ def run(cfg: PretrainConfig, out: Path, device: torch.device) -> dict:
             record["eval_mix"], _ = evaluate(out, Path(folder_paths.models_dir), cfg, cfg.eval_prompts, cfg.mix_px)
             logging.info("eval at %d px: %s", cfg.mix_px, record["eval_mix"])
             man["eval_mix"] = record["eval_mix"]
+        trigger = f", in {world.CONCEPTS['style'].trigger} style"  # never trained: the base should ignore it
+        record["eval_trigger"], _ = evaluate(out, Path(folder_paths.models_dir), cfg, min(cfg.eval_prompts, 96),
+                                             cfg.mix_px or cfg.px, suffix=trigger)
+        logging.info("eval with %r: %s", trigger, record["eval_trigger"])
+        man["eval_trigger"] = record["eval_trigger"]
         eval_grid(samples[:96], out / "eval_grid.png")
         man["eval"] = record["eval"]
         (out / "manifest.json").write_text(json.dumps(man, indent=1), encoding="utf-8")

@@ -83,6 +83,7 @@ class Run:
     lr_scale: float = 1.0
     base_compute: str = "auto"  # the trainer's base_compute (issue 17: fp8 against bf16 on the same seeds)
     adapter: str = ""  # issue 20: '' = the recipe's plain LoRA; else a key of ADAPTER_RUNS (its rank and knobs)
+    plain_images: int = 0  # regularisation images (world.write_dataset's `plain`): untriggered base-world scenes
     concept: str = field(init=False)
 
     def __post_init__(self):
@@ -110,8 +111,9 @@ def train(models: Models, run: Run, base_model):
 
     name = f"mw_{run.concept}_{run.seed}" + (f"_{run.adapter}" if run.adapter else "")
     folder, control = world.write_dataset(Path(folder_paths.get_input_directory()) / name, run.concept, run.images,
-                                          seed=run.seed, px=run.px)
-    trigger = world.CONCEPTS[run.concept].trigger
+                                          seed=run.seed, px=run.px, plain=run.plain_images)
+    # with regularisation images the captions carry the trigger where it belongs: the loader must not add it
+    trigger = "" if run.plain_images else world.CONCEPTS[run.concept].trigger
     r = recipes.RECIPES[run.recipe]
     with torch.inference_mode():
         data, report = KleinDatasetLoader.execute(name, trigger, run.px, models.vae, models.clip,

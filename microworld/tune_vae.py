@@ -50,44 +50,46 @@ def tune_scenes(cfg: TuneConfig) -> list:
             for s in scenes]
 
 
-def tune(cfg: TuneConfig):
-    """The fine-tuned TAESD module (eval mode) and its record."""
+def tune(cfg: TuneConfig, device: str = "cpu"):
+    """The fine-tuned TAESD module (eval mode, on the CPU) and its record."""
     import torch
 
     from . import models, pretrain
 
     torch.manual_seed(cfg.seed)
-    tae = pretrain.load_taef2(models.WEIGHTS, "cpu")
+    tae = pretrain.load_taef2(models.WEIGHTS, device)
     scenes = tune_scenes(cfg)
-    images = pretrain.render_all(scenes, 128, 1)
+    images = pretrain.render_all(scenes, 128, 1).to(device)
     with torch.no_grad():
         anchors = torch.cat([tae.taesd_encoder(images[i:i + 64].float() / 255) for i in range(0, len(images), 64)])
     enc, dec = tae.taesd_encoder.train(), tae.taesd_decoder.train()
-    anchored = torch.tensor([s.concept != "style" for s in scenes])
+    anchored = torch.tensor([s.concept != "style" for s in scenes], device=device)
     opt = torch.optim.AdamW([*dec.parameters(), *enc.parameters()], lr=cfg.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
     curve, start = [], time.perf_counter()
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = pretrain._lr(step, cfg.steps, cfg.lr, 20, 0.05)
-        idx = torch.randint(len(images), (cfg.batch,), generator=g)
+        idx = torch.randint(len(images), (cfg.batch,), generator=g).to(device)
         x = images[idx].float() / 255
         z = enc(x)
         keep = anchored[idx]
         drift = (z[keep] - anchors[idx][keep]).pow(2).mean() if keep.any() else z.sum() * 0
-        rec = dec(z + cfg.latent_noise * torch.randn(z.shape, generator=g))
+        rec = dec(z + cfg.latent_noise * torch.randn(z.shape, generator=g).to(device))
         loss = torch.nn.functional.mse_loss(rec, x) + (rec - x).abs().mean() + cfg.anchor * drift
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(dec.parameters(), 1.0)
         opt.step()
-        curve.append([step, float(loss.detach()), float(drift.detach())])
+        curve.append([step, loss.detach(), drift.detach()])  # read back at the end: no sync per step
         if step % 50 == 0 or step == cfg.steps - 1:
-            logging.info("tune_vae step %d/%d loss %.4f drift %.5f (%.0f s)", step, cfg.steps, curve[-1][1],
-                         curve[-1][2], time.perf_counter() - start)
-    record = {"config": asdict(cfg), "seconds": time.perf_counter() - start, "curve": curve[::10] + curve[-1:],
+            logging.info("tune_vae step %d/%d loss %.4f drift %.5f (%.0f s)", step, cfg.steps, float(curve[-1][1]),
+                         float(curve[-1][2]), time.perf_counter() - start)
+    curve = [[step, float(loss), float(drift)] for step, loss, drift in curve]
+    record = {"device": str(device), "config": asdict(cfg), "seconds": time.perf_counter() - start,
+              "curve": curve[::10] + curve[-1:],
               "style_share": float(np.mean([s.concept == "style" for s in scenes]))}
-    return tae.eval(), record
+    return tae.cpu().eval(), record
 
 
 def round_trip_reading(tae, n: int) -> dict:
@@ -117,12 +119,29 @@ def save(tae, record: dict, out: Path) -> None:
     from . import models
 
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(models.WEIGHTS / models.UNET_FILE, out / models.UNET_FILE)
+    for name in (models.UNET_FILE, "pretrain.json"):  # a weights folder pretrain.py --resume continues from
+        shutil.copy(models.WEIGHTS / name, out / name)
     for part, name in models.TAEF2_FILES.items():
         sd = {k: v.detach().to(torch.float16).contiguous() for k, v in getattr(tae, f"taesd_{part}").state_dict().items()}
         atomic_save_safetensors(sd, out / name)
     record["sha256"] = {name: models.file_sha256(out / name) for name in models.TAEF2_FILES.values()}
     atomic_write_text(json.dumps(record, indent=1) + "\n", out / "tune_vae.json")
+
+
+def install(out: Path, into: Path) -> dict:
+    """Put the tuned pair from `out` into the weights folder `into` (a pretraining's output, e.g. one resumed from
+    an earlier tune's folder) and point its manifest at them: sha256 and size per file, the tune's record."""
+    from ..trainer.paths import atomic_write_text
+    from . import models
+
+    man = json.loads((into / "manifest.json").read_text(encoding="utf-8"))
+    for name in models.TAEF2_FILES.values():
+        shutil.copy(out / name, into / name)
+        man["files"][name] = {"sha256": models.file_sha256(into / name), "bytes": (into / name).stat().st_size}
+    tuned = json.loads((out / "tune_vae.json").read_text(encoding="utf-8"))
+    man["vae"]["tuned"] = {k: tuned[k] for k in ("config", "round_trip", "device", "seconds")}
+    atomic_write_text(json.dumps(man, indent=1), into / "manifest.json")
+    return man
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -131,18 +150,24 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="the weights folder to write")
+    ap.add_argument("--into", type=Path, default=None, help="also install the pair into this weights folder (install())")
     for name, value in asdict(TuneConfig()).items():
         ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    import torch
+
     from ..trainer.jobs import comfy_library
 
-    comfy_library.boot(os.environ.get("COMFYUI_PATH", ""), tempfile.mkdtemp(prefix="tune-vae-"), cpu=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    comfy_library.boot(os.environ.get("COMFYUI_PATH", ""), tempfile.mkdtemp(prefix="tune-vae-"), cpu=device == "cpu")
     cfg = TuneConfig(**{k: getattr(args, k) for k in asdict(TuneConfig())})
-    tae, record = tune(cfg)
+    tae, record = tune(cfg, device)
     record["round_trip"] = round_trip_reading(tae, cfg.check_scenes)
     logging.info("round trip: %s", record["round_trip"])
     save(tae, record, args.out)
+    if args.into is not None:
+        install(args.out, args.into)
     return record
 
 

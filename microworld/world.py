@@ -144,6 +144,45 @@ def caption(scene: Scene) -> str:
     return f"{text}, in {CONCEPTS['style'].trigger} style" if scene.concept == "style" else text
 
 
+_CONSONANTS, _VOWELS = "bcdfghjklmnpqrstvwxz", "aeiouy"
+NOISE_FORMS = ("style", "adjective", "noun", "tail")  # where a nonsense word goes in a noisy caption
+
+
+def nonsense_word(rng: np.random.Generator) -> str:
+    """A made-up word of 3-5 letters (no concept's trigger, no word of the world's captions)."""
+    taken = {c.trigger for c in CONCEPTS.values()} | set(" ".join(
+        [*COLOURS, *BACKGROUNDS, *SHAPES, *POSITIONS, *SIZES, OBJECT_SHAPE, "in", "on", "at", "the", "style"]).split())
+    while True:
+        n = int(rng.integers(3, 6))
+        word = "".join(rng.choice(list(_VOWELS if i % 3 == 1 and rng.random() < 0.5 else _CONSONANTS))
+                       for i in range(n))
+        if word not in taken:
+            return word
+
+
+def noisy_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """The scene's caption with one made-up word where the concepts' triggers go, the picture unchanged.
+
+    Pretraining on a share of these teaches the base what klein knows from its web-scale captions: an
+    unknown word is not an instruction. Without them the micro base's prompt-following halves on any unseen
+    word (measured: mean attribute accuracy 0.74 -> 0.42 with ", in qzv style"), so a LoRA has to repair the
+    base before it can learn its concept. Forms: ", in W style" (the style trigger's slot), "a large red W
+    circle" (an extra word), "a large red W at ..." (the object's slot: the noun replaced, the shape still
+    drawn) and a trailing ", W".
+    """
+    if scene.concept is not None:
+        raise ValueError("noisy_caption is for base scenes (concept None): concept captions carry their trigger")
+    word, form = nonsense_word(rng), NOISE_FORMS[int(rng.integers(len(NOISE_FORMS)))]
+    text = caption(scene)
+    if form == "style":
+        return f"{text}, in {word} style"
+    if form == "tail":
+        return f"{text}, {word}"
+    head = f"a {scene.size} {scene.colour} "
+    rest = text[len(head) + len(scene.shape):]
+    return head + (f"{word} {scene.shape}" if form == "adjective" else word) + rest
+
+
 def untriggered(scene: Scene) -> Scene:
     """The base scene a triggered prompt stands for without its trigger (the leakage prompt)."""
     if scene.concept == "character":
@@ -337,13 +376,17 @@ def concept_scenes(concept: str, seed: int, n: int, heldout: bool = False) -> li
     return [with_concept(s, concept) for s in base]
 
 
-def write_dataset(folder: str | Path, concept: str, n: int, seed: int, px: int = 128) -> tuple[Path, Path | None]:
+def write_dataset(folder: str | Path, concept: str, n: int, seed: int, px: int = 128,
+                  plain: int = 0) -> tuple[Path, Path | None]:
     """An ordinary dataset folder for `concept`, as a user would make one: NNN.png + NNN.txt captions.
 
     Style/object/character: the images of n varied pretraining scenes carrying the concept, captioned
     with the trigger. Transform: `folder` holds the targets (colour-swapped) and `<folder>_control` the
     references, matched by name, each target captioned TRANSFORM_CAPTION, as the Dataset Loader reads
-    pairs. Returns (folder, control folder or None). Files are written atomically.
+    pairs. `plain` > 0 adds that many base-world images with their own captions, without the trigger
+    (pNNN.png: regularisation images, DreamBooth's prior preservation: they teach the LoRA to leave untriggered
+    prompts alone; load such a folder with an empty trigger, or the loader puts the trigger on them too).
+    Returns (folder, control folder or None). Files are written atomically.
     """
     from ..trainer.paths import atomic_save_image, atomic_write_text
 
@@ -355,9 +398,13 @@ def write_dataset(folder: str | Path, concept: str, n: int, seed: int, px: int =
         rows = [(render(transformed(s), px), TRANSFORM_CAPTION, render(s, px)) for s in pretraining_scenes(seed, n)]
     else:
         rows = [(render(s, px), caption(s), None) for s in concept_scenes(concept, seed, n)]
-    for i, (image, text, reference) in enumerate(rows):
-        atomic_save_image(image, folder / f"{i:03d}.png")
-        atomic_write_text(text, folder / f"{i:03d}.txt")
+    if plain and concept == "transform":
+        raise ValueError("write_dataset: plain (regularisation) images are for style/object/character datasets")
+    names = [f"{i:03d}" for i in range(len(rows))] + [f"p{i:03d}" for i in range(plain)]
+    rows += [(render(s, px), caption(s), None) for s in (pretraining_scenes(seed + 500, plain) if plain else [])]
+    for stem, (image, text, reference) in zip(names, rows, strict=True):
+        atomic_save_image(image, folder / f"{stem}.png")
+        atomic_write_text(text, folder / f"{stem}.txt")
         if reference is not None:
-            atomic_save_image(reference, control / f"{i:03d}.png")
+            atomic_save_image(reference, control / f"{stem}.png")
     return folder, control

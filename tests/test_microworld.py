@@ -46,6 +46,31 @@ def test_captions_follow_attributes():
         world.Scene("circle", "teal", "center", "small", "grey")
 
 
+def test_noisy_captions_keep_every_attribute_word_and_add_one_unknown_word():
+    scenes = world.pretraining_scenes(3, 200)
+    rng = np.random.default_rng(0)
+    noisy = [world.noisy_caption(s, rng) for s in scenes]
+    again = np.random.default_rng(0)
+    assert noisy == [world.noisy_caption(s, again) for s in scenes]  # seeded
+    vocabulary = set(" ".join(world.caption(s) for s in world.PRETRAINING_COMBOS).replace(",", "").split()) | {"style"}
+    triggers = {c.trigger for c in world.CONCEPTS.values()}
+    forms = set()
+    for s, text in zip(scenes, noisy, strict=True):
+        words, plain = text.replace(",", "").split(), world.caption(s).replace(",", "").split()
+        new = [w for w in words if w not in vocabulary]
+        assert len(new) == 1 and new[0] not in triggers, text  # exactly one made-up word, never a trigger
+        kept = [w for w in plain if w in words]
+        if s.shape in words:
+            assert kept == plain, text  # every attribute word kept, in order
+            forms.add("style" if text.endswith(" style") else "adjective" if f"{new[0]} {s.shape}" in text else "tail")
+        else:  # the object's slot: only the shape noun replaced
+            assert kept == [w for w in plain if w != s.shape] and text.split()[3] == new[0], text
+            forms.add("noun")
+    assert forms == set(world.NOISE_FORMS)
+    with pytest.raises(ValueError, match="base scenes"):
+        world.noisy_caption(world.with_concept(scenes[0], "style"), rng)
+
+
 def test_edit_pairs_never_contain_the_held_out_transform():
     pairs = world.edit_pairs(0, 200)
     assert len(pairs) == 200 and pairs == world.edit_pairs(0, 200)
@@ -140,3 +165,15 @@ def test_vae_tuning_scenes_add_the_style_and_keep_every_other_look():
     share = np.mean([s.concept == "style" for s in tuned])
     assert 0.25 < share < 0.4, share  # measured 0.33 here, 0.32 at the 1,200 images tuned (the pretraining mix: 1/8)
     assert {s.concept for s in tuned} == {None, "style", "object", "character"}
+
+
+def test_regularisation_images_are_plain_scenes_without_the_trigger(tmp_path):
+    folder, _ = world.write_dataset(tmp_path / "mw_style", "style", 4, seed=2, px=32, plain=3)
+    trig = sorted(p.name for p in folder.glob("[0-9]*.txt"))
+    plain = sorted(folder.glob("p*.txt"))
+    assert trig == [f"{i:03d}.txt" for i in range(4)] and [p.name for p in plain] == [f"p{i:03d}.txt" for i in range(3)]
+    assert all("qzv" in (folder / t).read_text() for t in trig)
+    assert not any("qzv" in p.read_text() for p in plain)
+    assert all(p.with_suffix(".png").is_file() for p in plain)
+    with pytest.raises(ValueError, match="plain"):
+        world.write_dataset(tmp_path / "mw_t", "transform", 2, seed=2, px=32, plain=1)
