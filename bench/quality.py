@@ -108,6 +108,7 @@ def _f(v, fmt="{:.2f}") -> str:
 def markdown(result: dict) -> str:
     run, rows = result["run"], result["truth"]
     plain = f" + {run['plain_images']} regularisation images" if run.get("plain_images") else ""
+    plain += f", block groups {' + '.join(run['groups'])} alone" if run.get("groups") else ""
     head = (f"### {run['recipe']} (trigger `{result['trigger']}`)\n\n{run['images']} images{plain} at {run['px']} px, "
             f"rank {result['rank']}, lr {result['lr']:g}, {run['steps']} steps (checkpoint every {run['every']}), "
             f"{result['prompts']} held-out prompts, {result['sample_steps']} sampling steps, CFG 4, seed "
@@ -161,11 +162,29 @@ def adapter_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n\nStep time: training seconds (sampling excluded) / steps.\n\n"
 
 
+def groups_table(results: list[dict]) -> str:
+    """Issue 18 item 4: the same concept trained on each block group alone; what the final LoRA moves, per attribute."""
+    rows = [r for r in results if r["run"].get("groups")]
+    if not rows:
+        return ""
+    attrs = sorted({k for r in rows for k in r["truth"][-1].get("per_attribute", {})})
+    head = "transform error | " if "error" in rows[0]["truth"][-1] else "strength | leakage | flexibility | "
+    lines = ["### Block groups alone (final LoRA)\n", "| groups | trained parameters | " + head + " | ".join(attrs) + " |",
+             "|---|---|" + "---|" * (head.count("|") + len(attrs))]
+    base = rows[0]["truth"][0]
+    for label, t, params in [("untrained base", base, 0)] + [(" + ".join(r["run"]["groups"]), r["truth"][-1], r["params"])
+                                                             for r in rows]:
+        cells = [_f(t["error"], "{:.3f}")] if "error" in t else [_f(t[k]) for k in ("strength", "leakage", "flexibility")]
+        cells += [_f(t.get("per_attribute", {}).get(a)) for a in attrs]
+        lines.append(f"| {label} | {params:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nPer attribute: the share of samples whose reading matches the expected picture.\n\n"
+
+
 def write_docs(results: list[dict], doc: Path, tag: str) -> None:
     """Replace the quality-bench section of docs/quality.md (everything else in the file is kept)."""
     from klein_lora_studio.trainer.paths import atomic_write_text
 
-    body = adapter_table(results) + "\n".join(markdown(r) for r in results)
+    body = adapter_table(results) + groups_table(results) + "\n".join(markdown(r) for r in results)
     section = (f"{MARK_START}\n## Quality benchmark ({tag})\n\nWritten by `bench/quality.py` "
                f"(raw numbers: bench/results/quality_{tag}.json).\n\n{body}{MARK_END}")
     text = doc.read_text(encoding="utf-8") if doc.is_file() else "# Quality on the micro world\n\n"
@@ -187,7 +206,8 @@ def run_recipe(models, base_model, run, prompts_n: int, sample_steps: int, image
     t0 = time.perf_counter()
     evaluate = q.evaluate_transform if run.recipe == "image-to-image" else q.evaluate_concept
     truth, pack, grid = evaluate(models, run, base_model, data, checkpoints, prompts_n, sample_steps)
-    name = f"quality_{tag}_{run.recipe}{'_' + run.adapter if run.adapter else ''}.png"
+    name = (f"quality_{tag}_{run.recipe}{'_' + run.adapter if run.adapter else ''}"
+            f"{'_' + '-'.join(run.groups) if run.groups else ''}.png")
     atomic_save_image(grid, images_dir / name)
     if os.environ.get("OUT"):  # the GPU machine sends back only $OUT
         atomic_save_image(grid, Path(os.environ["OUT"]) / name)
@@ -230,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-compute", default="auto", choices=("auto", "bf16", "fp8"),
                     help="the frozen base's products (issue 17's check: fp8 within the run-to-run noise of bf16)")
     ap.add_argument("--adapters", default="", help="issue 20: e.g. lora,lokr,loha,dora (each as ADAPTER_RUNS sizes it)")
+    ap.add_argument("--groups", default="", help="issue 18 item 4: one run per block-group set instead of the "
+                    "recipe's preset, e.g. double,single_early,single_mid,single_late (join groups with +)")
     ap.add_argument("--plain-images", type=int, default=0,
                     help="regularisation images beside the concept's (untriggered base-world scenes; not for pairs)")
     ap.add_argument("--tag", default="cpu")
@@ -245,9 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     base_model = models.unet()
     results = []
     adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] or [""]
-    for recipe, adapter in [(r.strip(), a) for r in args.recipes.split(",") if r.strip() for a in adapters]:
+    group_sets = [tuple(g.split("+")) for g in args.groups.split(",") if g.strip()] or [()]
+    for recipe, adapter, groups in [(r.strip(), a, g) for r in args.recipes.split(",") if r.strip()
+                                    for a in adapters for g in group_sets]:
         run = q.Run(recipe, args.steps, args.every, args.images, args.px, args.seed, args.lr_scale, args.base_compute,
-                    adapter, plain_images=0 if recipe == "image-to-image" else args.plain_images)
+                    adapter, plain_images=0 if recipe == "image-to-image" else args.plain_images, groups=groups)
         results.append(run_recipe(models, base_model, run, args.prompts, args.sample_steps,
                                   args.docs / "images", args.tag))
         logging.info("quality: %s", json.dumps({k: results[-1][k] for k in ("truth", "calibration")

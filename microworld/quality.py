@@ -84,10 +84,15 @@ class Run:
     base_compute: str = "auto"  # the trainer's base_compute (issue 17: fp8 against bf16 on the same seeds)
     adapter: str = ""  # issue 20: '' = the recipe's plain LoRA; else a key of ADAPTER_RUNS (its rank and knobs)
     plain_images: int = 0  # regularisation images (world.write_dataset's `plain`): untriggered base-world scenes
+    groups: tuple[str, ...] = ()  # issue 18 item 4: these block groups alone (targets.GROUPS) instead of the preset
     concept: str = field(init=False)
 
     def __post_init__(self):
         self.concept = CONCEPT_OF[self.recipe]
+        from ..trainer.model.targets import GROUPS
+
+        if set(self.groups) - set(GROUPS):
+            raise ValueError(f"Run.groups {self.groups!r}: use block groups of {list(GROUPS)}")
         if self.adapter and self.adapter not in ADAPTER_RUNS:
             raise ValueError(f"Run.adapter {self.adapter!r}: use '' (the recipe's LoRA) or one of {list(ADAPTER_RUNS)}")
 
@@ -106,10 +111,12 @@ def train(models: Models, run: Run, base_model):
     from ..nodes.dataset_loader import KleinDatasetLoader
     from ..nodes.lora_trainer import KleinLoRATrainer
     from ..nodes.target_selector import KleinBlockTargetSelector
+    from ..trainer.model.targets import GROUPS
     from ..trainer.training import recipes
     from . import world
 
-    name = f"mw_{run.concept}_{run.seed}" + (f"_{run.adapter}" if run.adapter else "")
+    name = (f"mw_{run.concept}_{run.seed}" + (f"_{run.adapter}" if run.adapter else "")
+            + ("_" + "-".join(run.groups) if run.groups else ""))
     folder, control = world.write_dataset(Path(folder_paths.get_input_directory()) / name, run.concept, run.images,
                                           seed=run.seed, px=run.px, plain=run.plain_images)
     # with regularisation images the captions carry the trigger where it belongs: the loader must not add it
@@ -119,8 +126,9 @@ def train(models: Models, run: Run, base_model):
         data, report = KleinDatasetLoader.execute(name, trigger, run.px, models.vae, models.clip,
                                                   control_folder=control.name if control else "",
                                                   use_cache=False).args
-        targets = KleinBlockTargetSelector.execute(base_model, r.target_preset, True, True, True, True, "attention",
-                                                   "both").args[0]
+        preset, switches = (("custom", [g in run.groups for g in GROUPS]) if run.groups
+                            else (r.target_preset, [True] * len(GROUPS)))
+        targets = KleinBlockTargetSelector.execute(base_model, preset, *switches, "attention", "both").args[0]
         t0 = time.perf_counter()
         knobs = ADAPTER_RUNS.get(run.adapter, {})
         recipe = {"recipe": "custom", "rank": knobs.get("rank", r.rank), "alpha": knobs.get("alpha", r.alpha),
@@ -177,7 +185,8 @@ def pack_metrics(columns, prompts, dataset) -> list[dict]:
     scores = mt.suite_metrics(columns, prompts, dataset.latents)
     pick, reason = mt.recommend(scores)
     return [{"label": m.label, "step": m.step, "strength": m.concept_strength, "leakage": m.trigger_leakage,
-             "flexibility": m.prompt_flexibility, "flags": m.flags, "recommended": m is pick} for m in scores]
+             "flexibility": m.prompt_flexibility, "token_strength": m.token_strength, "token_leakage": m.token_leakage,
+             "flags": m.flags, "recommended": m is pick} for m in scores]
 
 
 def concept_grid(columns, prompts, title: str):
@@ -292,6 +301,9 @@ def calibration(truth: list[dict], pack: list[dict]) -> dict:
     gt = truth[1:]
     out = {k: spearman([p[k] for p in pack], [g[k] for g in gt]) for k in ("strength", "leakage", "flexibility")
            if all(p[k] is not None for p in pack)}
+    for k, truth_key in (("token_strength", "strength"), ("token_leakage", "leakage")):  # the token metric (session 8)
+        if all(p.get(k) is not None for p in pack):
+            out[k] = spearman([p[k] for p in pack], [g[truth_key] for g in gt])
     quality = [truth_quality(g) for g in gt]
     order = sorted(range(len(gt)), key=lambda i: -quality[i])
     pick = next((i for i, p in enumerate(pack) if p["recommended"]), None)

@@ -14,7 +14,7 @@ reference unchanged (identity) and returning the mean of the training targets (m
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -43,6 +43,7 @@ class TransformScore:
     mean_target_error: float
     colour_accuracy: float  # the reader finds the swapped colour
     kept_accuracy: float  # ... and the reference's shape, position and background are kept
+    per_attribute: dict = field(default_factory=dict)  # each attribute of the expected target alone (colour: swapped)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -101,4 +102,5 @@ def score_transform(samples: list, references: list[world.Scene], train_targets:
         identity_error=float(np.mean([reader.image_error(world.render(r), w)
                                       for r, w in zip(references, wanted, strict=True)])),
         mean_target_error=float(np.mean([reader.image_error(mean_target, w) for w in wanted])),
-        colour_accuracy=float(np.mean(colour_ok)), kept_accuracy=float(np.mean(kept)))
+        colour_accuracy=float(np.mean(colour_ok)), kept_accuracy=float(np.mean(kept)),
+        per_attribute=attribute_accuracy(readings, expected))

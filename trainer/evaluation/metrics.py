@@ -75,6 +75,43 @@ def pairwise_spread(latents: Sequence[torch.Tensor]) -> float:
     return sum(pairs) / len(pairs) if pairs else 0.0
 
 
+BANK_TOKENS = 8192  # latent tokens kept per bank (evenly strided): bounds the nearest-neighbour search at 1024²
+SAMPLE_TOKENS = 1024  # tokens of one sample compared with the banks
+
+
+def _tokens(latent: torch.Tensor, keep: int) -> torch.Tensor:
+    """The latent's tokens (h*w, C), evenly strided down to at most `keep`."""
+    t = latent.float().flatten(1).T
+    return t[:: max(1, -(-len(t) // keep))]
+
+
+def token_bank(latents: Sequence[torch.Tensor], keep: int = BANK_TOKENS) -> torch.Tensor:
+    """Every token of the latents, (N, C), evenly strided down to at most `keep`."""
+    bank = torch.cat([_tokens(x, 1 << 30) for x in latents])
+    return bank[:: max(1, -(-len(bank) // keep))]
+
+
+def _nearest(tokens: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    return torch.cat([torch.cdist(c, bank).min(1).values for c in tokens.split(256)])
+
+
+def token_novelty(latents: Sequence[torch.Tensor], dataset_bank: torch.Tensor, base_bank: torch.Tensor) -> float:
+    """How much of the samples is made of the dataset's own tokens that the base model never drew.
+
+    Per token: its distance to the nearest base-model token minus its distance to the nearest dataset token,
+    floored at 0, averaged over the sample's tokens, then over the samples. A base sample scores 0 (its tokens are
+    in the base bank); a token that moved somewhere new but not toward the dataset (damage) scores ~0; a region that
+    now looks like the dataset's (a concept drawn in part of the picture, or a look over all of it) scores its
+    distance from the base. Paired by prompt through the base bank, so it reads local concepts that the
+    whole-latent statistics of concept_strength average away.
+    """
+    if not latents:
+        return 0.0
+    per = [(_nearest(t, base_bank) - _nearest(t, dataset_bank)).clamp_min(0).mean()
+           for t in (_tokens(x, SAMPLE_TOKENS) for x in latents)]
+    return float(torch.stack(per).mean())
+
+
 def toward(d_now: float, d_base: float) -> float:
     """1 - d_now / d_base: 0 = as far as the base model, 1 = reached the reference, < 0 = moved away."""
     return 1.0 - d_now / d_base if d_base > 1e-12 else 0.0
@@ -99,6 +136,8 @@ class CheckpointMetrics:
     trigger_leakage: float | None = None
     prompt_flexibility: float | None = None
     clip_concept_strength: float | None = None
+    token_strength: float | None = None  # token_novelty of the triggered samples / the dataset's own
+    token_leakage: float | None = None  # the same for the untriggered samples
     validation_loss: dict[str, float] = field(default_factory=dict)
     flags: list[str] = field(default_factory=list)
 
@@ -110,6 +149,8 @@ class CheckpointMetrics:
                 f"flexibility {f(self.prompt_flexibility)}")
         if self.clip_concept_strength is not None:
             text += f", CLIP strength {f(self.clip_concept_strength)}"
+        if self.token_strength is not None:
+            text += f", token strength {f(self.token_strength)} / leakage {f(self.token_leakage)}"
         if loss:
             text += f", val loss {loss}"
         if self.flags:
@@ -137,6 +178,9 @@ def suite_metrics(columns: Sequence, prompts: Sequence, dataset_latents: Sequenc
         return [col.latents[i] for i in idx]
 
     base_spread = pairwise_spread(pick(base, trig))
+    if dataset_latents:
+        dataset_bank, base_bank = token_bank(dataset_latents), token_bank(base.latents)
+        dataset_novelty = token_novelty(dataset_latents, dataset_bank, base_bank)
     out = []
     for ci, col in enumerate(columns[1:], start=1):
         m = CheckpointMetrics(col.label, col.step, col.path)
@@ -144,6 +188,9 @@ def suite_metrics(columns: Sequence, prompts: Sequence, dataset_latents: Sequenc
             m.concept_strength = toward(mean_distance(pick(col, trig), ref), mean_distance(pick(base, trig), ref))
         if ref is not None and untrig:
             m.trigger_leakage = toward(mean_distance(pick(col, untrig), ref), mean_distance(pick(base, untrig), ref))
+        if ref is not None and dataset_novelty > 1e-12:
+            m.token_strength = token_novelty(pick(col, trig), dataset_bank, base_bank) / dataset_novelty if trig else None
+            m.token_leakage = token_novelty(pick(col, untrig), dataset_bank, base_bank) / dataset_novelty if untrig else None
         if len(trig) > 1 and base_spread > 1e-12:
             m.prompt_flexibility = pairwise_spread(pick(col, trig)) / base_spread
         if clip_embeds is not None and dataset_embeds is not None and trig:
