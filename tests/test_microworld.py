@@ -177,3 +177,44 @@ def test_regularisation_images_are_plain_scenes_without_the_trigger(tmp_path):
     assert all(p.with_suffix(".png").is_file() for p in plain)
     with pytest.raises(ValueError, match="plain"):
         world.write_dataset(tmp_path / "mw_t", "transform", 2, seed=2, px=32, plain=1)
+
+
+def test_pretraining_batches_draw_noisy_captions_at_their_share_and_only_for_text_to_image():
+    from klein_lora_studio.microworld import pretrain
+
+    n = 40
+    data = pretrain.DitData(latents=torch.zeros(n, 1, 2, 2), contexts=torch.arange(3 * n, dtype=torch.float32)[:, None],
+                            t2i=torch.stack([torch.arange(n), torch.arange(n) + 1], 1),  # captions 1..n: clean
+                            edits=torch.stack([torch.arange(n), torch.arange(n), torch.full((n,), 2 * n)], 1),
+                            noisy=torch.stack([torch.arange(n), torch.arange(n) + n + 1], 1))  # captions n+1..2n
+    cfg = pretrain.PretrainConfig(dit_batch=1000, caption_noise=0.25, caption_dropout=0.0, edit_every=4)
+    g = torch.Generator().manual_seed(0)
+    _, ctx, ref = pretrain.dit_batch(data, cfg, 0, g)  # step 0: text-to-image
+    noisy_share = float((ctx[:, 0] > n).float().mean())
+    assert ref is None and 0.22 < noisy_share < 0.28, noisy_share  # measured 0.255 of 1,000
+    _, ctx, ref = pretrain.dit_batch(data, cfg, 3, g)  # step 3: an edit batch keeps its own instruction
+    assert ref is not None and bool((ctx[:, 0] == 2 * n).all())
+    clean = pretrain.PretrainConfig(dit_batch=1000, caption_noise=0.0, caption_dropout=0.0)
+    _, ctx, _ = pretrain.dit_batch(data, clean, 0, g)
+    assert bool((ctx[:, 0] <= n).all())  # off by default: today's batches unchanged
+
+
+def test_tuned_vae_is_installed_with_its_checksums_in_the_manifest(tmp_path):
+    import json
+
+    from klein_lora_studio.microworld import models, tune_vae
+
+    weights, tuned = tmp_path / "weights", tmp_path / "tuned"
+    weights.mkdir()
+    tuned.mkdir()
+    (weights / "manifest.json").write_text(json.dumps({"files": {}, "vae": {"steps": 1}}))
+    for i, name in enumerate(models.TAEF2_FILES.values()):
+        (tuned / name).write_bytes(bytes([i]) * (10 + i))
+    (tuned / "tune_vae.json").write_text(json.dumps({"config": {"steps": 3}, "round_trip": {}, "device": "cpu",
+                                                     "seconds": 1.0, "curve": []}))
+    man = tune_vae.install(tuned, weights)
+    on_disk = json.loads((weights / "manifest.json").read_text())
+    assert on_disk == man and man["vae"]["tuned"]["config"] == {"steps": 3} and man["vae"]["steps"] == 1
+    for name in models.TAEF2_FILES.values():
+        assert (weights / name).read_bytes() == (tuned / name).read_bytes()
+        assert man["files"][name] == {"sha256": models.file_sha256(weights / name), "bytes": (weights / name).stat().st_size}
