@@ -107,7 +107,9 @@ def _f(v, fmt="{:.2f}") -> str:
 
 def markdown(result: dict) -> str:
     run, rows = result["run"], result["truth"]
-    plain = f" + {run['plain_images']} regularisation images" if run.get("plain_images") else ""
+    plain = (f" + {run['plain_images']} regularisation images" + (" (the same scenes without the concept)"
+                                                                   if run.get("plain_paired") else "")
+             if run.get("plain_images") else "")
     plain += f", block groups {' + '.join(run['groups'])} alone" if run.get("groups") else ""
     head = (f"### {run['recipe']} (trigger `{result['trigger']}`)\n\n{run['images']} images{plain} at {run['px']} px, "
             f"rank {result['rank']}, lr {result['lr']:g}, {run['steps']} steps (checkpoint every {run['every']}), "
@@ -254,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                     "recipe's preset, e.g. double,single_early,single_mid,single_late (join groups with +)")
     ap.add_argument("--plain-images", type=int, default=0,
                     help="regularisation images beside the concept's (untriggered base-world scenes; not for pairs)")
+    ap.add_argument("--plain-paired", action="store_true",
+                    help="the regularisation images are the concept images' own scenes without the concept")
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--docs", type=Path, default=REPO / "docs", help="where quality.md and images/ go")
     ap.add_argument("--weights", type=Path, default=None, help="micro weights folder (default: the committed ones)")
@@ -271,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     for recipe, adapter, groups in [(r.strip(), a, g) for r in args.recipes.split(",") if r.strip()
                                     for a in adapters for g in group_sets]:
         run = q.Run(recipe, args.steps, args.every, args.images, args.px, args.seed, args.lr_scale, args.base_compute,
-                    adapter, plain_images=0 if recipe == "image-to-image" else args.plain_images, groups=groups)
+                    adapter, plain_images=0 if recipe == "image-to-image" else args.plain_images, groups=groups,
+                    plain_paired=args.plain_paired)
         results.append(run_recipe(models, base_model, run, args.prompts, args.sample_steps,
                                   args.docs / "images", args.tag))
         logging.info("quality: %s", json.dumps({k: results[-1][k] for k in ("truth", "calibration")

@@ -84,6 +84,7 @@ class Run:
     base_compute: str = "auto"  # the trainer's base_compute (issue 17: fp8 against bf16 on the same seeds)
     adapter: str = ""  # issue 20: '' = the recipe's plain LoRA; else a key of ADAPTER_RUNS (its rank and knobs)
     plain_images: int = 0  # regularisation images (world.write_dataset's `plain`): untriggered base-world scenes
+    plain_paired: bool = False  # ... the concept images' own scenes without the concept (write_dataset's `paired`)
     groups: tuple[str, ...] = ()  # issue 18 item 4: these block groups alone (targets.GROUPS) instead of the preset
     concept: str = field(init=False)
 
@@ -118,7 +119,7 @@ def train(models: Models, run: Run, base_model):
     name = (f"mw_{run.concept}_{run.seed}" + (f"_{run.adapter}" if run.adapter else "")
             + ("_" + "-".join(run.groups) if run.groups else ""))
     folder, control = world.write_dataset(Path(folder_paths.get_input_directory()) / name, run.concept, run.images,
-                                          seed=run.seed, px=run.px, plain=run.plain_images)
+                                          seed=run.seed, px=run.px, plain=run.plain_images, paired=run.plain_paired)
     # with regularisation images the captions carry the trigger where it belongs: the loader must not add it
     trigger = "" if run.plain_images else world.CONCEPTS[run.concept].trigger
     r = recipes.RECIPES[run.recipe]

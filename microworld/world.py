@@ -377,7 +377,7 @@ def concept_scenes(concept: str, seed: int, n: int, heldout: bool = False) -> li
 
 
 def write_dataset(folder: str | Path, concept: str, n: int, seed: int, px: int = 128,
-                  plain: int = 0) -> tuple[Path, Path | None]:
+                  plain: int = 0, paired: bool = False) -> tuple[Path, Path | None]:
     """An ordinary dataset folder for `concept`, as a user would make one: NNN.png + NNN.txt captions.
 
     Style/object/character: the images of n varied pretraining scenes carrying the concept, captioned
@@ -386,6 +386,8 @@ def write_dataset(folder: str | Path, concept: str, n: int, seed: int, px: int =
     pairs. `plain` > 0 adds that many base-world images with their own captions, without the trigger
     (pNNN.png: regularisation images, DreamBooth's prior preservation: they teach the LoRA to leave untriggered
     prompts alone; load such a folder with an empty trigger, or the loader puts the trigger on them too).
+    `paired`: the plain images are the concept images' own scenes without the concept (untriggered()), so a
+    caption's trigger and the concept are the only difference within each pair.
     Returns (folder, control folder or None). Files are written atomically.
     """
     from ..trainer.paths import atomic_save_image, atomic_write_text
@@ -401,7 +403,9 @@ def write_dataset(folder: str | Path, concept: str, n: int, seed: int, px: int =
     if plain and concept == "transform":
         raise ValueError("write_dataset: plain (regularisation) images are for style/object/character datasets")
     names = [f"{i:03d}" for i in range(len(rows))] + [f"p{i:03d}" for i in range(plain)]
-    rows += [(render(s, px), caption(s), None) for s in (pretraining_scenes(seed + 500, plain) if plain else [])]
+    plain_scenes = ([untriggered(s) for s in concept_scenes(concept, seed, n)][:plain] if paired
+                    else pretraining_scenes(seed + 500, plain) if plain else [])
+    rows += [(render(s, px), caption(s), None) for s in plain_scenes]
     for stem, (image, text, reference) in zip(names, rows, strict=True):
         atomic_save_image(image, folder / f"{stem}.png")
         atomic_write_text(text, folder / f"{stem}.txt")
