@@ -218,3 +218,12 @@ def test_tuned_vae_is_installed_with_its_checksums_in_the_manifest(tmp_path):
     for name in models.TAEF2_FILES.values():
         assert (weights / name).read_bytes() == (tuned / name).read_bytes()
         assert man["files"][name] == {"sha256": models.file_sha256(weights / name), "bytes": (weights / name).stat().st_size}
+
+
+def test_paired_regularisation_images_are_the_concept_scenes_without_the_concept(tmp_path):
+    folder, _ = world.write_dataset(tmp_path / "mw_style", "style", 3, seed=2, px=32, plain=3, paired=True)
+    for i in range(3):
+        styled, plain = (folder / f"{i:03d}.txt").read_text(), (folder / f"p{i:03d}.txt").read_text()
+        assert styled == plain + ", in qzv style"  # the trigger is the captions' only difference
+        a, b = (np.asarray(Image.open(folder / f"{stem}.png"), float) for stem in (f"{i:03d}", f"p{i:03d}"))
+        assert 0 < (np.abs(a - b).sum(-1) > 0).mean() < 0.3  # the pictures differ only where the shape is
