@@ -112,7 +112,8 @@ def markdown(result: dict) -> str:
              if run.get("plain_images") else "")
     plain += f", block groups {' + '.join(run['groups'])} alone" if run.get("groups") else ""
     head = (f"### {run['recipe']} (trigger `{result['trigger']}`)\n\n{run['images']} images{plain} at {run['px']} px, "
-            f"rank {result['rank']}, lr {result['lr']:g}, {run['steps']} steps (checkpoint every {run['every']}), "
+            f"rank {result['rank']}, alpha {result.get('alpha', result['rank']):g}, lr {result['lr']:g}, "
+            f"{run['steps']} steps (checkpoint every {run['every']}), "
             f"{result['prompts']} held-out prompts, {result['sample_steps']} sampling steps, CFG 4, seed "
             f"{run['seed']}; {result['models']} models; training {result['train_s']:.0f} s, evaluation "
             f"{result['eval_s']:.0f} s on {result['device']}.\n\n")
@@ -209,13 +210,14 @@ def run_recipe(models, base_model, run, prompts_n: int, sample_steps: int, image
     evaluate = q.evaluate_transform if run.recipe == "image-to-image" else q.evaluate_concept
     truth, pack, grid = evaluate(models, run, base_model, data, checkpoints, prompts_n, sample_steps)
     name = (f"quality_{tag}_{run.recipe}{'_' + run.adapter if run.adapter else ''}"
-            f"{'_' + '-'.join(run.groups) if run.groups else ''}.png")
+            f"{'_' + '-'.join(run.groups) if run.groups else ''}"
+            f"{f'_r{run.rank}a{run.alpha:g}' if run.rank_override or run.alpha_ratio else ''}.png")
     atomic_save_image(grid, images_dir / name)
     if os.environ.get("OUT"):  # the GPU machine sends back only $OUT
         atomic_save_image(grid, Path(os.environ["OUT"]) / name)
     r = recipes.RECIPES[run.recipe]
     result = {"run": {k: v for k, v in vars(run).items()}, "trigger": world.CONCEPTS[run.concept].trigger,
-              "rank": run.rank, **file_facts(checkpoints[-1]), "lr": r.learning_rate * run.lr_scale,
+              "rank": run.rank, "alpha": run.alpha, **file_facts(checkpoints[-1]), "lr": r.learning_rate * run.lr_scale,
               "prompts": prompts_n, "sample_steps": sample_steps,
               "models": models.kind, "train_s": train_s, "eval_s": time.perf_counter() - t0, "losses": losses,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
@@ -256,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                     "recipe's preset, e.g. double,single_early,single_mid,single_late (join groups with +)")
     ap.add_argument("--plain-images", type=int, default=0,
                     help="regularisation images beside the concept's (untriggered base-world scenes; not for pairs)")
+    ap.add_argument("--cells", default="", help="issue 18 item 3: one run per rank x alpha/rank cell instead of the "
+                    "recipe's, e.g. 8x1,16x1,32x1,16x0.5,16x2 (every run keeps its checkpoints: the steps axis)")
     ap.add_argument("--plain-paired", action="store_true",
                     help="the regularisation images are the concept images' own scenes without the concept")
     ap.add_argument("--tag", default="cpu")
@@ -272,11 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] or [""]
     group_sets = [tuple(g.split("+")) for g in args.groups.split(",") if g.strip()] or [()]
-    for recipe, adapter, groups in [(r.strip(), a, g) for r in args.recipes.split(",") if r.strip()
-                                    for a in adapters for g in group_sets]:
+    cells = [(int(c.split("x")[0]), float(c.split("x")[1])) for c in args.cells.split(",") if c.strip()] or [(0, 0.0)]
+    for recipe, adapter, groups, (rank, ratio) in [(r.strip(), a, g, c) for r in args.recipes.split(",") if r.strip()
+                                                   for a in adapters for g in group_sets for c in cells]:
         run = q.Run(recipe, args.steps, args.every, args.images, args.px, args.seed, args.lr_scale, args.base_compute,
                     adapter, plain_images=0 if recipe == "image-to-image" else args.plain_images, groups=groups,
-                    plain_paired=args.plain_paired)
+                    plain_paired=args.plain_paired, rank_override=rank, alpha_ratio=ratio)
         results.append(run_recipe(models, base_model, run, args.prompts, args.sample_steps,
                                   args.docs / "images", args.tag))
         logging.info("quality: %s", json.dumps({k: results[-1][k] for k in ("truth", "calibration")

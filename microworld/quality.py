@@ -86,6 +86,8 @@ class Run:
     plain_images: int = 0  # regularisation images (world.write_dataset's `plain`): untriggered base-world scenes
     plain_paired: bool = False  # ... the concept images' own scenes without the concept (write_dataset's `paired`)
     groups: tuple[str, ...] = ()  # issue 18 item 4: these block groups alone (targets.GROUPS) instead of the preset
+    rank_override: int = 0  # issue 18 item 3: this rank instead of the recipe's (0: the recipe's / the adapter's)
+    alpha_ratio: float = 0.0  # ... and alpha = rank x this (0: the recipe's alpha)
     concept: str = field(init=False)
 
     def __post_init__(self):
@@ -101,7 +103,19 @@ class Run:
     def rank(self) -> int:
         from ..trainer.training import recipes
 
+        if self.rank_override:
+            return self.rank_override
         return ADAPTER_RUNS.get(self.adapter, {}).get("rank", recipes.RECIPES[self.recipe].rank)
+
+    @property
+    def alpha(self) -> float:
+        from ..trainer.training import recipes
+
+        if self.alpha_ratio:
+            return self.rank * self.alpha_ratio
+        if self.rank_override:
+            return float(self.rank_override)  # the recipes' alpha = rank
+        return ADAPTER_RUNS.get(self.adapter, {}).get("alpha", recipes.RECIPES[self.recipe].alpha)
 
 
 def train(models: Models, run: Run, base_model):
@@ -117,7 +131,8 @@ def train(models: Models, run: Run, base_model):
     from . import world
 
     name = (f"mw_{run.concept}_{run.seed}" + (f"_{run.adapter}" if run.adapter else "")
-            + ("_" + "-".join(run.groups) if run.groups else ""))
+            + ("_" + "-".join(run.groups) if run.groups else "")
+            + (f"_r{run.rank}a{run.alpha:g}" if run.rank_override or run.alpha_ratio else ""))
     folder, control = world.write_dataset(Path(folder_paths.get_input_directory()) / name, run.concept, run.images,
                                           seed=run.seed, px=run.px, plain=run.plain_images, paired=run.plain_paired)
     # with regularisation images the captions carry the trigger where it belongs: the loader must not add it
@@ -132,7 +147,7 @@ def train(models: Models, run: Run, base_model):
         targets = KleinBlockTargetSelector.execute(base_model, preset, *switches, "attention", "both").args[0]
         t0 = time.perf_counter()
         knobs = ADAPTER_RUNS.get(run.adapter, {})
-        recipe = {"recipe": "custom", "rank": knobs.get("rank", r.rank), "alpha": knobs.get("alpha", r.alpha),
+        recipe = {"recipe": "custom", "rank": run.rank, "alpha": run.alpha,
                   "learning_rate": r.learning_rate * run.lr_scale, "steps": run.steps}  # the DynamicCombo's value
         adapter = {"adapter": run.adapter or "lora", **{k: v for k, v in knobs.items() if k.startswith("lokr_")}}
         out = KleinLoRATrainer.execute(model=base_model, dataset=data, targets=targets, recipe=recipe,
