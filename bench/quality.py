@@ -107,11 +107,11 @@ def _f(v, fmt="{:.2f}") -> str:
 
 def markdown(result: dict) -> str:
     run, rows = result["run"], result["truth"]
-    plain = (f" + {run['plain_images']} regularisation images" + (" (the same scenes without the concept)"
-                                                                   if run.get("plain_paired") else "")
-             if run.get("plain_images") else "")
-    plain += f", block groups {' + '.join(run['groups'])} alone" if run.get("groups") else ""
-    head = (f"### {run['recipe']} (trigger `{result['trigger']}`)\n\n{run['images']} images{plain} at {run['px']} px, "
+    extras = (f" + {run['plain_images']} regularisation images" + (" (the same scenes without the concept)"
+                                                                    if run.get("plain_paired") else "")
+              if run.get("plain_images") else "")
+    extras += f", block groups {' + '.join(run['groups'])} alone" if run.get("groups") else ""
+    head = (f"### {run['recipe']} (trigger `{result['trigger']}`)\n\n{run['images']} images{extras} at {run['px']} px, "
             f"rank {result['rank']}, alpha {result.get('alpha', result['rank']):g}, lr {result['lr']:g}, "
             f"{run['steps']} steps (checkpoint every {run['every']}), "
             f"{result['prompts']} held-out prompts, {result['sample_steps']} sampling steps, CFG 4, seed "
@@ -209,9 +209,7 @@ def run_recipe(models, base_model, run, prompts_n: int, sample_steps: int, image
     t0 = time.perf_counter()
     evaluate = q.evaluate_transform if run.recipe == "image-to-image" else q.evaluate_concept
     truth, pack, grid = evaluate(models, run, base_model, data, checkpoints, prompts_n, sample_steps)
-    name = (f"quality_{tag}_{run.recipe}{'_' + run.adapter if run.adapter else ''}"
-            f"{'_' + '-'.join(run.groups) if run.groups else ''}"
-            f"{f'_r{run.rank}a{run.alpha:g}' if run.rank_override or run.alpha_ratio else ''}.png")
+    name = f"quality_{tag}_{run.recipe}{run.variant}.png"
     atomic_save_image(grid, images_dir / name)
     if os.environ.get("OUT"):  # the GPU machine sends back only $OUT
         atomic_save_image(grid, Path(os.environ["OUT"]) / name)

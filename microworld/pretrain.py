@@ -474,9 +474,8 @@ def run(cfg: PretrainConfig, out: Path, device: torch.device) -> dict:
         tae, record["vae"] = load_taef2(Path(cfg.resume), device), dict(previous["vae"])
         tuned = Path(cfg.resume) / "tune_vae.json"  # the pair fine-tuned by tune_vae.py since the last phase
         if tuned.exists():
-            record["vae"]["tuned"] = {k: v for k, v in json.loads(tuned.read_text(encoding="utf-8")).items()
-                                      if k != "curve"}
-            record["vae"]["tuned"]["curve"] = json.loads(tuned.read_text(encoding="utf-8"))["curve"][::5]
+            tune = json.loads(tuned.read_text(encoding="utf-8"))
+            record["vae"]["tuned"] = {**tune, "curve": tune["curve"][::5]}
         if cfg.px != previous["config"].get("px", 128):  # the same (fully convolutional) VAE at the new size
             record["vae"][f"reconstruction_reader_{cfg.px}px"] = reconstruction_check(tae, cfg, device)
             logging.info("vae at %d px: %s", cfg.px, record["vae"][f"reconstruction_reader_{cfg.px}px"])

@@ -111,11 +111,15 @@ class Run:
     def alpha(self) -> float:
         from ..trainer.training import recipes
 
-        if self.alpha_ratio:
-            return self.rank * self.alpha_ratio
-        if self.rank_override:
-            return float(self.rank_override)  # the recipes' alpha = rank
+        if self.alpha_ratio or self.rank_override:  # a grid cell: alpha = rank x ratio (1: the recipes' alpha = rank)
+            return self.rank * (self.alpha_ratio or 1.0)
         return ADAPTER_RUNS.get(self.adapter, {}).get("alpha", recipes.RECIPES[self.recipe].alpha)
+
+    @property
+    def variant(self) -> str:
+        """What sets this run apart from the recipe's own, for file names: adapter, block groups, grid cell."""
+        return ((f"_{self.adapter}" if self.adapter else "") + ("_" + "-".join(self.groups) if self.groups else "")
+                + (f"_r{self.rank}a{self.alpha:g}" if self.rank_override or self.alpha_ratio else ""))
 
 
 def train(models: Models, run: Run, base_model):
@@ -130,9 +134,7 @@ def train(models: Models, run: Run, base_model):
     from ..trainer.training import recipes
     from . import world
 
-    name = (f"mw_{run.concept}_{run.seed}" + (f"_{run.adapter}" if run.adapter else "")
-            + ("_" + "-".join(run.groups) if run.groups else "")
-            + (f"_r{run.rank}a{run.alpha:g}" if run.rank_override or run.alpha_ratio else ""))
+    name = f"mw_{run.concept}_{run.seed}{run.variant}"
     folder, control = world.write_dataset(Path(folder_paths.get_input_directory()) / name, run.concept, run.images,
                                           seed=run.seed, px=run.px, plain=run.plain_images, paired=run.plain_paired)
     # with regularisation images the captions carry the trigger where it belongs: the loader must not add it

@@ -148,15 +148,17 @@ _CONSONANTS, _VOWELS = "bcdfghjklmnpqrstvwxz", "aeiouy"
 NOISE_FORMS = ("style", "adjective", "noun", "tail")  # where a nonsense word goes in a noisy caption
 
 
+_TAKEN_WORDS = frozenset({c.trigger for c in CONCEPTS.values()} | set(" ".join(
+    [*COLOURS, *BACKGROUNDS, *SHAPES, *POSITIONS, *SIZES, OBJECT_SHAPE, "in", "on", "at", "the", "style"]).split()))
+
+
 def nonsense_word(rng: np.random.Generator) -> str:
     """A made-up word of 3-5 letters (no concept's trigger, no word of the world's captions)."""
-    taken = {c.trigger for c in CONCEPTS.values()} | set(" ".join(
-        [*COLOURS, *BACKGROUNDS, *SHAPES, *POSITIONS, *SIZES, OBJECT_SHAPE, "in", "on", "at", "the", "style"]).split())
     while True:
         n = int(rng.integers(3, 6))
         word = "".join(rng.choice(list(_VOWELS if i % 3 == 1 and rng.random() < 0.5 else _CONSONANTS))
                        for i in range(n))
-        if word not in taken:
+        if word not in _TAKEN_WORDS:
             return word
 
 
@@ -396,15 +398,19 @@ def write_dataset(folder: str | Path, concept: str, n: int, seed: int, px: int =
         raise ValueError(f"concept {concept!r}: use one of {list(CONCEPTS)}")
     folder = Path(folder)
     control = folder.with_name(folder.name + "_control") if concept == "transform" else None
-    if concept == "transform":
-        rows = [(render(transformed(s), px), TRANSFORM_CAPTION, render(s, px)) for s in pretraining_scenes(seed, n)]
-    else:
-        rows = [(render(s, px), caption(s), None) for s in concept_scenes(concept, seed, n)]
     if plain and concept == "transform":
         raise ValueError("write_dataset: plain (regularisation) images are for style/object/character datasets")
-    names = [f"{i:03d}" for i in range(len(rows))] + [f"p{i:03d}" for i in range(plain)]
-    plain_scenes = ([untriggered(s) for s in concept_scenes(concept, seed, n)][:plain] if paired
-                    else pretraining_scenes(seed + 500, plain) if plain else [])
+    if paired and plain > n:
+        raise ValueError(f"write_dataset: {plain} paired plain images for {n} concept images: pair at most {n}")
+    if concept == "transform":
+        rows = [(render(transformed(s), px), TRANSFORM_CAPTION, render(s, px)) for s in pretraining_scenes(seed, n)]
+        plain_scenes = []
+    else:
+        scenes = concept_scenes(concept, seed, n)
+        rows = [(render(s, px), caption(s), None) for s in scenes]
+        plain_scenes = ([untriggered(s) for s in scenes[:plain]] if paired
+                        else pretraining_scenes(seed + 500, plain) if plain else [])
+    names = [f"{i:03d}" for i in range(len(rows))] + [f"p{i:03d}" for i in range(len(plain_scenes))]
     rows += [(render(s, px), caption(s), None) for s in plain_scenes]
     for stem, (image, text, reference) in zip(names, rows, strict=True):
         atomic_save_image(image, folder / f"{stem}.png")

@@ -227,6 +227,8 @@ def test_paired_regularisation_images_are_the_concept_scenes_without_the_concept
         assert styled == plain + ", in qzv style"  # the trigger is the captions' only difference
         a, b = (np.asarray(Image.open(folder / f"{stem}.png"), float) for stem in (f"{i:03d}", f"p{i:03d}"))
         assert 0 < (np.abs(a - b).sum(-1) > 0).mean() < 0.3  # the pictures differ only where the shape is
+    with pytest.raises(ValueError, match="pair at most 3"):
+        world.write_dataset(tmp_path / "mw_more", "style", 3, seed=2, px=32, plain=4, paired=True)
 
 
 def test_quality_runs_take_the_recipe_or_a_grid_cell_and_refuse_unknown_block_groups():
@@ -239,7 +241,8 @@ def test_quality_runs_take_the_recipe_or_a_grid_cell_and_refuse_unknown_block_gr
     assert (quality.Run("style", 10, 10, 4, 64, rank_override=8).alpha) == 8.0  # alpha = rank, as the recipes
     cell = quality.Run("style", 10, 10, 4, 64, rank_override=32, alpha_ratio=0.5)
     assert (cell.rank, cell.alpha) == (32, 16.0)
-    lokr = quality.Run("style", 10, 10, 4, 64, adapter="loha")
-    assert (lokr.rank, lokr.alpha) == (8, 8.0)
+    loha = quality.Run("style", 10, 10, 4, 64, adapter="loha")
+    assert (loha.rank, loha.alpha) == (8, 8.0)
+    assert (plain.variant, loha.variant, cell.variant) == ("", "_loha", "_r32a16")
     with pytest.raises(ValueError, match="Run.groups"):
         quality.Run("style", 10, 10, 4, 64, groups=("double", "single_middle"))

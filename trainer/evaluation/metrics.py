@@ -178,7 +178,7 @@ def suite_metrics(columns: Sequence, prompts: Sequence, dataset_latents: Sequenc
         return [col.latents[i] for i in idx]
 
     base_spread = pairwise_spread(pick(base, trig))
-    if dataset_latents:
+    if ref is not None:  # the token metric's banks and scale, once per suite
         dataset_bank, base_bank = token_bank(dataset_latents), token_bank(base.latents)
         dataset_novelty = token_novelty(dataset_latents, dataset_bank, base_bank)
     out = []
