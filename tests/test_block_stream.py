@@ -360,6 +360,18 @@ def _step(model, x, streamer=None):
     return h.detach()
 
 
+def _fetched_storages(monkeypatch) -> set[int]:
+    """The storages (by address) that the streamer's fetched copies are views into, filled as it fetches."""
+    found, fetch = set(), block_stream.BlockStreamer._fetch
+
+    def spy(self, index):
+        copies, event = fetch(self, index)
+        found.update(c.untyped_storage().data_ptr() for c in copies)
+        return copies, event
+    monkeypatch.setattr(block_stream.BlockStreamer, "_fetch", spy)
+    return found
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_streamer_alone_matches_resident_and_keeps_two_blocks_at_most(comfy, monkeypatch, device):
     """6 blocks of 1024² weights, the last 4 streamed: the output and input gradient equal the resident run's,
@@ -374,6 +386,7 @@ def test_streamer_alone_matches_resident_and_keeps_two_blocks_at_most(comfy, mon
     xr = x.to(device).requires_grad_(True)
     out_ref = _step(ref_model, xr)
     streamer = block_stream.BlockStreamer(block_stream.execution_order(model), range(resident, n), device)
+    storages = _fetched_storages(monkeypatch)
     with streamer.streaming(model):
         if device == "cuda":
             torch.cuda.synchronize()
@@ -388,6 +401,9 @@ def test_streamer_alone_matches_resident_and_keeps_two_blocks_at_most(comfy, mon
             # activations here are 64 x 1024 floats per block (256 KiB): small beside a 4 MiB block
             assert peak_weights < 3 * block, f"{peak_weights / block:.2f} blocks' worth on the card at the peak"
     assert torch.equal(out, out_ref) and torch.equal(xs.grad, xr.grad)
+    # 7 fetches of 4 blocks, all into the same two buffers (the card's use is fixed for the run), the output and
+    # gradient still exact: no buffer was written again before backward had read the copies in it
+    assert len(storages) == 2, f"copies in {len(storages)} buffers"
     # forward: each streamed block once (the last stays for its recompute); backward: the others again
     assert streamer.fetches == 2 * (n - resident) - 1 and streamer.max_live == 2
     after = model.state_dict()

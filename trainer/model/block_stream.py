@@ -1,7 +1,8 @@
 """Frozen blocks streamed from CPU memory (`offload_blocks`): the first blocks stay on the card, the others live in
 pinned host memory and are copied host -> device one block ahead of use, in the forward and in backward's
-recompute, on a copy stream of their own; the copies are dropped after use (what backward saved of them, once it
-has run) and never copied back (the weights are frozen). A use sets each copy as an object of its own in the
+recompute, on a copy stream of their own, into one of two device buffers that the next fetch but one writes again
+(what backward saved of a copy is read before that); nothing is copied back (the weights are frozen). A use sets
+each copy as an object of its own in the
 module, never into the block's Parameter (`_Slot` says why: the first GPU run). The LoRA parameters, the non-block
 layers and the resident blocks stay on the card.
 
@@ -10,8 +11,8 @@ What is reused from ComfyUI and what is not:
   `comfy_cast_weights` on, as `ModelPatcher.load(lowvram_model_memory=...)` leaves the layers it offloads. Anything
   else that runs the model meanwhile (the checkpoint sampler) goes through ComfyUI's per-layer cast
   (`comfy.ops.cast_bias_weight`), and host memory is pinned with `comfy.model_management.pin_memory`, within
-  ComfyUI's pinned-memory budget; copies go through `comfy.model_management.cast_to`. (The live sampler's
-  compiled blocks then trace that per-layer path; on the GPU that is untested so far.)
+  ComfyUI's pinned-memory budget. (The live sampler's compiled blocks then trace that per-layer path; on the GPU
+  that is untested so far.)
 - The steps do not use that per-layer path: it casts each linear on the compute stream's schedule just before the
   product (no block ahead), and autograd keeps every cast weight alive from the forward to the backward, so all
   streamed weights would sit on the card at the peak. Nor ComfyUI's choice of what to offload: `load()` offloads
@@ -19,6 +20,13 @@ What is reused from ComfyUI and what is not:
   sync per layer and return none under torch.compile. Here a whole block is staged on one copy stream, ordered with
   an event, and a streamed block always runs under non-reentrant checkpointing (trainer/model/checkpointing.py),
   so between its forward and its recompute no weight of it is held.
+- Nor `comfy.model_management.cast_to` for the copies: it allocates a new tensor per copy. Here every fetch copies
+  into one of two device buffers made once per run (`_CopyBuffers`), each the size of the largest streamed block, so
+  the card's use is fixed for the whole run: allocating per fetch on the copy stream and handing each copy to the
+  compute stream (`record_stream`) left the caching allocator two pools that churn at every block, and the first
+  GPU soak under a 4 GiB cap ran out of memory after a few hundred steps that way (bench/RESULTS.md). A buffer is
+  written again only after the compute stream has passed everything issued before the fetch (an event), which
+  covers the last block that used it: its backward is issued before the recompute that asks for the next copy.
 
 Prefetch order: forward, the next streamed block; in backward (the recompute), the previous one. The last
 streamed block stays for its own recompute, which comes first in backward, and the first stays for the next
@@ -39,6 +47,7 @@ import torch
 from . import offload_plan
 
 FORCE_ON_CPU_ENV = "KLEIN_LORA_STREAM_ON_CPU"
+ALIGN = 256  # bytes: where each tensor of a block starts in a copy buffer (any dtype's view is aligned there)
 
 
 def forced_on_cpu() -> bool:
@@ -112,6 +121,9 @@ class BlockStreamer:
         self._moved: list[tuple[torch.nn.Module, str, bool, torch.Tensor]] = []
         self._pinned: list[torch.Tensor] = []
         self._cast_flags: dict[int, list[tuple[torch.nn.Module, bool, bool]]] = {}  # (module, own attribute, value)
+        self._offsets: dict[int, list[int]] = {}  # block -> where each of its slots starts in a copy buffer
+        self._buffers: list[torch.Tensor] = []  # the copy buffers, made at the first fetch
+        self._buffer_of: dict[int, int] = {}  # block -> the buffer its live copies are in
         self.fetches = 0  # block copies made (a test and the bench read these)
         self.max_live = 0  # most blocks with a device copy at once
 
@@ -147,6 +159,7 @@ class BlockStreamer:
                 own = "comfy_cast_weights" in vars(module)
                 self._cast_flags.setdefault(block, []).append((module, own, module.comfy_cast_weights))
                 module.comfy_cast_weights = True  # ComfyUI's mark of a layer whose weights live off the card
+        self._offsets = {block: _layout(slots)[0] for block, slots in self._slots.items()}
         streamed = sum(s.host.nbytes for slots in self._slots.values() for s in slots)
         logging.info("Klein LoRA: %d of %d blocks stream from CPU memory (%.2f GiB), %d stay on %s",
                      len(self.streamed), len(self.blocks), streamed / 2**30, len(self.blocks) - len(self.streamed),
@@ -168,9 +181,12 @@ class BlockStreamer:
 
     def restore(self) -> None:
         """Every tensor back as it was (the originals themselves), ComfyUI's flags as they were."""
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()  # no copy into a buffer still on its way when the buffers are let go
         self._forget_in_comfy()
         self._active.clear()
         self._staged.clear()
+        self._buffers, self._buffer_of, self._offsets = [], {}, {}
         for slots in self._slots.values():
             for s in slots:
                 s.at_home()
@@ -188,8 +204,6 @@ class BlockStreamer:
             for t in self._pinned:
                 mm.unpin_memory(t)
         self._slots, self._moved, self._pinned, self._cast_flags = {}, [], [], {}
-        if self.copy_stream is not None:
-            self.copy_stream.synchronize()
 
     def _forget_in_comfy(self) -> None:
         """Let ComfyUI unload what its loader holds of this model (the checkpoint sampler loads it), so its
@@ -214,10 +228,7 @@ class BlockStreamer:
     def acquire(self, index: int) -> None:
         copies, event = self._staged.pop(index, None) or self._fetch(index)
         if event is not None:
-            current = torch.cuda.current_stream(self.device)
-            current.wait_event(event)
-            for c in copies:
-                c.record_stream(current)  # the allocator reuses the memory only after the compute stream is done
+            torch.cuda.current_stream(self.device).wait_event(event)
         for slot, c in zip(self._slots[index], copies, strict=True):
             slot.put(c)
         self._cast_flag(index, False)
@@ -246,17 +257,38 @@ class BlockStreamer:
         return None if torch.is_grad_enabled() else self.streamed[0]  # sampling: the next forward's first
 
     def _fetch(self, index: int) -> tuple[list[torch.Tensor], object]:
+        """The block's tensors copied into a free buffer (views at fixed offsets); on CUDA the copies wait for the
+        compute stream to pass what was issued so far (the buffer's previous block) and end with an event."""
         self.fetches += 1
         slots = self._slots[index]
-        if self.copy_stream is None:  # the CPU (forced): a separate tensor stands for the device copy
-            return [s.device_copy(s.host.clone()) for s in slots], None
-        import comfy.model_management as mm
-
-        with torch.cuda.stream(self.copy_stream):  # allocated and copied on the copy stream, ordered by the event
-            copies = [s.device_copy(mm.cast_to(s.host, None, self.device, non_blocking=True)) for s in slots]
+        buffer = self._free_buffer(index)
+        views = [buffer[at:at + s.host.nbytes].view(s.host.dtype).view(s.host.shape)
+                 for s, at in zip(slots, self._offsets[index], strict=True)]
+        if self.copy_stream is None:  # the CPU (forced): the buffer stands for device memory
+            for view, s in zip(views, slots, strict=True):
+                view.copy_(s.host)
+            return [s.device_copy(v) for s, v in zip(slots, views, strict=True)], None
+        passed = torch.cuda.Event()
+        passed.record(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.copy_stream):
+            self.copy_stream.wait_event(passed)
+            for view, s in zip(views, slots, strict=True):
+                view.copy_(s.host, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.copy_stream)
-        return copies, event
+        return [s.device_copy(v) for s, v in zip(slots, views, strict=True)], event
+
+    def _free_buffer(self, index: int) -> torch.Tensor:
+        """A copy buffer no live block's copies are in (the block in use and the one staged: two at most, so two
+        buffers; another is made only if more are ever live at once)."""
+        busy = {self._buffer_of[b] for b in (*self._active, *self._staged) if b in self._buffer_of and b != index}
+        free = next((i for i in range(len(self._buffers)) if i not in busy), None)
+        if free is None:
+            size = max(_layout(slots)[1] for slots in self._slots.values())
+            self._buffers.append(torch.empty(size, dtype=torch.uint8, device=self.device))
+            free = len(self._buffers) - 1
+        self._buffer_of[index] = free
+        return self._buffers[free]
 
     def _cast_flag(self, index: int, off_card: bool) -> None:
         """comfy_cast_weights on between uses (ComfyUI casts per layer), as it was while the block runs here."""
@@ -265,6 +297,15 @@ class BlockStreamer:
 
     def live_blocks(self) -> int:
         return len(self._active) + len(self._staged)
+
+
+def _layout(slots: Sequence[_Slot]) -> tuple[list[int], int]:
+    """Where each slot's tensor starts in a copy buffer, and the bytes the block takes there."""
+    offsets, end = [], 0
+    for s in slots:
+        offsets.append(end)
+        end += -(-s.host.nbytes // ALIGN) * ALIGN
+    return offsets, end
 
 
 def _in_backward() -> bool:
