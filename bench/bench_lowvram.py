@@ -99,7 +99,8 @@ def run(pcn, sd, name: str, mode: str, warm: int, steps: int, res: int, sample_e
         try:
             result = loop.train_lora(patcher, data, targets, cfg, Path(out), hooks)
         except torch.cuda.OutOfMemoryError as e:  # where it ran out, and the memory trace up to there (the soak)
-            return dict(error="OOM", oom_at_step=len(stamps), oom_message=str(e)[:400], mem_trace=trace, **mem)
+            return dict(error="OOM", oom_at_step=len(stamps), oom_message=_torch_part(str(e)), mem_trace=trace,
+                        oom_stats=_allocator_stats(), streamed_blocks=_streamed(streamers), **mem)
     times = [b - a for a, b in zip(stamps[warm - 1:-1], stamps[warm:], strict=True)]
     steady = bs.peak_gib()
     row = dict(model=name, res=res, mode=mode, step_s=statistics.median(times),
@@ -118,10 +119,34 @@ def run(pcn, sd, name: str, mode: str, warm: int, steps: int, res: int, sample_e
     return row
 
 
+def _torch_part(message: str) -> str:
+    """The allocator's own words (what it tried to allocate, what was free, reserved but unallocated), which the
+    trainer's advice before them would push out of a cut message."""
+    at = message.find("(torch:")
+    return (message[at:] if at >= 0 else message)[:700]
+
+
+def _allocator_stats() -> dict:
+    """The caching allocator's state when it gave up (GiB; fragmentation = reserved - allocated)."""
+    import torch
+
+    stats = torch.cuda.memory_stats() if torch.cuda.is_available() else {}
+    gib = {k: stats.get(k, 0) / 2**30 for k in ("allocated_bytes.all.current", "reserved_bytes.all.current",
+                                                "allocated_bytes.all.peak", "inactive_split_bytes.all.current")}
+    return dict(gib, num_alloc_retries=stats.get("num_alloc_retries"), num_ooms=stats.get("num_ooms"))
+
+
+def _streamed(streamers: list) -> list | None:
+    return [len(streamers[-1].streamed), len(streamers[-1].blocks)] if streamers else None
+
+
 def one(model: str, mode: str, warm: int, steps: int, res: int, cap_gib: float = 0.0, sample_every: int = 50) -> None:
     """One config in this process: a model loaded before it would still count towards the peak here."""
     import torch
 
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # the trainer's plan
     pcn = bs.setup_comfy()
     hidden, depth, single, ctx = pcn.SIZES[model]
     sd = {k: v.cpu() for k, v in pcn.random_sd(hidden, depth, single, ctx).items()}  # made on the card, in bf16

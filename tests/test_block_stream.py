@@ -270,7 +270,7 @@ def test_auto_keeps_what_fits_of_the_real_model(setup, forced):
     device = torch.device("cpu")
 
     def use(n):
-        return offload_plan.device_bytes(n, blocks, fixed, block_stream.needs_bytes(dm, shape, n)) + offload_plan.MARGIN
+        return offload_plan.planned_bytes(n, blocks, fixed, block_stream.needs_bytes(dm, shape, n))
     for n in range(len(blocks) + 1):
         kept = block_stream.choose_resident("auto", dm, device, shape, use(n))
         assert kept >= n and use(kept) <= use(n), (n, kept)
@@ -283,8 +283,9 @@ def test_auto_keeps_what_fits_of_the_real_model(setup, forced):
 
 def test_plan_numbers():
     # activations: 2 blocks of width 4 over 10 tokens in bf16 (80 bytes per width), one checkpointed (keeps its
-    # input), one not (keeps its 24-width working set), plus one block's working set in flight
-    assert offload_plan.activation_bytes(4, 10, 1, [True, False]) == 80 + 24 * 80 + 24 * 80
+    # input), one not (keeps its working set of BLOCK_PEAK_WIDTHS widths), plus one block's working set in flight
+    w = offload_plan.BLOCK_PEAK_WIDTHS
+    assert offload_plan.activation_bytes(4, 10, 1, [True, False]) == 80 + w * 80 + w * 80
     assert offload_plan.lora_bytes(1000, "AdamW") == 16_000 and offload_plan.lora_bytes(1000, "AdamW8bit") == 10_000
     assert offload_plan.in_flight_bytes([5, 9, 7]) == 18 and offload_plan.in_flight_bytes([]) == 0
     assert offload_plan.image_tokens(1024, 1024) == 4096
@@ -293,14 +294,17 @@ def test_plan_numbers():
     def needs(n):
         return 200
     # everything fits: 50 fixed + 1000 of blocks + 200 of needs
-    assert offload_plan.resident_blocks(1250, blocks, 50, needs, margin=0) == 10
+    assert offload_plan.resident_blocks(1250, blocks, 50, needs, margin=0, reserve=0) == 10
     # a byte less: 9 resident need 50 + 900 + 2 x 100 in flight + 200 = 1350, 8 need 1250, 7 need 1150
-    assert offload_plan.resident_blocks(1249, blocks, 50, needs, margin=0) == 7
-    assert offload_plan.resident_blocks(450, blocks, 50, needs, margin=0) == 0  # 0 resident need 450
-    assert not offload_plan.fits(0, 449, blocks, 50, needs, margin=0)
-    assert offload_plan.resident_blocks(449, blocks, 50, needs, margin=0) == 0
+    assert offload_plan.resident_blocks(1249, blocks, 50, needs, margin=0, reserve=0) == 7
+    assert offload_plan.resident_blocks(450, blocks, 50, needs, margin=0, reserve=0) == 0  # 0 resident need 450
+    assert not offload_plan.fits(0, 449, blocks, 50, needs, margin=0, reserve=0)
+    assert offload_plan.resident_blocks(449, blocks, 50, needs, margin=0, reserve=0) == 0
     # needs that grow with the resident blocks (uncheckpointed residents keep activations) lower the count
-    assert offload_plan.resident_blocks(1249, blocks, 50, lambda n: 200 + 60 * n, margin=0) == 4
+    assert offload_plan.resident_blocks(1249, blocks, 50, lambda n: 200 + 60 * n, margin=0, reserve=0) == 4
+    # the allocator's reserve: 8 resident use 1250, with 10% over it 1375 > 1300; 7 use 1150, planned 1265
+    assert offload_plan.resident_blocks(1300, blocks, 50, needs, margin=0, reserve=0.1) == 7
+    assert offload_plan.planned_bytes(7, blocks, 50, 200, margin=10, reserve=0.1) == 1275
 
 
 def test_klein_9b_at_1024_in_8_gib_streams_part_of_the_base():
@@ -320,7 +324,7 @@ def test_klein_9b_at_1024_in_8_gib_streams_part_of_the_base():
     n = offload_plan.resident_blocks(8 * 2**30, blocks, fixed, needs)
     assert sum(blocks) > 8 * 2**30 - fixed - needs(0), "the 9B base alone must not fit the 8 GiB card here"
     assert 0 < n < len(blocks), n
-    assert offload_plan.device_bytes(n, blocks, fixed, needs(n)) + offload_plan.MARGIN <= 8 * 2**30
+    assert offload_plan.planned_bytes(n, blocks, fixed, needs(n)) <= 8 * 2**30
 
 
 # ------------------------------------------------------------------ the streamer alone, on the CPU and on a GPU

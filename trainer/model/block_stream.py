@@ -387,7 +387,7 @@ def choose_resident(choice: str, diffusion_model: torch.nn.Module, device: torch
         return needs_bytes(diffusion_model, shape, n)
     n = offload_plan.resident_blocks(free_bytes, blocks, fixed, needs)
     if n == 0 and not offload_plan.fits(0, free_bytes, blocks, fixed, needs):
-        need = offload_plan.device_bytes(0, blocks, fixed, needs(0)) + offload_plan.MARGIN
+        need = offload_plan.planned_bytes(0, blocks, fixed, needs(0))
         logging.warning("Klein LoRA: offload_blocks 'auto': even with every block streamed the run needs an estimated "
                         "%.1f GiB and %.1f GiB are free; starting anyway (lower batch_size or the resolution if it "
                         "runs out of memory).", need / 2**30, free_bytes / 2**30)

@@ -6,11 +6,14 @@ turns them and the run's needs into a count. The needs are estimates from sizes 
 - activations: a checkpointed block keeps only its input stream (tokens x width) until backward, plus one
   block's forward and backward in flight while it is recomputed (`BLOCK_PEAK_WIDTHS` widths per token: a
   klein single block's linear1 writes 9 widths per token - q, k, v and the gated MLP's 6 -, linear2 reads 4, and
-  autocast keeps float32 copies around the norms); a block that is not checkpointed keeps all of that for backward;
+  autocast keeps float32 copies around the norms; measured, not derived: see the constant); a block that is not
+  checkpointed keeps all of that for backward;
 - the LoRA: its float32 parameters and gradients and the optimizer's moments (AdamW 8 bytes per parameter,
   torchao's AdamW8bit 2, Adafactor's factored moments ~0);
 - in flight: the streamed block in use and the next one being copied (two of the largest streamed blocks);
-- `MARGIN`: what the estimates do not cover (cuBLAS workspaces, the allocator's fragmentation, compiled kernels).
+- the caching allocator's reserve above what is allocated (`RESERVE_SHARE`): a card-size limit counts reserved
+  memory, and a plan that fills the card with allocations alone runs out once fragmentation grows;
+- `MARGIN`: what the estimates do not cover (cuBLAS workspaces, compiled kernels).
 
 The resident blocks are the first ones in execution order (double blocks, then single blocks): the copy of the
 first streamed block then overlaps the resident blocks' forward, and after the backward reaches the streamed
@@ -21,8 +24,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 OFF, AUTO = "off", "auto"
-BLOCK_PEAK_WIDTHS = 24  # per token, in the compute dtype: one block's forward + backward working set (estimate)
-MARGIN = 768 * 2**20  # bytes the estimates leave free (workspaces, fragmentation)
+# Per token, in the compute dtype: one block's forward + backward working set. Measured on the H200 (bench/RESULTS.md,
+# klein 4B 1024² streamed under 4 GiB, session 8): steady peak 3.418 GiB less the weights on the card, the copies in
+# flight and the LoRA's state left ~1.44 GiB of activations, 55 widths of 4,608 tokens x 3,072; less the 25 kept
+# block inputs, ~30 in flight (the first estimate, 24, planned 9B under 8 GiB into an out-of-memory first step).
+BLOCK_PEAK_WIDTHS = 32
+# The allocator's reserve over its allocated peak, measured uncapped on the same runs: klein 4B 6.20 GiB reserved for
+# a 5.60 GiB peak (+10.7%), 9B 12.22 for 11.41 (+7.1%).
+RESERVE_SHARE = 0.10
+MARGIN = 512 * 2**20  # bytes the estimates leave free beyond that (workspaces, compiled kernels)
 OPTIMIZER_MOMENT_BYTES = {"AdamW": 8, "AdamW8bit": 2, "Adafactor": 0}
 
 
@@ -67,14 +77,20 @@ def device_bytes(resident: int, blocks: Sequence[int], fixed: int, needs: int) -
     return fixed + sum(blocks[:resident]) + in_flight_bytes(blocks[resident:]) + needs
 
 
+def planned_bytes(resident: int, blocks: Sequence[int], fixed: int, needs: int, margin: int = MARGIN,
+                  reserve: float = RESERVE_SHARE) -> int:
+    """What the card must have free for the plan: its use, the allocator's reserve over it, and the margin."""
+    return int(device_bytes(resident, blocks, fixed, needs) * (1 + reserve)) + margin
+
+
 def fits(resident: int, free: int, blocks: Sequence[int], fixed: int, needs: Callable[[int], int],
-         margin: int = MARGIN) -> bool:
-    return device_bytes(resident, blocks, fixed, needs(resident)) + margin <= free
+         margin: int = MARGIN, reserve: float = RESERVE_SHARE) -> bool:
+    return planned_bytes(resident, blocks, fixed, needs(resident), margin, reserve) <= free
 
 
 def resident_blocks(free: int, blocks: Sequence[int], fixed: int, needs: Callable[[int], int],
-                    margin: int = MARGIN) -> int:
+                    margin: int = MARGIN, reserve: float = RESERVE_SHARE) -> int:
     """The most blocks (the first, in execution order) that fit in `free` bytes with the rest streamed; every block
     when the whole base fits, 0 when not even streaming everything fits (the run then starts and may still fit: the
     needs are estimates). `needs(n)`: the run's needs with `n` blocks resident (streamed blocks are checkpointed)."""
-    return next((n for n in range(len(blocks), -1, -1) if fits(n, free, blocks, fixed, needs, margin)), 0)
+    return next((n for n in range(len(blocks), -1, -1) if fits(n, free, blocks, fixed, needs, margin, reserve)), 0)
