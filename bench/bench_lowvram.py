@@ -142,9 +142,9 @@ def _streamed(streamers: list) -> list | None:
 
 def one(model: str, mode: str, warm: int, steps: int, res: int, cap_gib: float = 0.0, sample_every: int = 50) -> None:
     """One config in this process: a model loaded before it would still count towards the peak here."""
-    import torch
-
     import logging
+
+    import torch
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # the trainer's plan
     pcn = bs.setup_comfy()
