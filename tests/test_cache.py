@@ -89,3 +89,16 @@ def test_second_run_reencodes_only_what_changed(tiny, tmp_path):
         ch.encode_folder_cached(folder, vae, clip, 128, "zxq", cache_dir)
     assert vae.calls == 8, "an unreadable entry is encoded again (once), not trusted"
     assert not list(cache_dir.rglob("*.tmp-*"))
+
+
+def test_module_identity_of_a_tensor_whose_last_index_float32_rounds_up():
+    """2**25 + 4 elements: the last index, 2**25 + 3, is 2**25 + 4 in float32 (spacing 4 there), one past the end;
+    the first real-size run (Qwen3-4B's 388,956,160-element embedding) failed there with an IndexError. The last
+    element is sampled: changing it changes the identity."""
+    n = 2**25 + 4
+    assert int(torch.tensor(float(n - 1), dtype=torch.float32).item()) == n  # the rounding the fix avoids
+    module = torch.nn.Module()
+    module.register_buffer("big", torch.zeros(n, dtype=torch.uint8))
+    before = ch.module_identity(module)
+    module.big[-1] = 1
+    assert ch.module_identity(module) != before
