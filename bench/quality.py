@@ -198,7 +198,8 @@ def write_docs(results: list[dict], doc: Path, tag: str) -> None:
     atomic_write_text(text, doc)
 
 
-def run_recipe(models, base_model, run, prompts_n: int, sample_steps: int, images_dir: Path, tag: str) -> dict:
+def run_recipe(models, base_model, run, prompts_n: int, sample_steps: int, images_dir: Path, tag: str,
+               strengths: list[float] | None = None) -> dict:
     import torch
     from klein_lora_studio.microworld import quality as q
     from klein_lora_studio.microworld import world
@@ -222,7 +223,19 @@ def run_recipe(models, base_model, run, prompts_n: int, sample_steps: int, image
               "truth": truth, "pack": pack, "grid": name}
     if pack:
         result["calibration"] = q.calibration(truth, pack)
+    if strengths and run.recipe != "image-to-image":
+        result["strengths"] = q.evaluate_strengths(models, run, base_model, checkpoints[-1], strengths, prompts_n,
+                                                   sample_steps)
     return result
+
+
+def sweep_file(models, base_model, run, lora: Path, strengths: list[float], prompts_n: int, sample_steps: int) -> dict:
+    """--lora: an existing LoRA file at each strength, no training (the file of an earlier run, e.g. its final one)."""
+    from klein_lora_studio.microworld import quality as q
+
+    return {"run": {k: v for k, v in vars(run).items()}, "lora": str(lora), **file_facts(lora), "prompts": prompts_n,
+            "sample_steps": sample_steps, "models": models.kind,
+            "strengths": q.evaluate_strengths(models, run, base_model, lora, strengths, prompts_n, sample_steps)}
 
 
 def save(results: list[dict], args) -> None:
@@ -235,6 +248,19 @@ def save(results: list[dict], args) -> None:
     if os.environ.get("OUT"):
         atomic_write_text(raw, Path(os.environ["OUT"]) / f"quality_{args.tag}.json")
         write_docs(results, Path(os.environ["OUT"]) / "quality.md", args.tag)
+
+
+def _sweep_only(args, models, base_model, strengths: list[float]) -> int:
+    from klein_lora_studio.microworld import quality as q
+    from klein_lora_studio.trainer.paths import atomic_write_text
+
+    if not strengths:
+        raise SystemExit("--lora needs --strengths (the load strengths to sample it at)")
+    run = q.Run(args.recipes.split(",")[0].strip(), args.steps, args.every, args.images, args.px, args.seed)
+    result = sweep_file(models, base_model, run, args.lora, strengths, args.prompts, args.sample_steps)
+    atomic_write_text(json.dumps(result, indent=1, default=str), HERE / "results" / f"quality_{args.tag}.json")
+    logging.info("quality: %s", json.dumps(result["strengths"], default=str)[:2000])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                     "recipe's, e.g. 8x1,16x1,32x1,16x0.5,16x2 (every run keeps its checkpoints: the steps axis)")
     ap.add_argument("--plain-paired", action="store_true",
                     help="the regularisation images are the concept images' own scenes without the concept")
+    ap.add_argument("--strengths", default="", help="issue 18 item 3: the final LoRA also sampled at these load "
+                    "strengths, e.g. 0.5,1,1.5,2 (concept recipes)")
+    ap.add_argument("--lora", type=Path, default=None, help="with --strengths: sweep this LoRA file of the (one) "
+                    "recipe instead of training")
     ap.add_argument("--tag", default="cpu")
     ap.add_argument("--docs", type=Path, default=REPO / "docs", help="where quality.md and images/ go")
     ap.add_argument("--weights", type=Path, default=None, help="micro weights folder (default: the committed ones)")
@@ -275,13 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     adapters = [a.strip() for a in args.adapters.split(",") if a.strip()] or [""]
     group_sets = [tuple(g.split("+")) for g in args.groups.split(",") if g.strip()] or [()]
     cells = [(int(c.split("x")[0]), float(c.split("x")[1])) for c in args.cells.split(",") if c.strip()] or [(0, 0.0)]
+    strengths = [float(x) for x in args.strengths.split(",") if x.strip()]
+    if args.lora is not None:
+        return _sweep_only(args, models, base_model, strengths)
     for recipe, adapter, groups, (rank, ratio) in [(r.strip(), a, g, c) for r in args.recipes.split(",") if r.strip()
                                                    for a in adapters for g in group_sets for c in cells]:
         run = q.Run(recipe, args.steps, args.every, args.images, args.px, args.seed, args.lr_scale, args.base_compute,
                     adapter, plain_images=0 if recipe == "image-to-image" else args.plain_images, groups=groups,
                     plain_paired=args.plain_paired, rank_override=rank, alpha_ratio=ratio)
         results.append(run_recipe(models, base_model, run, args.prompts, args.sample_steps,
-                                  args.docs / "images", args.tag))
+                                  args.docs / "images", args.tag, strengths))
         logging.info("quality: %s", json.dumps({k: results[-1][k] for k in ("truth", "calibration")
                                                 if k in results[-1]}, default=str)[:2000])
         save(results, args)  # after every recipe: a run cut short keeps what it finished

@@ -228,6 +228,23 @@ def evaluate_concept(models: Models, run: Run, base_model, data, checkpoints, pr
     return truth, pack_metrics(columns, prompts, data), concept_grid(columns, prompts, f"{run.recipe}: held-out prompts")
 
 
+def evaluate_strengths(models: Models, run: Run, base_model, lora: Path, strengths, prompts_n: int,
+                       sample_steps: int) -> list[dict]:
+    """One LoRA file at each strength (as the Strength Sweep node and Load LoRA apply it) on the held-out suite:
+    ground truth per strength, the base first (issue 18 item 3: is alpha/rank, or the load strength, the strength?)."""
+    from ..trainer.evaluation import sampling as sp
+
+    prompts, scenes = concept_suite(run.concept, prompts_n, run.seed)
+    rows = []
+    with torch_inference():
+        for i, strength in enumerate(strengths):
+            columns = sp.sample_checkpoints(base_model, models.clip, models.vae, [lora], prompts,
+                                            settings_for(run, sample_steps), include_base=i == 0, strength=strength)
+            for row in score_concept_columns(columns, prompts, scenes, run.concept):
+                rows.append({**row, "strength_applied": 0.0 if row["step"] == 0 else strength})
+    return rows
+
+
 def torch_inference():
     import torch
 

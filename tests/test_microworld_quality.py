@@ -41,3 +41,17 @@ def test_image_to_image_lora_applies_its_transform_to_heldout_references(micro_m
     assert trained["error"] < 0.25 * trained["mean_target_error"], rows  # measured 0.10x (0.026 / 0.262)
     # not asserted: the swapped colour itself (1 of 8 references at step 360, 2 of 8 at 480, the base's 1 of 8,
     # chance 1 of 8): the LoRA has learned to keep the reference's layout and background, and is still learning the swap
+
+
+def test_strength_sweep_rows_follow_the_load_strength(micro_models):
+    """The quality bench's strength sweep (issue 18 item 3): one LoRA file sampled at each load strength as the
+    Strength Sweep node applies it; the base first, then a row per strength, and at strength 0 the LoRA is the base
+    (the same ground truth on every prompt). 2 training steps, 2 prompts, 2 sampling steps: ~20 s on 2 CPU cores."""
+    base = micro_models.unet()
+    run = quality.Run("style", steps=2, every=2, images=4, px=128, seed=0, lr_scale=50.0)
+    _, checkpoints, _, _ = quality.train(micro_models, run, base)
+    rows = quality.evaluate_strengths(micro_models, run, base, checkpoints[-1], [0.0, 2.0], prompts_n=2,
+                                      sample_steps=2)
+    assert [r["strength_applied"] for r in rows] == [0.0, 0.0, 2.0] and rows[0]["step"] == 0
+    keys = ("strength", "leakage", "flexibility", "per_attribute")
+    assert {k: rows[1][k] for k in keys} == {k: rows[0][k] for k in keys}, rows
