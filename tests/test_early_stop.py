@@ -45,6 +45,15 @@ def test_a_flagged_checkpoint_whose_strength_still_rises_is_not_past_the_peak():
     assert early_stop.past_peak([m(1, -0.1, leak=HIGH_LEAK)]) == [True]
 
 
+def test_the_token_strength_decides_the_rise_where_it_is_measured():
+    """A flagged checkpoint whose channel statistic fell but whose token strength still rises is not past the peak
+    (metrics.strength_of: the strength recommend ranks by)."""
+    flagged = [dataclasses.replace(m(1, 0.5), token_strength=0.02), dataclasses.replace(
+        m(2, 0.1, flex=LOW_FLEX), token_strength=0.04)]
+    assert early_stop.past_peak(flagged) == [False, False]
+    assert early_stop.past_peak([flagged[0], dataclasses.replace(flagged[1], token_strength=0.01)]) == [False, True]
+
+
 def test_leakage_counts_like_collapse_and_an_unflagged_checkpoint_resets_the_count():
     leaky = [m(1, 0.5), m(2, 0.45, leak=HIGH_LEAK), m(3, 0.4), m(4, 0.4, leak=HIGH_LEAK)]
     assert early_stop.past_peak(leaky) == [False, True, False, True]

@@ -144,3 +144,20 @@ def test_token_novelty_reads_a_local_concept_that_channel_statistics_average_awa
     stats_damaged = mt.toward(mt.mean_distance(damaged_samples, ref), mt.mean_distance(scenes, ref))
     stats_learned = mt.toward(mt.mean_distance(learned_samples, ref), mt.mean_distance(scenes, ref))
     assert stats_damaged / stats_learned > 0.25 > damaged / learned, (stats_damaged, stats_learned, damaged, learned)
+
+
+def test_recommend_ranks_by_token_strength_where_measured():
+    """The channel statistic peaks at step 100 and the token strength at step 300 (as on the micro world's character
+    recipe, where the channel figure fell while the concept grew): the pick follows the token strength and says so;
+    a history without token strengths is ranked by the channel statistic as before."""
+    def ckpt(step, channel, token):
+        return mt.CheckpointMetrics(f"step {step}", step, None, concept_strength=channel, trigger_leakage=0.0,
+                                    prompt_flexibility=1.0, token_strength=token, token_leakage=0.0)
+    history = [ckpt(100, 0.4, 0.01), ckpt(200, 0.2, 0.03), ckpt(300, -0.1, 0.05)]
+    pick, why = mt.recommend(history)
+    assert pick.step == 300 and "token strength 0.05" in why, why
+    assert [mt.strength_of(m) for m in history] == [0.01, 0.03, 0.05]
+    channel_only = [ckpt(100, 0.4, None), ckpt(200, 0.2, None), ckpt(300, -0.1, float("nan"))]
+    pick, why = mt.recommend(channel_only)
+    assert pick.step == 100 and "concept strength 0.40" in why, why
+    assert mt.strength_of(channel_only[2]) == -0.1

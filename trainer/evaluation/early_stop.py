@@ -6,7 +6,7 @@ metrics.py CheckpointMetrics, in step order) a checkpoint is **past the peak** w
 
 - it is flagged by `metrics.flag` (flexibility below FLEX_MIN of the base model's, or leakage above LEAK_MAX:
   the recommendation's own thresholds, read from there, never copied), and
-- its concept strength is no new high: not above the best strength of every earlier checkpoint (the base
+- its strength (`metrics.strength_of`) is no new high: not above the best strength of every earlier checkpoint (the base
   model's strength is 0 by definition, so a first checkpoint that moved away from the dataset is no rise;
   a history without strength, i.e. no dataset latents, counts on the flags alone).
 
@@ -17,7 +17,6 @@ numbers alone, so a resumed run that restores the history decides exactly as the
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,17 +41,13 @@ class StopDecision:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
 
 
-def _finite(v: float | None) -> float | None:
-    return v if v is not None and math.isfinite(v) else None
-
-
 def past_peak(history: Sequence[mt.CheckpointMetrics]) -> list[bool]:
     """Per checkpoint in step order: flagged by the recommendation's thresholds, with no new strength high."""
     ordered = [dataclasses.replace(m, flags=[]) for m in mt._order(history)]  # copies: flag() writes m.flags
     mt.flag(ordered)
     best, out = 0.0, []
     for m in ordered:
-        s = _finite(m.concept_strength)
+        s = mt.strength_of(m)
         rising = s is not None and s > best
         best = max(best, s) if s is not None else best
         out.append(bool(m.flags) and not rising)
@@ -72,8 +67,8 @@ def decide(history: Sequence[mt.CheckpointMetrics], patience: int) -> StopDecisi
     if pick is None or pick.step is None or last.step is None:
         return None
     run = ordered[-patience:]
-    strengths = [(s, m) for m in ordered if (s := _finite(m.concept_strength)) is not None]
-    peak = (f"concept strength peaked at {max(strengths, key=lambda x: x[0])[1].label} "
+    strengths = [(s, m) for m in ordered if (s := mt.strength_of(m)) is not None]
+    peak = (f"strength peaked at {max(strengths, key=lambda x: x[0])[1].label} "
             f"({max(s for s, _ in strengths):.2f})" if strengths else "concept strength not measured")
     reason = (f"stopped at the peak after {last.label}: {patience} consecutive checkpoint"
               f"{'s' if patience > 1 else ''} ({', '.join(m.label for m in run)}) past it ({peak}; "
