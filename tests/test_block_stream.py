@@ -187,6 +187,31 @@ def _train(unet, setup, base_dir, cfg, hooks=None):
         return loop.train_lora(unet, setup.data, setup.targets, cfg, base_dir / "models" / "loras", hooks)
 
 
+@pytest.mark.parametrize("offload", ["0", "1"], ids=["all_streamed", "one_resident"])
+def test_out_of_memory_advice_leaves_out_what_the_run_already_does(setup, base_dir, forced, monkeypatch, offload):
+    """A streamed, checkpointed run at batch size 1 that runs out of memory is not told to turn checkpointing on,
+    lower batch_size or stream the base (the first whole-graph GPU run was told all three); it is told how many blocks
+    stay resident when some do, and that every block streams when all do."""
+    real, calls = loop.train_step, {"n": 0}
+
+    def oom(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 244.00 MiB")
+        return real(*a, **kw)
+    monkeypatch.setattr(loop, "train_step", oom)
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        _train(setup.unet, setup, base_dir, _cfg(f"st_oom{offload}", 3, gradient_checkpointing=True,
+                                                offload_blocks=offload))
+    msg = str(err.value)
+    assert "Lower the resolution (Dataset Loader) or rank" in msg, msg
+    assert "turn gradient_checkpointing on" not in msg and "batch_size," not in msg and "resume it" not in msg, msg
+    if offload == "0":
+        assert "every frozen block already streams" in msg and "offload_blocks 'auto'" not in msg, msg
+    else:
+        assert "below the 1 blocks kept on the GPU" in msg, msg
+
+
 def test_resume_continues_a_streamed_run_exactly(setup, base_dir, forced):
     """6 streamed steps == 3 streamed steps + resume with the streaming switched off (a layout, not a setting that
     changes training: not listed among the resumed run's changes)."""

@@ -231,7 +231,7 @@ def test_out_of_memory_says_what_to_lower_and_keeps_the_checkpoint(setup, monkey
     with pytest.raises(torch.OutOfMemoryError) as err:
         _train(setup, _cfg("oom", 10, save_every=3))
     msg = str(err.value)
-    for needle in ("step 7", "batch_size 1", "64x64 px", "rank 2", "Lower batch_size", "resolution", "rank",
+    for needle in ("step 7", "batch_size 1", "64x64 px", "rank 2", "Lower the resolution", "rank",
                    "gradient_checkpointing on", "low-VRAM", "oom_step00006.safetensors is kept", "resume_from 'latest'"):
         assert needle in msg, (needle, msg)
     monkeypatch.undo()

@@ -551,7 +551,7 @@ def _train_one_step(step: int, run: _RunState, placed: _Placed, lora: LoraHandle
     if oom is not None:  # raised outside the handler: the failed step's tensors are freed first
         if placed.device.type == "cuda":
             torch.cuda.empty_cache()
-        raise torch.OutOfMemoryError(_oom_message(step, cfg, x0, run) + f" (torch: {oom})")
+        raise torch.OutOfMemoryError(_oom_message(step, cfg, x0, run, placed.streamer) + f" (torch: {oom})")
     run.losses.append(float(loss))
     hooks.on_step(step, cfg.steps, run.losses[-1])
 
@@ -627,15 +627,28 @@ def _save_stopped(stop, run: _RunState, cfg: TrainConfig, ranks: Ranks) -> dict[
     return tensors
 
 
-def _oom_message(step: int, cfg: TrainConfig, x0: torch.Tensor, run: _RunState) -> str:
-    """What to lower, in the order that saves the most, and what is kept."""
+def _oom_message(step: int, cfg: TrainConfig, x0: torch.Tensor, run: _RunState,
+                 streamer: block_stream.BlockStreamer | None = None) -> str:
+    """What to lower, in the order that saves the most (only what the run does not do already), and what is kept."""
     h, w = x0.shape[-2] * 16, x0.shape[-1] * 16
     kept = (f"the last checkpoint {run.checkpoints[-1].name} is kept" if run.checkpoints
             else "no checkpoint was saved yet")
-    how = ("; resume it with resume_from 'latest' after lowering batch_size or turning gradient_checkpointing on "
-           "(rank and the dataset must stay the same to resume)" if run.files.states() else "")
+    ways = ["batch_size", "the resolution (Dataset Loader)", "rank"] if cfg.batch_size > 1 else \
+        ["the resolution (Dataset Loader)", "rank"]
+    advice = f"Lower {', '.join(ways[:-1])} or {ways[-1]}"
+    if not cfg.recompute:
+        advice += ", or turn gradient_checkpointing on (the low-VRAM mode: ~30% slower, much less memory)"
+    if streamer is None:
+        advice += ", or stream the frozen base from CPU memory (offload_blocks 'auto')"
+    elif len(streamer.streamed) < len(streamer.blocks):
+        resident = len(streamer.blocks) - len(streamer.streamed)
+        advice += f", or stream more of the frozen base (offload_blocks below the {resident} blocks kept on the GPU)"
+    else:
+        advice += " (every frozen block already streams from CPU memory)"
+    fixes = " or ".join(x for x in ("lowering batch_size" if cfg.batch_size > 1 else "",
+                                    "" if cfg.recompute else "turning gradient_checkpointing on") if x)
+    how = (f"; resume it with resume_from 'latest' after {fixes} (rank and the dataset must stay the same to resume)"
+           if run.files.states() and fixes else "")
     ckpt = "on" if cfg.recompute else "off"
     return (f"out of GPU memory in training step {step} (batch_size {cfg.batch_size}, {w}x{h} px, rank {cfg.rank}, "
-            f"gradient_checkpointing {ckpt}). Lower batch_size, the resolution (Dataset Loader), or rank, or turn "
-            f"gradient_checkpointing on (the low-VRAM mode: ~30% slower, much less memory), or stream more of the "
-            f"frozen base from CPU memory (offload_blocks 'auto' or fewer blocks); {kept}{how}.")
+            f"gradient_checkpointing {ckpt}). {advice}; {kept}{how}.")
