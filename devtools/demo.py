@@ -4,11 +4,12 @@
 
 With real klein weights in DIR/models (flux-2-klein-base-4b.safetensors, qwen_3_4b.safetensors,
 flux2-vae.safetensors) and images in DIR/input/klein_style_dataset, it runs the workflow as shipped.
-Otherwise it runs the same graph on the micro klein models pretrained on the micro world
-(microworld/): a style dataset of that world (shapes in the "qzv" pastel palette), a short schedule, then a
-before/after grid on held-out prompts with and without the trigger, every cell graded by the
-reader; it prints the grid's path and the counts. The micro run uses a ComfyUI base directory of its
-own, DIR/micro-world, so models left in DIR/models by an earlier run (the tiny random taef2 pair, or a
+Otherwise it runs the shipped character graph on the micro klein models pretrained on the micro world
+(microworld/): a character dataset of that world (the "kwyx" figure, a fixed two-colour composite), a short
+schedule, then a before/after grid on held-out prompts with and without the trigger, every cell graded by the
+reader; it prints the grid's path and the counts. (The character, not the style: on this base the pastel style
+does not bind to its trigger at CPU sizes, the character does; docs/quality.md.) The micro run uses a ComfyUI base
+directory of its own, DIR/micro-world, so models left in DIR/models by an earlier run (the tiny random taef2 pair, or a
 real taef2 of yours) never clash with the micro taef2. Without the micro weights it falls back to the
 tiny random models (every step of the real path runs, but they learn nothing visible).
 """
@@ -32,12 +33,16 @@ REAL_FILES = ("diffusion_models/flux-2-klein-base-4b.safetensors", "text_encoder
               "vae/flux2-vae.safetensors")
 
 
-MICRO_DATASET, MICRO_IMAGES, MICRO_LORA = "klein_micro_style", 24, "klein_micro_style_demo"
+MICRO_CONCEPT, MICRO_WORKFLOW = "character", "klein_character_lora"
+MICRO_DATASET, MICRO_IMAGES, MICRO_LORA = "klein_micro_character", 24, "klein_micro_character_demo"
 GRID_FILE = "klein_demo_before_after.png"
 GRID_CELLS = "klein_demo_before_after.json"  # the grid's prompts and the reader's verdict on every cell
 MICRO_BASE = "micro-world"  # the micro run's ComfyUI base directory, inside --base
-MICRO_STEPS, MICRO_LR = 160, 1.5e-3  # 160 steps at 1.5e-3 train in ~1 min on this CPU (0.37 s/step, 1 thread);
-# no style LoRA learns its concept at CPU sizes on this base yet (docs/quality.md, "The style concept on the CPU")
+# 300 steps at 5x the character recipe's rate: on 16 held-out prompts the quality bench measured the character on
+# 50% of triggered prompts and 6% of untriggered ones there (bench/results/quality_cpu9_char5x.json); ~2 min at
+# 0.37 s/step on one thread of this CPU
+MICRO_STEPS, MICRO_LR = 300, 1e-3
+MICRO_GRID_PROMPTS = 8  # held-out prompts in the grid, each with and without the trigger
 _BOOT = ("import sys, pathlib; comfyui, base = sys.argv[1], sys.argv[2];"
          "from klein_lora_studio.trainer.jobs import comfy_library; comfy_library.boot(comfyui, base, cpu=True);"
          "import folder_paths;")
@@ -67,7 +72,8 @@ def _micro_assets(base: Path, comfyui: Path) -> None:
     """The micro models (checked against their manifest) and a style dataset of the micro world."""
     _in_comfy(base, comfyui,
               "from klein_lora_studio.microworld import models, world; models.write_micro_models(folder_paths.models_dir);"
-              f"world.write_dataset(pathlib.Path(base) / 'input' / {MICRO_DATASET!r}, 'style', {MICRO_IMAGES}, seed=0)")
+              f"world.write_dataset(pathlib.Path(base) / 'input' / {MICRO_DATASET!r}, {MICRO_CONCEPT!r}, {MICRO_IMAGES}, "
+              "seed=0)")
 
 
 def _micro_grid(base: Path, comfyui: Path) -> Path:
@@ -76,16 +82,17 @@ def _micro_grid(base: Path, comfyui: Path) -> Path:
               "from klein_lora_studio.microworld import models, showcase;"
               "from klein_lora_studio.trainer.paths import atomic_save_image;"
               "m, clip, vae = models.load_micro_models(folder_paths.models_dir);"
-              f"sc = showcase.before_after(m, {MICRO_LORA + '.safetensors'!r}, clip, vae, 'style', n=4);"
+              f"sc = showcase.before_after(m, {MICRO_LORA + '.safetensors'!r}, clip, vae, {MICRO_CONCEPT!r}, "
+              f"n={MICRO_GRID_PROMPTS});"
               f"out = pathlib.Path(base) / 'output'; atomic_save_image(sc.grid, out / {GRID_FILE!r});"
               f"showcase.save_cells(sc, out / {GRID_CELLS!r}); print(sc.summary())")
     return base / "output" / GRID_FILE
 
 
 def to_micro(api: dict, steps: int) -> dict:
-    """The shipped graph on the micro models: the micro text encoder through its dev loader, the style
-    recipe's rank and targets at a learning rate and step count for a 6M-parameter model, no sampling."""
-    from ..microworld import models
+    """The shipped graph on the micro models: the micro text encoder through its dev loader, the recipe's rank and
+    targets at a learning rate and step count for a 6M-parameter model, the concept's trigger, no sampling."""
+    from ..microworld import models, world
 
     wf = to_tiny(api, MICRO_DATASET, steps=steps, resolution=128, save_every=0, output_name=MICRO_LORA)
     for node in wf.values():
@@ -95,7 +102,7 @@ def to_micro(api: dict, steps: int) -> dict:
         elif t == "KleinTinyCLIPLoader":
             node["class_type"], node["inputs"] = "KleinMicroCLIPLoader", {"clip_name": models.TE_FILE}
         elif t == "KleinDatasetLoader":
-            inp["trigger"] = "qzv"
+            inp["trigger"] = world.CONCEPTS[MICRO_CONCEPT].trigger
         elif t == "KleinLoRATrainer":
             inp["recipe.learning_rate"] = MICRO_LR
     return wf
@@ -108,10 +115,15 @@ def _serve(api: dict, comfyui: Path, base: Path, dev_nodes: bool) -> int:
         return asyncio.run(runner.run(api, url))
 
 
+def micro_api() -> dict:
+    """The shipped workflow the micro demo runs (the concept's recipe graph, as a user would load it)."""
+    return json.loads(api_path(MICRO_WORKFLOW).read_text(encoding="utf-8"))
+
+
 def micro_demo(api: dict, comfyui: Path, base: Path, steps: int) -> int:
     """Set up the micro world in `base`, train, grade the before/after grid; prints each phase's wall time."""
     base = prepare_base(base)
-    print(f"training a style LoRA ('qzv' pastel palette) on the micro klein models, ComfyUI base {base}")
+    print(f"training a {MICRO_CONCEPT} LoRA on the micro klein models, ComfyUI base {base}")
     t0 = time.monotonic()
     _micro_assets(base, comfyui)
     t1 = time.monotonic()
@@ -144,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(api, comfyui, base, dev_nodes=False)
         if micro_available():
             print(f"no klein weights in {base / 'models'}")
-            return micro_demo(api, comfyui, base / MICRO_BASE, args.steps or MICRO_STEPS)
+            return micro_demo(micro_api(), comfyui, base / MICRO_BASE, args.steps or MICRO_STEPS)
         print(f"no klein weights in {base / 'models'}: running the workflow on tiny random klein models")
         _tiny_assets(base, comfyui)
         api = to_tiny(api, "klein_style_dataset", steps=args.steps or 30, save_every=10, output_name="klein_style_demo")
