@@ -43,6 +43,32 @@ def test_image_to_image_lora_applies_its_transform_to_heldout_references(micro_m
     # chance 1 of 8): the LoRA has learned to keep the reference's layout and background, and is still learning the swap
 
 
+CHARACTER_STEPS = 300  # the character recipe's rank 32 / alpha 32 / preset at 5x its lr (1e-3), as the demo trains it
+CHARACTER_PROMPTS = 8
+
+
+def test_character_lora_shows_with_its_trigger_and_not_without(micro_models):
+    """A trigger concept learned through the nodes (the character `kwyx`: 24 world images, Dataset Loader -> Block
+    Target Selector -> Trainer), loaded by comfy.sd.load_lora_for_models at strength 1.0, on 8 held-out prompts with
+    and without the trigger (8 sampling steps). Measured on this CPU (train 126 s, evaluation 55 s): the character on
+    5 of 8 triggered prompts and 1 of 8 untriggered, triggered attribute accuracy 0.83 (base 0.54: the character's
+    fixed colours stand in for the colour the base gets wrong), untriggered accuracy 0.725 against the base's 0.85.
+    The bounds leave one prompt (0.125) of room. (The style, which issue 16 item 5 names, does not bind to its
+    trigger at CPU sizes on this base: docs/quality.md.)"""
+    base = micro_models.unet()
+    run = quality.Run("character", steps=CHARACTER_STEPS, every=CHARACTER_STEPS, images=24, px=128, seed=0,
+                      lr_scale=5.0)
+    data, checkpoints, _, _ = quality.train(micro_models, run, base)
+    truth, _, _ = quality.evaluate_concept(micro_models, run, base, data, checkpoints[-1:], CHARACTER_PROMPTS,
+                                           sample_steps=8)
+    untrained, trained = truth
+    assert untrained["strength"] == 0.0 and untrained["leakage"] == 0.0, untrained  # the base never drew it
+    assert trained["strength"] >= 0.5, trained  # measured 0.625 (5 of 8)
+    assert trained["leakage"] <= 0.25, trained  # measured 0.125 (1 of 8)
+    assert trained["flexibility"] >= untrained["flexibility"], truth  # measured 0.83 against 0.54
+    assert trained["base_accuracy"] >= untrained["base_accuracy"] - 0.25, truth  # measured 0.725 against 0.85
+
+
 def test_strength_sweep_rows_follow_the_load_strength(micro_models):
     """The quality bench's strength sweep (issue 18 item 3): one LoRA file sampled at each load strength as the
     Strength Sweep node applies it; the base first, then a row per strength, and at strength 0 the LoRA is the base
