@@ -4,9 +4,7 @@
 # trace), and the 500-step 4B soak under 4 GiB that ran out of memory after ~140 s with per-fetch allocations.
 # Everything comes back as one tarball (the run tool returns at most 8 files). carry [".comfy", ".whl"]; ~8 minutes.
 set -u
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-mkdir -p /tmp/pk && ln -sfn "$PWD" /tmp/pk/klein_lora_studio
-export PYTHONPATH=/tmp/site:/tmp/pk:$PWD/.comfy COMFYUI_PATH=$PWD/.comfy
+source bench/gpu_env.sh
 R=/tmp/issue19 && mkdir -p $R
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_block_stream.py > $R/gpu_tests.txt 2>&1
 tail -3 $R/gpu_tests.txt

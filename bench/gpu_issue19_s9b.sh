@@ -3,9 +3,7 @@
 # reserve. GPU tests; klein 9B resident vs streamed under 8 GiB; klein 4B resident (10 steps) and streamed under
 # 4 GiB for 500 steps (the soak). One tarball back. carry [".comfy", ".whl"]; ~8.5 minutes.
 set -u
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-mkdir -p /tmp/pk && ln -sfn "$PWD" /tmp/pk/klein_lora_studio
-export PYTHONPATH=/tmp/site:/tmp/pk:$PWD/.comfy:$PWD/bench/avstub COMFYUI_PATH=$PWD/.comfy
+source bench/gpu_env.sh
 R=/tmp/issue19 && mkdir -p $R
 B="python3 bench/bench_lowvram.py"
 timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_block_stream.py > $R/gpu_tests.txt 2>&1

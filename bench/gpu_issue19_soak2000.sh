@@ -3,9 +3,7 @@
 # about 8.5 minutes), with the streamer's GPU tests run beside it (small kernels; they do not count towards the
 # soak's capped process). One tarball back. carry [".comfy", ".whl"].
 set -u
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-mkdir -p /tmp/pk && ln -sfn "$PWD" /tmp/pk/klein_lora_studio
-export PYTHONPATH=/tmp/site:/tmp/pk:$PWD/.comfy:$PWD/bench/avstub COMFYUI_PATH=$PWD/.comfy
+source bench/gpu_env.sh
 R=/tmp/issue19 && mkdir -p $R
 (timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_block_stream.py > $R/gpu_tests.txt 2>&1) &
 timeout 560 python3 bench/bench_lowvram.py --models klein4b --modes fp8+low_vram+offload --cap klein4b:4 --steps 2000 \

@@ -4,9 +4,7 @@
 # both sizes and with the untrained style trigger. Beside it, issue 19's streamed-block GPU tests (correctness only:
 # nothing here is timed against anything). Outputs in $OUT; the `run` tool's carry is [".comfy", ".whl"].
 set -u
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-mkdir -p /tmp/pk && ln -sfn "$PWD" /tmp/pk/klein_lora_studio
-export PYTHONPATH=/tmp/site:/tmp/pk:$PWD/.comfy:$PWD/bench/avstub COMFYUI_PATH=$PWD/.comfy
+source bench/gpu_env.sh
 BUDGET=${BUDGET:-360}
 (timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_block_stream.py -k cuda > "$OUT/block_stream_gpu.txt" 2>&1) &
 python3 -m klein_lora_studio.microworld.tune_vae --out "$OUT/tv" --steps 800 --batch 16 > "$OUT/tune_vae_log.txt" 2>&1

@@ -5,9 +5,7 @@
 # object and character recipes on it, over-trained (10 checkpoints), three processes side by side (nothing here is
 # timed against anything). The `run` tool's carry is [".comfy", ".whl"].
 set -u
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-mkdir -p /tmp/pk && ln -sfn "$PWD" /tmp/pk/klein_lora_studio
-export PYTHONPATH=/tmp/site:/tmp/pk:$PWD/.comfy:$PWD/bench/avstub COMFYUI_PATH=$PWD/.comfy
+source bench/gpu_env.sh
 STEPS=${STEPS:-480} EVERY=${EVERY:-48} PROMPTS=${PROMPTS:-24} LIMIT=${LIMIT:-440}
 python3 -m klein_lora_studio.microworld.tune_vae --out /tmp/tv --steps 800 --batch 16 --into microworld/weights \
     > /tmp/tune_vae_log.txt 2>&1

@@ -2,9 +2,7 @@
 # The user graph, klein 4B within 4 GiB only (what the session's last 270 device seconds allow): 10 steps, the suite
 # sampled at the base and every 5 steps (6 sampling steps). carry [".comfy", ".whl"]; ~4.5 minutes.
 set -u
-python3 -m pip install -q -q --no-index --no-deps --target /tmp/site .whl/*.whl
-mkdir -p /tmp/pk && ln -sfn "$PWD" /tmp/pk/klein_lora_studio
-export PYTHONPATH=/tmp/site:/tmp/pk:$PWD/.comfy:$PWD/bench/avstub COMFYUI_PATH=$PWD/.comfy
+source bench/gpu_env.sh
 R=/tmp/graph && mkdir -p $R
 timeout 200 python3 bench/bench_user_graph.py --res 1024 --offload auto --steps 10 --every 5 --sample-steps 6 \
     --model klein4b --cap-gib 4 --tag i19_4b > $R/graph_4b_log.txt 2>&1

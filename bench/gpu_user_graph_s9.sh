@@ -4,9 +4,7 @@
 # 8 GiB, 40 steps, the suite sampled at the base and every 20 steps (20 sampling steps). One tarball back.
 # carry [".comfy", ".whl"]; ~6.5 minutes.
 set -u
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-mkdir -p /tmp/pk && ln -sfn "$PWD" /tmp/pk/klein_lora_studio
-export PYTHONPATH=/tmp/site:/tmp/pk:$PWD/.comfy:$PWD/bench/avstub COMFYUI_PATH=$PWD/.comfy
+source bench/gpu_env.sh
 R=/tmp/graph && mkdir -p $R
 G="python3 bench/bench_user_graph.py --res 1024 --offload auto --steps 40 --every 20 --sample-steps 20"
 timeout 170 $G --model klein4b --cap-gib 4 --tag i19_4b > $R/graph_4b_log.txt 2>&1

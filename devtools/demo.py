@@ -69,7 +69,7 @@ def micro_available() -> bool:
 
 
 def _micro_assets(base: Path, comfyui: Path) -> None:
-    """The micro models (checked against their manifest) and a style dataset of the micro world."""
+    """The micro models (checked against their manifest) and a dataset of the micro world's concept."""
     _in_comfy(base, comfyui,
               "from klein_lora_studio.microworld import models, world; models.write_micro_models(folder_paths.models_dir);"
               f"world.write_dataset(pathlib.Path(base) / 'input' / {MICRO_DATASET!r}, {MICRO_CONCEPT!r}, {MICRO_IMAGES}, "
@@ -115,13 +115,10 @@ def _serve(api: dict, comfyui: Path, base: Path, dev_nodes: bool) -> int:
         return asyncio.run(runner.run(api, url))
 
 
-def micro_api() -> dict:
-    """The shipped workflow the micro demo runs (the concept's recipe graph, as a user would load it)."""
-    return json.loads(api_path(MICRO_WORKFLOW).read_text(encoding="utf-8"))
-
-
-def micro_demo(api: dict, comfyui: Path, base: Path, steps: int) -> int:
-    """Set up the micro world in `base`, train, grade the before/after grid; prints each phase's wall time."""
+def micro_demo(comfyui: Path, base: Path, steps: int) -> int:
+    """Set up the micro world in `base`, train the concept's shipped graph (MICRO_WORKFLOW), grade the before/after
+    grid; prints each phase's wall time."""
+    api = json.loads(api_path(MICRO_WORKFLOW).read_text(encoding="utf-8"))
     base = prepare_base(base)
     print(f"training a {MICRO_CONCEPT} LoRA on the micro klein models, ComfyUI base {base}")
     t0 = time.monotonic()
@@ -156,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(api, comfyui, base, dev_nodes=False)
         if micro_available():
             print(f"no klein weights in {base / 'models'}")
-            return micro_demo(micro_api(), comfyui, base / MICRO_BASE, args.steps or MICRO_STEPS)
+            return micro_demo(comfyui, base / MICRO_BASE, args.steps or MICRO_STEPS)
         print(f"no klein weights in {base / 'models'}: running the workflow on tiny random klein models")
         _tiny_assets(base, comfyui)
         api = to_tiny(api, "klein_style_dataset", steps=args.steps or 30, save_every=10, output_name="klein_style_demo")

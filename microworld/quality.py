@@ -232,17 +232,23 @@ def evaluate_strengths(models: Models, run: Run, base_model, lora: Path, strengt
                        sample_steps: int) -> list[dict]:
     """One LoRA file at each strength (as the Strength Sweep node and Load LoRA apply it) on the held-out suite:
     ground truth per strength, the base first (issue 18 item 3: is alpha/rank, or the load strength, the strength?)."""
+    prompts, scenes = concept_suite(run.concept, prompts_n, run.seed)
+    columns = strength_columns(models, run, base_model, lora, strengths, prompts, sample_steps)
+    applied = [0.0, *strengths]
+    return [{**row, "strength_applied": s}
+            for row, s in zip(score_concept_columns(columns, prompts, scenes, run.concept), applied, strict=True)]
+
+
+def strength_columns(models: Models, run: Run, base_model, lora: Path, strengths, prompts, sample_steps: int) -> list:
+    """The base model's column, then the LoRA's at each strength (sampling.sample_checkpoints' own strength)."""
     from ..trainer.evaluation import sampling as sp
 
-    prompts, scenes = concept_suite(run.concept, prompts_n, run.seed)
-    rows = []
+    columns = []
     with torch_inference():
         for i, strength in enumerate(strengths):
-            columns = sp.sample_checkpoints(base_model, models.clip, models.vae, [lora], prompts,
-                                            settings_for(run, sample_steps), include_base=i == 0, strength=strength)
-            for row in score_concept_columns(columns, prompts, scenes, run.concept):
-                rows.append({**row, "strength_applied": 0.0 if row["step"] == 0 else strength})
-    return rows
+            columns += sp.sample_checkpoints(base_model, models.clip, models.vae, [lora], prompts,
+                                             settings_for(run, sample_steps), include_base=i == 0, strength=strength)
+    return columns
 
 
 def torch_inference():

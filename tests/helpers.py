@@ -116,3 +116,20 @@ def micro_models_folder(root):
         for kind in kinds:
             folder_paths.folder_names_and_paths[kind][0].remove(str(root / kind))
         folder_paths.filename_list_cache.clear()
+
+
+def out_of_memory_at_step(monkeypatch, step: int, tried: str = "2.00 GiB") -> None:
+    """The trainer's step `step` (1-based, counting this run's steps) raises CUDA's out-of-memory error; the
+    others run the real `loop.train_step`."""
+    import torch
+
+    from ..trainer.training import loop
+
+    real, calls = loop.train_step, {"n": 0}
+
+    def step_or_oom(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {tried}")
+        return real(*a, **kw)
+    monkeypatch.setattr(loop, "train_step", step_or_oom)

@@ -10,7 +10,7 @@ import weakref
 import pytest
 import safetensors
 import torch
-from klein_lora_studio.tests.helpers import run_trainer
+from klein_lora_studio.tests.helpers import out_of_memory_at_step, run_trainer
 from klein_lora_studio.trainer.model import block_stream, offload_plan
 from klein_lora_studio.trainer.model import targets as tg
 from klein_lora_studio.trainer.training import loop
@@ -192,14 +192,7 @@ def test_out_of_memory_advice_leaves_out_what_the_run_already_does(setup, base_d
     """A streamed, checkpointed run at batch size 1 that runs out of memory is not told to turn checkpointing on,
     lower batch_size or stream the base (the first whole-graph GPU run was told all three); it is told how many blocks
     stay resident when some do, and that every block streams when all do."""
-    real, calls = loop.train_step, {"n": 0}
-
-    def oom(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 244.00 MiB")
-        return real(*a, **kw)
-    monkeypatch.setattr(loop, "train_step", oom)
+    out_of_memory_at_step(monkeypatch, 2, "244.00 MiB")
     with pytest.raises(torch.OutOfMemoryError) as err:
         _train(setup.unet, setup, base_dir, _cfg(f"st_oom{offload}", 3, gradient_checkpointing=True,
                                                 offload_blocks=offload))

@@ -93,7 +93,7 @@ def test_demo_graph_learns_its_concept_and_its_grid_is_read_by_the_reader(tmp_pa
     base = tmp_path / "base"
     (base / "models" / "vae_approx").mkdir(parents=True)
     (base / "models" / "vae_approx" / "taef2_encoder.safetensors").write_bytes(b"a user's taef2")
-    assert demo.micro_demo(demo.micro_api(), comfyui, base / demo.MICRO_BASE, steps=demo.MICRO_STEPS) == 0
+    assert demo.micro_demo(comfyui, base / demo.MICRO_BASE, steps=demo.MICRO_STEPS) == 0
     out = base / demo.MICRO_BASE / "output"
     cells = json.loads((out / demo.GRID_CELLS).read_text())
     assert (base / demo.MICRO_BASE / "models" / "loras" / f"{demo.MICRO_LORA}.safetensors").is_file()

@@ -71,11 +71,19 @@ def test_character_lora_shows_with_its_trigger_and_not_without(micro_models):
 
 def test_strength_sweep_rows_follow_the_load_strength(micro_models):
     """The quality bench's strength sweep (issue 18 item 3): one LoRA file sampled at each load strength as the
-    Strength Sweep node applies it; the base first, then a row per strength, and at strength 0 the LoRA is the base
-    (the same ground truth on every prompt). 2 training steps, 2 prompts, 2 sampling steps: ~20 s on 2 CPU cores."""
+    Strength Sweep node applies it; the base first, then a row per strength. At strength 0 the LoRA's samples are the
+    base's exactly, at strength 2 they differ, so the strength reaches the sampler. 2 training steps, 2 prompts, 2
+    sampling steps: ~20 s on 2 CPU cores."""
+    import torch
+
     base = micro_models.unet()
     run = quality.Run("style", steps=2, every=2, images=4, px=128, seed=0, lr_scale=50.0)
     _, checkpoints, _, _ = quality.train(micro_models, run, base)
+    prompts, _ = quality.concept_suite(run.concept, 2, run.seed)
+    columns = quality.strength_columns(micro_models, run, base, checkpoints[-1], [0.0, 2.0], prompts, 2)
+    assert [c.step for c in columns] == [0, 2, 2]
+    assert all(torch.equal(a, b) for a, b in zip(columns[1].latents, columns[0].latents, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(columns[2].latents, columns[0].latents, strict=True))
     rows = quality.evaluate_strengths(micro_models, run, base, checkpoints[-1], [0.0, 2.0], prompts_n=2,
                                       sample_steps=2)
     assert [r["strength_applied"] for r in rows] == [0.0, 0.0, 2.0] and rows[0]["step"] == 0

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from klein_lora_studio.tests.helpers import run_trainer
+from klein_lora_studio.tests.helpers import out_of_memory_at_step, run_trainer
 from klein_lora_studio.trainer.model import targets as tg
 from klein_lora_studio.trainer.training import loop, resume
 
@@ -218,16 +218,7 @@ def test_disk_full_during_a_write(setup, monkeypatch, writer, fail_on):
 
 
 def test_out_of_memory_says_what_to_lower_and_keeps_the_checkpoint(setup, monkeypatch):
-    real = loop.train_step
-    calls = {"n": 0}
-
-    def oom(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(*a, **kw)
-
-    monkeypatch.setattr(loop, "train_step", oom)
+    out_of_memory_at_step(monkeypatch, 7)
     with pytest.raises(torch.OutOfMemoryError) as err:
         _train(setup, _cfg("oom", 10, save_every=3))
     msg = str(err.value)

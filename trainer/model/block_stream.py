@@ -123,6 +123,7 @@ class BlockStreamer:
         self._cast_flags: dict[int, list[tuple[torch.nn.Module, bool, bool]]] = {}  # (module, own attribute, value)
         self._offsets: dict[int, list[int]] = {}  # block -> where each of its slots starts in a copy buffer
         self._buffers: list[torch.Tensor] = []  # the copy buffers, made at the first fetch
+        self._buffer_bytes = 0  # one buffer: the largest streamed block's layout
         self._buffer_of: dict[int, int] = {}  # block -> the buffer its live copies are in
         self.fetches = 0  # block copies made (a test and the bench read these)
         self.max_live = 0  # most blocks with a device copy at once
@@ -159,7 +160,9 @@ class BlockStreamer:
                 own = "comfy_cast_weights" in vars(module)
                 self._cast_flags.setdefault(block, []).append((module, own, module.comfy_cast_weights))
                 module.comfy_cast_weights = True  # ComfyUI's mark of a layer whose weights live off the card
-        self._offsets = {block: _layout(slots)[0] for block, slots in self._slots.items()}
+        layouts = {block: _layout(slots) for block, slots in self._slots.items()}
+        self._offsets = {block: offsets for block, (offsets, _) in layouts.items()}
+        self._buffer_bytes = max((size for _, size in layouts.values()), default=0)
         streamed = sum(s.host.nbytes for slots in self._slots.values() for s in slots)
         logging.info("Klein LoRA: %d of %d blocks stream from CPU memory (%.2f GiB), %d stay on %s",
                      len(self.streamed), len(self.blocks), streamed / 2**30, len(self.blocks) - len(self.streamed),
@@ -284,8 +287,7 @@ class BlockStreamer:
         busy = {self._buffer_of[b] for b in (*self._active, *self._staged) if b in self._buffer_of and b != index}
         free = next((i for i in range(len(self._buffers)) if i not in busy), None)
         if free is None:
-            size = max(_layout(slots)[1] for slots in self._slots.values())
-            self._buffers.append(torch.empty(size, dtype=torch.uint8, device=self.device))
+            self._buffers.append(torch.empty(self._buffer_bytes, dtype=torch.uint8, device=self.device))
             free = len(self._buffers) - 1
         self._buffer_of[index] = free
         return self._buffers[free]

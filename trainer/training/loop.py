@@ -633,8 +633,7 @@ def _oom_message(step: int, cfg: TrainConfig, x0: torch.Tensor, run: _RunState,
     h, w = x0.shape[-2] * 16, x0.shape[-1] * 16
     kept = (f"the last checkpoint {run.checkpoints[-1].name} is kept" if run.checkpoints
             else "no checkpoint was saved yet")
-    ways = ["batch_size", "the resolution (Dataset Loader)", "rank"] if cfg.batch_size > 1 else \
-        ["the resolution (Dataset Loader)", "rank"]
+    ways = ["batch_size"] * (cfg.batch_size > 1) + ["the resolution (Dataset Loader)", "rank"]
     advice = f"Lower {', '.join(ways[:-1])} or {ways[-1]}"
     if not cfg.recompute:
         advice += ", or turn gradient_checkpointing on (the low-VRAM mode: ~30% slower, much less memory)"
@@ -645,10 +644,9 @@ def _oom_message(step: int, cfg: TrainConfig, x0: torch.Tensor, run: _RunState,
         advice += f", or stream more of the frozen base (offload_blocks below the {resident} blocks kept on the GPU)"
     else:
         advice += " (every frozen block already streams from CPU memory)"
-    fixes = " or ".join(x for x in ("lowering batch_size" if cfg.batch_size > 1 else "",
-                                    "" if cfg.recompute else "turning gradient_checkpointing on") if x)
-    how = (f"; resume it with resume_from 'latest' after {fixes} (rank and the dataset must stay the same to resume)"
-           if run.files.states() and fixes else "")
+    fixes = ["lowering batch_size"] * (cfg.batch_size > 1) + ["turning gradient_checkpointing on"] * (not cfg.recompute)
+    how = (f"; resume it with resume_from 'latest' after {' or '.join(fixes)} (rank and the dataset must stay the "
+           "same to resume)" if run.files.states() and fixes else "")
     ckpt = "on" if cfg.recompute else "off"
     return (f"out of GPU memory in training step {step} (batch_size {cfg.batch_size}, {w}x{h} px, rank {cfg.rank}, "
             f"gradient_checkpointing {ckpt}). {advice}; {kept}{how}.")
